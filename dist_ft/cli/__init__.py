@@ -1,0 +1,1 @@
+"""The ``dist-ft`` command line: one module per subcommand."""

@@ -1,0 +1,57 @@
+"""``dist-ft`` entry point: dispatches to one module per subcommand.
+
+Exit codes: 0 success, 2 usage or recipe errors, 1 runtime failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from dist_ft import __version__
+from dist_ft.cli import plan as plan_cmd
+from dist_ft.config.errors import ConfigError
+
+SUBCOMMANDS = (plan_cmd,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="dist-ft",
+        description="Fine-tune torchvision models with Accelerate + DeepSpeed, on one machine "
+        "or many SLURM nodes.",
+    )
+    parser.add_argument("--version", action="version", version=f"dist-ft {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dist-ft`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"dist-ft {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader (head, jq -e ...) went away: stop quietly, as other CLI tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Load a recipe: safe YAML, dotted ``key=value`` overrides, validation, readable errors."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dist_ft.config.errors import ConfigError
+from dist_ft.config.schema import Recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads ``3e-4`` as a float (YAML 1.2 style)."""
+
+
+def _construct_mapping(loader: _RecipeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text with the recipe loader (safe, no duplicate keys).
+
+    Raises:
+        ConfigError: the text is not valid YAML; the message gives line and column.
+    """
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+
+
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def split_key(key: str) -> list[str | int]:
+    """Split ``plan.stages[1].lr_scale`` or ``plan.stages.1.lr_scale`` into path parts."""
+    parts: list[str | int] = []
+    for raw in _INDEX.sub(r".\1", key).split("."):
+        if raw == "":
+            raise ValueError(f"empty component in key {key!r}")
+        parts.append(int(raw) if raw.isdigit() else raw)
+    return parts
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """``('plan', 'stages', 1, 'include')`` -> ``plan.stages[1].include``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Apply ``key=value`` overrides in place; values are parsed as YAML.
+
+    Returns the problems found (malformed overrides, paths through non-containers, list
+    indices out of range). Unknown keys are left for schema validation, which names them.
+    """
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+            continue
+        try:
+            path = split_key(key.strip())
+            value = parse_yaml(raw, source=f"override {key}") if raw.strip() else None
+        except (ValueError, ConfigError) as exc:
+            problems.append(f"override {item!r}: {exc}")
+            continue
+        node: Any = data
+        for depth, part in enumerate(path):
+            where = format_loc(path[:depth]) or "recipe"
+            last = depth == len(path) - 1
+            if isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+            elif isinstance(node, list):
+                problems.append(f"override {item!r}: {where} has {len(node)} items, no [{part}]")
+                break
+            else:
+                problems.append(f"override {item!r}: {where} is {node!r}, not a mapping or list")
+                break
+    return problems
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic section class that a location inside a recipe points into."""
+    current: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = _unwrap(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/list/Annotated down to a section class where there is one."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (list, tuple, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            inner = _unwrap(arg)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return annotation
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    where = format_loc(loc) or "recipe"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        key = str(loc[-1])
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{where}: unknown key; {hint}allowed: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    got = error.get("input")
+    structured = isinstance(got, dict | list) or kind.startswith("value_error")
+    shown = "" if structured else f" (got {got!r})"
+    return f"{where}: {message}{shown}"
+
+
+def validate_recipe(data: Any, source: str | None = None) -> Recipe:
+    """Validate a plain mapping as a :class:`Recipe`, collecting every problem.
+
+    Raises:
+        ConfigError: one line per problem, each naming the full key path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()], source) from None
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``key=value`` overrides and validate the result.
+
+    Args:
+        path: the recipe file.
+        overrides: dotted assignments such as ``optim.lr=3e-4`` or
+            ``plan.stages[1].lr_scale=0.5``; values are parsed as YAML.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, an override is malformed, or the recipe
+            fails validation; every problem is listed with its key path.
+
+    >>> recipe = load_recipe("configs/chestxray14_densenet121.yaml", ["optim.lr=3e-4"])
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read recipe: {exc.strerror or exc}"], source) from None
+    data = parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source)
+    problems = apply_overrides(data, overrides)
+    if problems:
+        raise ConfigError(problems, source)
+    return validate_recipe(data, source)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (for the run directory and TensorBoard hparams)."""
+    return recipe.model_dump(mode="json", exclude_none=False)

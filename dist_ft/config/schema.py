@@ -1,0 +1,322 @@
+"""The typed recipe: one frozen pydantic model per YAML section.
+
+Every model forbids unknown keys, so a typo fails with its full key path (see
+``config/load.py`` for the "did you mean" hint). Cross-field checks that need the whole
+section (stage order, lr vs lr_scale) live in the section's validators; checks that need the
+model's parameters (a rule matching nothing) happen when the plan is resolved.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dist_ft.models.registry import ARCHITECTURES
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+BnPolicy = Literal["freeze", "train"]
+RULE_KEYWORDS = ("head", "stem", "all")
+_RULE_KINDS = ("keyword", "glob", "regex", "blocks", "last_blocks", "from_block")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Rule(Section):
+    """Selects parameters by name, module path or block.
+
+    In YAML a rule is one of:
+      - a keyword: ``head`` (the classifier), ``stem``, ``all``;
+      - any other string: a glob on parameter names or module paths (``features.denseblock4``
+        and ``layer*.bn*`` both work);
+      - a mapping with exactly one key: ``glob``, ``regex`` (``re.search`` on parameter names),
+        ``blocks`` (a list of block names), ``last_blocks: N`` (the last N body blocks,
+        head excluded), ``from_block: NAME`` (that block and every later one, head included).
+    """
+
+    keyword: Literal["head", "stem", "all"] | None = None
+    glob: str | None = None
+    regex: str | None = None
+    blocks: list[str] | None = Field(default=None, min_length=1)
+    last_blocks: PositiveInt | None = None
+    from_block: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"keyword": value} if value in RULE_KEYWORDS else {"glob": value}
+        if not isinstance(value, dict):
+            raise ValueError(
+                "a rule is a keyword (head, stem, all), a glob string, or a mapping with one of "
+                f"{', '.join(_RULE_KINDS[1:])}; got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Rule:
+        given = [k for k in _RULE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a rule needs exactly one of {', '.join(_RULE_KINDS[1:])}; got "
+                f"{', '.join(given) or 'none'}"
+            )
+        return self
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+    def describe(self) -> str:
+        """The rule as a user wrote it, for messages and tables."""
+        if self.keyword is not None:
+            return self.keyword
+        if self.glob is not None:
+            return self.glob
+        kind = next(k for k in _RULE_KINDS if getattr(self, k) is not None)
+        return f"{kind}: {getattr(self, kind)}"
+
+
+class ModelConfig(Section):
+    """``model``: which torchvision architecture, its weights and its output size."""
+
+    name: str
+    pretrained: str = Field(
+        default="none", description="none | imagenet | PATH to a .pt/.safetensors state_dict"
+    )
+    num_classes: PositiveInt = 14
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            import difflib
+
+            close = difflib.get_close_matches(value, ARCHITECTURES, n=3)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise ValueError(
+                f"unknown model {value!r}; {hint}supported: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        return value
+
+    @field_validator("pretrained")
+    @classmethod
+    def _nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'none', 'imagenet' or a path to a state_dict file")
+        return value
+
+
+class DataConfig(Section):
+    """``data``: where images come from and how they are batched (per process)."""
+
+    format: Literal["chestxray14", "imagefolder", "synthetic"] = "chestxray14"
+    root: str | None = None
+    cache: str | None = None
+    image_size: Annotated[int, Field(ge=16)] = 224
+    batch_size: PositiveInt = 32
+    num_workers: NonNegInt = 4
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    split_seed: int = 0
+    views: list[Literal["PA", "AP"]] | None = None
+
+
+class StageConfig(Section):
+    """One freeze-plan stage: from when, what trains, BatchNorm policy, lr multiplier.
+
+    A parameter trains in this stage when some ``include`` rule matches it and no
+    ``exclude`` rule does (exclude wins).
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    start_epoch: NonNegInt | None = None
+    start_step: NonNegInt | None = None
+    include: Annotated[list[Rule], Field(min_length=1)]
+    exclude: list[Rule] = Field(default_factory=list)
+    bn_policy: BnPolicy | None = None
+    lr_scale: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _one_start(self) -> StageConfig:
+        if self.start_epoch is not None and self.start_step is not None:
+            raise ValueError("set start_epoch or start_step, not both")
+        return self
+
+
+class PlanConfig(Section):
+    """``plan``: ordered freeze stages. The default trains everything from the start."""
+
+    bn_policy: BnPolicy = "freeze"
+    stages: Annotated[list[StageConfig], Field(min_length=1)] = Field(
+        default_factory=lambda: [StageConfig(name="full", start_epoch=0, include=["all"])]
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlanConfig:
+        problems: list[str] = []
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        units = {"epoch" if s.start_step is None else "step" for s in self.stages[1:]}
+        first = self.stages[0]
+        if first.start_step is None and first.start_epoch is None:
+            pass  # the first stage starts at the beginning by default
+        elif (first.start_epoch or first.start_step or 0) != 0:
+            problems.append("stages[0] must start at 0 (start_epoch: 0 or start_step: 0)")
+        for i, s in enumerate(self.stages[1:], start=1):
+            if s.start_epoch is None and s.start_step is None:
+                problems.append(f"stages[{i}] ({s.name}): set start_epoch or start_step")
+        if len(units) > 1:
+            problems.append("use start_epoch in every stage or start_step in every stage, not both")
+        starts = [s.start_epoch if s.start_step is None else s.start_step for s in self.stages]
+        for i in range(1, len(starts)):
+            prev, cur = starts[i - 1] or 0, starts[i]
+            if cur is not None and cur <= prev:
+                problems.append(
+                    f"stages out of order: stages[{i}] ({self.stages[i].name}) starts at {cur}, "
+                    f"not after stages[{i - 1}] ({self.stages[i - 1].name}) at {prev}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class GroupConfig(Section):
+    """A named parameter group: the rules that select it and its lr / weight decay.
+
+    Groups are tried in order; a parameter joins the first group whose rules match it
+    (parameters matched by none join ``default``). ``lr`` sets an absolute base lr,
+    ``lr_scale`` multiplies ``optim.lr``: give one or neither.
+    """
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")]
+    match: Annotated[list[Rule], Field(min_length=1)]
+    lr: PositiveFloat | None = None
+    lr_scale: PositiveFloat | None = None
+    weight_decay: NonNegFloat | None = None
+
+    @model_validator(mode="after")
+    def _lr_or_scale(self) -> GroupConfig:
+        if self.lr is not None and self.lr_scale is not None:
+            raise ValueError("set lr or lr_scale, not both")
+        return self
+
+
+class OptimConfig(Section):
+    """``optim``: optimizer, base lr and weight decay, parameter groups, layer decay."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegFloat = 0.01
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
+    eps: PositiveFloat = 1e-8
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    layer_decay: Annotated[float, Field(gt=0, le=1)] | None = None
+    no_decay_1d: bool = True
+    groups: list[GroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> OptimConfig:
+        names = [g.name for g in self.groups]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"group names must be unique; repeated: {', '.join(dupes)}")
+        if "default" in names:
+            raise ValueError("'default' is reserved for parameters that match no group")
+        return self
+
+
+class ScheduleConfig(Section):
+    """``schedule``: lr schedule; it scales every group alike, keeping their ratios."""
+
+    name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    min_lr_scale: Annotated[float, Field(ge=0, le=1)] = 0.0
+    step_epochs: PositiveInt = 10
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    plateau_patience: NonNegInt = 2
+
+
+class TrainerConfig(Section):
+    """``trainer``: length of the run, backend, precision and numerics."""
+
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    backend: Literal["ddp", "deepspeed"] = "deepspeed"
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum_steps: PositiveInt = 1
+    grad_clip_norm: PositiveFloat | None = 1.0
+    loss: Literal["bce", "bce_pos_weight", "focal", "ce"] = "bce"
+    seed: int = 0
+    eval_every_epochs: PositiveInt = 1
+    checkpoint_every_steps: PositiveInt | None = None
+    keep_last: PositiveInt = 3
+    early_stopping_patience: PositiveInt | None = None
+    collective_timeout_min: PositiveFloat = 10.0
+
+
+class LoggingConfig(Section):
+    """``logging``: TensorBoard and console cadence."""
+
+    every_steps: PositiveInt = 10
+    tensorboard: bool = True
+
+
+class LaunchConfig(Section):
+    """``launch``: SLURM resources used by ``dist-ft submit``."""
+
+    cluster: Literal["slurm", "local"] = "slurm"
+    nodes: PositiveInt = 1
+    gpus_per_node: NonNegInt = 0
+    partition: str | None = None
+    time: str = "01:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    mem: str | None = None
+    max_requeues: NonNegInt = 3
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", value):
+            raise ValueError(
+                f"must be [DAYS-]HH:MM:SS as SLURM takes it, e.g. 04:00:00; got {value!r}"
+            )
+        return value
+
+
+class Recipe(Section):
+    """A whole training recipe, as loaded from YAML plus overrides."""
+
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    output_dir: Annotated[str, Field(min_length=1)] = "runs/default"

@@ -1,0 +1,142 @@
+"""Pretrained weights: torchvision's ImageNet weights from the local cache, or a state_dict file.
+
+Nothing here downloads: a cluster node often has no internet, and a silent fallback to random
+weights wastes a whole run. Missing weights are an error that says how to fetch them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from torchvision.models import get_model, get_model_weights
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights could not be found or do not fit the model."""
+
+
+def imagenet_weights_path(model_name: str) -> Path:
+    """Where torch hub keeps torchvision's default ImageNet weights for ``model_name``."""
+    weights = get_model_weights(model_name).DEFAULT
+    filename = Path(urlparse(weights.url).path).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def build_imagenet_model(model_name: str) -> nn.Module:
+    """Build ``model_name`` with torchvision's default ImageNet weights, from the cache only.
+
+    Raises:
+        WeightsError: the weights file is not in the torch hub cache; the message names the
+            file and the command that fetches it on a machine with internet.
+    """
+    weights = get_model_weights(model_name).DEFAULT
+    path = imagenet_weights_path(model_name)
+    if not path.is_file():
+        raise WeightsError(
+            f"model.pretrained=imagenet: {model_name} weights ({weights}) are not cached at "
+            f"{path}. dist-ft never downloads during a run. On a machine with internet run\n"
+            f"  python -c \"import torchvision; torchvision.models.get_model('{model_name}', "
+            f"weights='DEFAULT')\"\n"
+            f"and copy {path.name} to {path.parent}/ (or set TORCH_HOME), or download "
+            f"{weights.url} there."
+        )
+    # The file is present, so torchvision's loader reads it without touching the network;
+    # going through get_model keeps its key fix-ups (DenseNet's old 'norm.1' names).
+    return get_model(model_name, weights=weights)
+
+
+def _unwrap_state_dict(obj: Any, source: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        raise WeightsError(f"{source}: not a state_dict (a mapping of names to tensors)")
+    state = {}
+    for key, value in obj.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pt``/``.pth`` state_dict safely (no pickle execution).
+
+    Wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes are removed.
+
+    Raises:
+        WeightsError: missing, unreadable or not a state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"model.pretrained: no such file {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, truncated download ...
+        raise WeightsError(f"model.pretrained: cannot read {path}: {exc}") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def load_state_dict_file(model: nn.Module, path: str | Path, head: str) -> list[str]:
+    """Load a state_dict file into ``model``; the classifier may be absent or of another size.
+
+    Every non-classifier tensor must be present with the right shape. When the file's
+    classifier is missing or shaped for another number of classes, the model keeps its
+    freshly initialised head.
+
+    Returns:
+        The names of the head tensors that were kept from initialisation (empty if loaded).
+
+    Raises:
+        WeightsError: missing or mis-shaped body tensors, or unexpected extra tensors.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head_keys = [k for k in own if k.startswith(head + ".")]
+    head_fits = all(k in state and state[k].shape == own[k].shape for k in head_keys)
+    if not head_fits:
+        state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+    problems = []
+    missing = [k for k in own if k not in state and (head_fits or k not in head_keys)]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (first: {', '.join(missing[:3])})")
+    if unexpected:
+        first = ", ".join(unexpected[:3])
+        problems.append(f"{len(unexpected)} unexpected tensors (first: {first})")
+    if bad_shape:
+        problems.append("shape mismatch: " + "; ".join(bad_shape[:3]))
+    if problems:
+        raise WeightsError(
+            f"model.pretrained: {path} does not fit the model: " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=head_fits)
+    kept = [] if head_fits else head_keys
+    if kept:
+        log.info("%s: loaded without the classifier; %s is newly initialised", path, head)
+    return kept

@@ -1,0 +1,60 @@
+"""What the plan engine knows of a model: parameter names and shapes, norm layers, blocks.
+
+Built once from a (meta-device) model by :func:`dist_ft.models.describe_model`; everything in
+``dist_ft.plan`` works on this description alone, so it needs no weights and no process group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dist_ft.models.blocks import BlockMap
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter: its dotted name (as in ``named_parameters``) and shape."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions (biases and norm scales have ``ndim <= 1``)."""
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class NormModule:
+    """A normalisation layer and the names of its parameters.
+
+    ``tracks_stats`` is true for BatchNorm-style layers with running statistics: the only
+    ones whose train/eval mode changes what a forward pass writes.
+    """
+
+    name: str
+    kind: str
+    tracks_stats: bool
+    params: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's structure as the plan engine sees it."""
+
+    name: str
+    params: tuple[ParamInfo, ...]
+    norms: tuple[NormModule, ...]
+    blocks: BlockMap
+    head: str
+
+    @property
+    def num_params(self) -> int:
+        """Total number of parameter elements."""
+        return sum(p.numel for p in self.params)

@@ -1,0 +1,70 @@
+"""Shared fixtures: recipe builders and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dist_ft.cli.main import main
+from dist_ft.config import Recipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@dataclass
+class CliResult:
+    """Exit code and captured streams of one ``dist-ft`` invocation."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run ``dist-ft ARGS`` in-process and capture its output."""
+
+    def _run(*args: str) -> CliResult:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse usage errors
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return _run
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    """Write a recipe mapping to a YAML file under ``tmp_path``."""
+    counter = iter(range(10_000))
+
+    def _write(data: dict[str, Any]) -> Path:
+        path = tmp_path / f"recipe_{next(counter)}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def recipe_factory(
+    write_recipe: Callable[[dict[str, Any]], Path],
+) -> Callable[..., Recipe]:
+    """Build a validated recipe from a base mapping plus dotted overrides.
+
+    >>> recipe_factory({"model": {"name": "resnet18"}}, "optim.lr=0.1")
+    """
+
+    def _make(data: dict[str, Any], *overrides: str) -> Recipe:
+        return load_recipe(write_recipe(copy.deepcopy(data)), overrides)
+
+    return _make
