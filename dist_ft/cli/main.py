@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from dist_ft import __version__
+from dist_ft.cli import data as data_cmd
 from dist_ft.cli import plan as plan_cmd
 from dist_ft.config.errors import ConfigError
 
-SUBCOMMANDS = (plan_cmd,)
+SUBCOMMANDS = (plan_cmd, data_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dist-ft {args.command}: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Data and weights errors (MetadataError, ImageError, CacheError, WeightsError) name
+        # the culprit in their message; a traceback would bury it.
+        if args.verbose:
+            raise
+        print(f"dist-ft {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader (head, jq -e ...) went away: stop quietly, as other CLI tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -123,10 +123,45 @@ class ModelConfig(Section):
         return value
 
 
+class AugmentConfig(Section):
+    """``data.augment``: per-sample augmentation of training images."""
+
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (
+        0.7,
+        1.0,
+    )
+    hflip: bool = True
+    rotation_deg: Annotated[float, Field(ge=0, le=45)] = 5.0
+
+
+class CsvConfig(Section):
+    """``data.csv``: a generic multi-label CSV (one row per image).
+
+    Labels come either from ``label_columns`` (0/1 columns) or from ``label_column`` holding
+    names joined by ``separator``; ``classes`` fixes their order (default: sorted names).
+    An optional ``split_column`` holds train/val/test; otherwise rows are split at random
+    by ``data.val_fraction`` and ``data.test_fraction``.
+    """
+
+    file: str
+    path_column: str = "path"
+    label_columns: list[str] | None = None
+    label_column: str | None = None
+    separator: str = "|"
+    classes: list[str] | None = None
+    split_column: str | None = None
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> CsvConfig:
+        if (self.label_columns is None) == (self.label_column is None):
+            raise ValueError("set exactly one of label_columns or label_column")
+        return self
+
+
 class DataConfig(Section):
     """``data``: where images come from and how they are batched (per process)."""
 
-    format: Literal["chestxray14", "imagefolder", "synthetic"] = "chestxray14"
+    format: Literal["chestxray14", "imagefolder", "csv"] = "chestxray14"
     root: str | None = None
     cache: str | None = None
     image_size: Annotated[int, Field(ge=16)] = 224
@@ -136,6 +171,21 @@ class DataConfig(Section):
     test_fraction: Fraction = 0.2
     split_seed: int = 0
     views: list[Literal["PA", "AP"]] | None = None
+    on_bad_image: Literal["error", "skip"] = "error"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    csv: CsvConfig | None = None
+
+    @model_validator(mode="after")
+    def _sources(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.format == "csv" and self.csv is None:
+            raise ValueError("format: csv needs a csv section (file, path_column, labels)")
+        if self.format != "csv" and self.csv is not None:
+            raise ValueError(f"a csv section is only used with format: csv, not {self.format}")
+        if self.cache is not None and self.format != "chestxray14":
+            raise ValueError("cache is only supported with format: chestxray14")
+        return self
 
 
 class StageConfig(Section):

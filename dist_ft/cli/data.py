@@ -1,0 +1,165 @@
+"""``dist-ft data``: dataset statistics, the preprocessed cache, the synthetic twin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from dist_ft.config.errors import ConfigError
+
+EXAMPLES = """\
+examples:
+  dist-ft data synth data/cxr14_synth --images 600 --size 256 --seed 0
+  dist-ft data stats data/cxr14_synth
+  dist-ft data stats /datasets/chestxray14 --json | jq .splits
+  dist-ft data prepare /datasets/chestxray14 --out /scratch/cxr14_256 --size 256 --workers 16
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``data`` and its subcommands."""
+    p = sub.add_parser(
+        "data", help="dataset statistics, preprocessed cache, synthetic ChestX-ray14",
+        description="Work with ChestX-ray14-layout datasets.", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def split_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--val-fraction", type=float, default=0.1)
+        q.add_argument("--test-fraction", type=float, default=0.2,
+                       help="used only without test_list.txt")
+        q.add_argument("--split-seed", type=int, default=0)
+
+    stats = verbs.add_parser("stats", help="counts from the metadata (images may be absent)",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stats.add_argument("root", help="folder with Data_Entry_2017*.csv[.gz]")
+    stats.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    split_args(stats)
+    stats.set_defaults(run=run_stats)
+
+    prep = verbs.add_parser("prepare", help="decode once into memory-mapped uint8 shards",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prep.add_argument("root")
+    prep.add_argument("--out", required=True, help="cache folder (resumes if interrupted)")
+    prep.add_argument("--size", type=int, default=256, help="side of the stored images")
+    prep.add_argument("--workers", type=int, default=1)
+    prep.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
+    prep.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
+    split_args(prep)
+    prep.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    prep.set_defaults(run=run_prepare)
+
+    synth = verbs.add_parser("synth", help="write a synthetic ChestX-ray14 twin",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth.add_argument("out")
+    synth.add_argument("--images", type=int, default=600)
+    synth.add_argument("--size", type=int, default=256)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--dialect", choices=("2017", "2020"), default="2017")
+    synth.add_argument("--workers", type=int, default=1)
+    synth.set_defaults(run=run_synth)
+
+
+def _check_fractions(args: argparse.Namespace) -> None:
+    problems = []
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            problems.append(f"--{name.replace('_', '-')}: must be in [0, 1), got {value}")
+    if args.val_fraction + args.test_fraction >= 1:
+        problems.append("--val-fraction + --test-fraction must be below 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _print_stats(doc: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console.print(
+        f"[bold]{doc['root']}[/] · {doc['metadata']} · {doc['images']:,} images · "
+        f"{doc['patients']:,} patients · splits from {doc['split_source']}"
+    )
+    table = Table(title_justify="left")
+    table.add_column("finding")
+    table.add_column("all", justify="right")
+    for name in doc["splits"]:
+        table.add_column(f"{name} ({doc['splits'][name]:,})", justify="right")
+    for finding, count in doc["labels"].items():
+        table.add_row(finding, f"{count:,}",
+                      *(f"{doc['split_labels'][s][finding]:,}" for s in doc["splits"]))
+    console.print(table)
+    overlap = doc["patient_overlap"]
+    style = "green" if overlap == 0 else "bold red"
+    console.print("patients per split: " + ", ".join(
+        f"{k} {v:,}" for k, v in doc["split_patients"].items()
+    ) + f" · [{style}]patient overlap between splits: {overlap}[/]")
+    if doc["excluded"]:
+        console.print(f"in no list file (excluded): {doc['excluded']:,}")
+    missing = doc["missing_images"]
+    if missing:
+        console.print(f"[yellow]missing images: {missing:,}[/] of {doc['images']:,} "
+                      f"(first: {', '.join(doc['first_missing'])})")
+    else:
+        console.print("missing images: 0")
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    """``data stats``."""
+    from dist_ft.data.stats import chestxray14_stats
+
+    _check_fractions(args)
+    doc = chestxray14_stats(args.root, args.val_fraction, args.test_fraction, args.split_seed)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _print_stats(doc)
+    return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """``data prepare``."""
+    from dist_ft.data.cache import prepare_cache
+
+    _check_fractions(args)
+    if args.size < 16 or args.shard_size < 1 or args.workers < 1:
+        raise ConfigError(["--size must be >= 16, --shard-size and --workers >= 1"])
+    manifest = prepare_cache(
+        args.root, args.out, size=args.size, shard_size=args.shard_size, workers=args.workers,
+        on_bad_image=args.on_bad_image, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, split_seed=args.split_seed,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    summary = {k: manifest[k] for k in ("num_images", "num_valid", "size", "splits", "bytes")}
+    summary["skipped"] = len(manifest["skipped"])
+    summary["shards"] = len(manifest["shards"])
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(f"cache {args.out}: {summary['num_valid']:,} images at {args.size}px in "
+              f"{summary['shards']} shards ({summary['bytes'] / 2**20:.1f} MiB); splits "
+              + ", ".join(f"{k} {v:,}" for k, v in summary["splits"].items())
+              + (f"; skipped {summary['skipped']} (see manifest.json)" if summary["skipped"]
+                 else ""))
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """``data synth``."""
+    from dist_ft.data.synth import write_synthetic
+
+    if args.images < 1 or args.size < 16 or args.workers < 1:
+        raise ConfigError(["--images and --workers must be >= 1, --size >= 16"])
+    rows = write_synthetic(args.out, images=args.images, size=args.size, seed=args.seed,
+                           dialect=args.dialect, workers=args.workers,
+                           progress=sys.stderr.isatty())
+    patients = len({r.patient for r in rows})
+    print(f"wrote {len(rows)} images of {patients} patients ({args.size}px, "
+          f"{args.dialect} metadata) to {args.out}")
+    return 0

@@ -1,0 +1,219 @@
+"""torch Datasets for training: ChestX-ray14 from PNGs or the cache, ImageFolder, CSV.
+
+Every dataset yields ``(image, target)`` with ``image`` a uint8 ``[C, H, W]`` tensor already
+augmented (see ``transforms.py``; normalisation happens per batch) and ``target`` a float
+multi-hot vector (multi-label) or an int64 class index (single-label). Each carries
+``classes``, ``multilabel`` and ``targets`` (all targets, for class weights).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dist_ft.config.schema import DataConfig
+from dist_ft.data.cache import CacheReader
+from dist_ft.data.findings import FINDINGS
+from dist_ft.data.images import find_images, load_gray, load_rgb
+from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
+from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, resolve_splits
+from dist_ft.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LabelledImages(Dataset):
+    """Images on disk with their targets; decodes on access."""
+
+    def __init__(self, paths: list[Path], targets: np.ndarray, classes: list[str],
+                 multilabel: bool, channels: int, transform: Transform | None) -> None:
+        self.paths, self.targets, self.classes = paths, targets, classes
+        self.multilabel, self.channels, self.transform = multilabel, channels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, i: int) -> torch.Tensor:
+        """The decoded, untransformed uint8 ``[C, H, W]`` image ``i``."""
+        if self.channels == 1:
+            return torch.from_numpy(load_gray(self.paths[i]).copy()).unsqueeze(0)
+        return torch.from_numpy(load_rgb(self.paths[i]).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.load(i)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, _target(self.targets[i], self.multilabel)
+
+
+class CachedImages(Dataset):
+    """Rows of a preprocessed cache (memory-mapped, one channel)."""
+
+    def __init__(self, reader: CacheReader, rows: np.ndarray, transform: Transform | None) -> None:
+        self.reader, self.rows, self.transform = reader, rows, transform
+        self.targets = reader.labels[rows]
+        self.classes, self.multilabel, self.channels = list(FINDINGS), True, 1
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(np.array(self.reader.image(self.rows[i]))).unsqueeze(0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, _target(self.targets[i], True)
+
+
+def _target(value: np.ndarray, multilabel: bool) -> torch.Tensor:
+    if multilabel:
+        return torch.from_numpy(np.asarray(value, dtype=np.float32))
+    return torch.tensor(int(value), dtype=torch.int64)
+
+
+def _split_index(split: str) -> int:
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_NAMES)}, got {split!r}")
+    return SPLIT_NAMES.index(split)
+
+
+def _require_root(cfg: DataConfig) -> Path:
+    if cfg.root is None:
+        raise MetadataError(f"data.root is required for format: {cfg.format}")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise MetadataError(f"data.root: {root} is not a folder")
+    return root
+
+
+def chestxray14_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+    """ChestX-ray14 rows of one split, from the cache when ``data.cache`` is set."""
+    want = _split_index(split)
+    if cfg.cache is not None:
+        reader = CacheReader(cfg.cache)
+        rows = reader.rows(want)
+        if cfg.views:
+            with np.load(Path(cfg.cache) / "index.npz") as index:
+                rows = rows[np.isin(index["views"][rows], cfg.views)]
+        return CachedImages(reader, rows, transform)
+    root = _require_root(cfg)
+    meta = read_metadata(find_metadata(root))
+    splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    mask = splits == want
+    if cfg.views:
+        mask &= np.isin(meta.views, cfg.views)
+    meta = meta.subset(mask)
+    found = find_images(root)
+    missing = [n for n in meta.images if n not in found]
+    if missing:
+        if cfg.on_bad_image == "error":
+            raise MetadataError(
+                f"{len(missing)} {split} image(s) of {meta.source.name} are not under {root}, "
+                f"first {missing[0]!r}; set data.on_bad_image=skip to train without them"
+            )
+        log.warning("%d %s images missing under %s (skipped), first %s",
+                    len(missing), split, root, missing[0])
+        meta = meta.subset(np.isin(meta.images, list(found)))
+    paths = [found[n] for n in meta.images]
+    return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, transform)
+
+
+def imagefolder_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+    """``ROOT/<split>/<class>/*`` single-label images (``val`` also found as ``valid``)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = _require_root(cfg)
+    names = {"train": ["train"], "val": ["val", "valid"], "test": ["test"]}[split]
+    folder = next((root / n for n in names if (root / n).is_dir()), None)
+    if folder is None:
+        raise MetadataError(f"data.root: {root} has no {' or '.join(names)}/ folder")
+    classes, class_to_idx = find_classes(str(folder))
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    paths = [Path(p) for p, _ in samples]
+    targets = np.array([t for _, t in samples], dtype=np.int64)
+    return LabelledImages(paths, targets, classes, False, 3, transform)
+
+
+def csv_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+    """A multi-label CSV: a path column and label columns or a separated label column."""
+    assert cfg.csv is not None  # guaranteed by DataConfig
+    spec = cfg.csv
+    root = Path(cfg.root) if cfg.root else Path(spec.file).parent
+    path = Path(spec.file)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise MetadataError(f"data.csv.file: cannot read {path}: {exc.strerror}") from None
+    header = list(rows[0]) if rows else []
+    needed = [spec.path_column, *(spec.label_columns or []), *filter(None, [spec.label_column,
+                                                                           spec.split_column])]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise MetadataError(f"{path}: missing column {', '.join(map(repr, missing))}; "
+                            f"header is {', '.join(header)}")
+    if spec.label_columns is not None:
+        classes = spec.label_columns
+        try:
+            targets = np.array([[float(r[c]) for c in classes] for r in rows], dtype=np.float32)
+        except ValueError as exc:
+            raise MetadataError(f"{path}: label columns must hold 0/1 values ({exc})") from None
+    else:
+        label_lists = [
+            [x.strip() for x in r[spec.label_column].split(spec.separator) if x.strip()]
+            for r in rows
+        ]
+        classes = spec.classes or sorted({x for labels in label_lists for x in labels})
+        index = {c: i for i, c in enumerate(classes)}
+        targets = np.zeros((len(rows), len(classes)), dtype=np.float32)
+        for k, labels in enumerate(label_lists):
+            for x in labels:
+                if x not in index:
+                    raise MetadataError(f"{path}:{k + 2}: unknown label {x!r}; classes: "
+                                        f"{', '.join(classes)}")
+                targets[k, index[x]] = 1
+    if spec.split_column is not None:
+        split_of = np.array([r[spec.split_column].strip() for r in rows])
+        bad = sorted(set(split_of) - set(SPLIT_NAMES))
+        if bad:
+            raise MetadataError(f"{path}: {spec.split_column} must be train/val/test, got {bad}")
+        mask = split_of == split
+    else:
+        order = np.random.default_rng(cfg.split_seed).permutation(len(rows))
+        n_val, n_test = round(cfg.val_fraction * len(rows)), round(cfg.test_fraction * len(rows))
+        part = np.zeros(len(rows), dtype=np.int8)
+        part[order[:n_val]] = 1
+        part[order[n_val : n_val + n_test]] = 2
+        mask = part == _split_index(split)
+    paths = [root / r[spec.path_column] for r, keep in zip(rows, mask, strict=True) if keep]
+    return LabelledImages(paths, targets[mask], list(classes), True, 3, transform)
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool | None = None) -> Dataset:
+    """The dataset of ``split`` for a recipe's ``data`` section, with its transforms.
+
+    Args:
+        cfg: the ``data`` section.
+        split: ``train``, ``val`` or ``test``.
+        train: use training augmentation (default: ``split == "train"``).
+    """
+    train = split == "train" if train is None else train
+    aug = cfg.augment
+    transform = (
+        train_transform(cfg.image_size, aug.crop_scale, aug.hflip, aug.rotation_deg)
+        if train else eval_transform(cfg.image_size)
+    )
+    builders = {"chestxray14": chestxray14_dataset, "imagefolder": imagefolder_dataset,
+                "csv": csv_dataset}
+    return builders[cfg.format](cfg, split, transform)
+
+
+def excluded_count(split: np.ndarray) -> int:
+    """Rows in no split (listed in neither official list)."""
+    return int((split == EXCLUDED).sum())
