@@ -101,7 +101,7 @@ def _parse_age(text: str) -> float:
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 - caller closes it
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def read_metadata(path: str | Path) -> Metadata:
