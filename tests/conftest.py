@@ -68,3 +68,27 @@ def recipe_factory(
         return load_recipe(write_recipe(copy.deepcopy(data)), overrides)
 
     return _make
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+REAL_CXR14 = FIXTURES / "chestxray14"
+
+
+@pytest.fixture(scope="session")
+def tiny_cxr14_session(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-image synthetic ChestX-ray14 release at 64 px (shared, treat as read-only)."""
+    from dist_ft.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_cxr14")
+    write_synthetic(root, images=40, size=64, seed=3, per_folder=25)
+    return root
+
+
+@pytest.fixture
+def tiny_cxr14(tiny_cxr14_session: Path, tmp_path: Path) -> Path:
+    """A private copy of the 40-image synthetic release, safe to damage."""
+    import shutil
+
+    root = tmp_path / "cxr14"
+    shutil.copytree(tiny_cxr14_session, root)
+    return root

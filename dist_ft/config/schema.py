@@ -165,6 +165,7 @@ class DataConfig(Section):
     root: str | None = None
     cache: str | None = None
     image_size: Annotated[int, Field(ge=16)] = 224
+    load_size: Annotated[int, Field(ge=16)] | None = None
     batch_size: PositiveInt = 32
     num_workers: NonNegInt = 4
     val_fraction: Fraction = 0.1

@@ -1,16 +1,15 @@
 """torch Datasets for training: ChestX-ray14 from PNGs or the cache, ImageFolder, CSV.
 
-Every dataset yields ``(image, target)`` with ``image`` a uint8 ``[C, H, W]`` tensor already
-augmented (see ``transforms.py``; normalisation happens per batch) and ``target`` a float
-multi-hot vector (multi-label) or an int64 class index (single-label). Each carries
-``classes``, ``multilabel`` and ``targets`` (all targets, for class weights).
+Every dataset yields ``(image, target)``: ``image`` a square uint8 ``[C, L, L]`` tensor at the
+load size (augmentation and normalisation run per batch, see ``transforms.py``), ``target`` a
+float multi-hot vector (multi-label) or an int64 class index (single-label). Each carries
+``classes``, ``multilabel``, ``channels`` and ``targets`` (all targets, for class weights).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,54 +19,48 @@ from torch.utils.data import Dataset
 from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheReader
 from dist_ft.data.findings import FINDINGS
-from dist_ft.data.images import find_images, load_gray, load_rgb
+from dist_ft.data.images import find_images, load_gray_resized, load_rgb_resized
 from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
 from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, resolve_splits
-from dist_ft.data.transforms import eval_transform, train_transform
+from dist_ft.data.transforms import default_load_size
 
 log = logging.getLogger(__name__)
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LabelledImages(Dataset):
-    """Images on disk with their targets; decodes on access."""
+    """Images on disk with their targets; decoded and resized to ``load_size`` on access."""
 
     def __init__(self, paths: list[Path], targets: np.ndarray, classes: list[str],
-                 multilabel: bool, channels: int, transform: Transform | None) -> None:
+                 multilabel: bool, channels: int, load_size: int) -> None:
         self.paths, self.targets, self.classes = paths, targets, classes
-        self.multilabel, self.channels, self.transform = multilabel, channels, transform
+        self.multilabel, self.channels, self.load_size = multilabel, channels, load_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> torch.Tensor:
-        """The decoded, untransformed uint8 ``[C, H, W]`` image ``i``."""
-        if self.channels == 1:
-            return torch.from_numpy(load_gray(self.paths[i]).copy()).unsqueeze(0)
-        return torch.from_numpy(load_rgb(self.paths[i]).copy()).permute(2, 0, 1)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.load(i)
-        if self.transform is not None:
-            image = self.transform(image)
+        if self.channels == 1:
+            image = torch.from_numpy(load_gray_resized(self.paths[i], self.load_size)).unsqueeze(0)
+        else:
+            image = torch.from_numpy(load_rgb_resized(self.paths[i], self.load_size))
+            image = image.permute(2, 0, 1).contiguous()
         return image, _target(self.targets[i], self.multilabel)
 
 
 class CachedImages(Dataset):
-    """Rows of a preprocessed cache (memory-mapped, one channel)."""
+    """Rows of a preprocessed cache (memory-mapped, one channel, the cache's size)."""
 
-    def __init__(self, reader: CacheReader, rows: np.ndarray, transform: Transform | None) -> None:
-        self.reader, self.rows, self.transform = reader, rows, transform
+    def __init__(self, reader: CacheReader, rows: np.ndarray) -> None:
+        self.reader, self.rows = reader, rows
         self.targets = reader.labels[rows]
         self.classes, self.multilabel, self.channels = list(FINDINGS), True, 1
+        self.load_size = reader.size
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(np.array(self.reader.image(self.rows[i]))).unsqueeze(0)
-        if self.transform is not None:
-            image = self.transform(image)
         return image, _target(self.targets[i], True)
 
 
@@ -92,7 +85,12 @@ def _require_root(cfg: DataConfig) -> Path:
     return root
 
 
-def chestxray14_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+def load_size(cfg: DataConfig) -> int:
+    """The side images are loaded at: ``data.load_size`` or 256/224 of the input size."""
+    return cfg.load_size or default_load_size(cfg.image_size)
+
+
+def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
     """ChestX-ray14 rows of one split, from the cache when ``data.cache`` is set."""
     want = _split_index(split)
     if cfg.cache is not None:
@@ -101,7 +99,7 @@ def chestxray14_dataset(cfg: DataConfig, split: str, transform: Transform | None
         if cfg.views:
             with np.load(Path(cfg.cache) / "index.npz") as index:
                 rows = rows[np.isin(index["views"][rows], cfg.views)]
-        return CachedImages(reader, rows, transform)
+        return CachedImages(reader, rows)
     root = _require_root(cfg)
     meta = read_metadata(find_metadata(root))
     splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
@@ -121,10 +119,10 @@ def chestxray14_dataset(cfg: DataConfig, split: str, transform: Transform | None
                     len(missing), split, root, missing[0])
         meta = meta.subset(np.isin(meta.images, list(found)))
     paths = [found[n] for n in meta.images]
-    return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, transform)
+    return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, load_size(cfg))
 
 
-def imagefolder_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+def imagefolder_dataset(cfg: DataConfig, split: str) -> Dataset:
     """``ROOT/<split>/<class>/*`` single-label images (``val`` also found as ``valid``)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
@@ -137,10 +135,10 @@ def imagefolder_dataset(cfg: DataConfig, split: str, transform: Transform | None
     samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
     paths = [Path(p) for p, _ in samples]
     targets = np.array([t for _, t in samples], dtype=np.int64)
-    return LabelledImages(paths, targets, classes, False, 3, transform)
+    return LabelledImages(paths, targets, classes, False, 3, load_size(cfg))
 
 
-def csv_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dataset:
+def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
     """A multi-label CSV: a path column and label columns or a separated label column."""
     assert cfg.csv is not None  # guaranteed by DataConfig
     spec = cfg.csv
@@ -192,26 +190,14 @@ def csv_dataset(cfg: DataConfig, split: str, transform: Transform | None) -> Dat
         part[order[n_val : n_val + n_test]] = 2
         mask = part == _split_index(split)
     paths = [root / r[spec.path_column] for r, keep in zip(rows, mask, strict=True) if keep]
-    return LabelledImages(paths, targets[mask], list(classes), True, 3, transform)
+    return LabelledImages(paths, targets[mask], list(classes), True, 3, load_size(cfg))
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool | None = None) -> Dataset:
-    """The dataset of ``split`` for a recipe's ``data`` section, with its transforms.
-
-    Args:
-        cfg: the ``data`` section.
-        split: ``train``, ``val`` or ``test``.
-        train: use training augmentation (default: ``split == "train"``).
-    """
-    train = split == "train" if train is None else train
-    aug = cfg.augment
-    transform = (
-        train_transform(cfg.image_size, aug.crop_scale, aug.hflip, aug.rotation_deg)
-        if train else eval_transform(cfg.image_size)
-    )
+def build_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """The dataset of ``split`` (``train``, ``val`` or ``test``) for a recipe's ``data``."""
     builders = {"chestxray14": chestxray14_dataset, "imagefolder": imagefolder_dataset,
                 "csv": csv_dataset}
-    return builders[cfg.format](cfg, split, transform)
+    return builders[cfg.format](cfg, split)
 
 
 def excluded_count(split: np.ndarray) -> int:

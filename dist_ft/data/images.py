@@ -96,4 +96,9 @@ def resize_square(img: Image.Image, size: int) -> Image.Image:
 
 def load_gray_resized(path: str | Path, size: int) -> np.ndarray:
     """Decode, convert to one channel and resize to a ``size`` x ``size`` uint8 array."""
-    return np.asarray(resize_square(to_gray(_open(Path(path))), size))
+    return np.array(resize_square(to_gray(_open(Path(path))), size))  # writable, for torch
+
+
+def load_rgb_resized(path: str | Path, size: int) -> np.ndarray:
+    """Decode to RGB and resize to a ``size`` x ``size`` x 3 uint8 array."""
+    return np.array(resize_square(_open(Path(path)).convert("RGB"), size))

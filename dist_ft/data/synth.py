@@ -83,7 +83,7 @@ def _canvas(size: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
         lung = ((xx - cx) / 0.17) ** 2 + ((yy - 0.5) / 0.33) ** 2 < 1
         base = np.where(lung, base - 70, base)
     base = np.where(np.abs(xx - 0.5) < 0.05, base + 30, base)
-    r = max(3, size // 11)
+    r = max(3, size // 9)
     py, px = np.mgrid[-r:r, -r:r].astype(np.float32)
     inside = (py**2 + px**2) < r**2
     period = max(2, r // 2)
