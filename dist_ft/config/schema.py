@@ -171,7 +171,8 @@ class DataConfig(Section):
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     split_seed: int = 0
-    views: list[Literal["PA", "AP"]] | None = None
+    views: list[Annotated[str, Field(min_length=1)]] | None = None
+    frontal_only: bool = False
     on_bad_image: Literal["error", "skip"] = "error"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     csv: CsvConfig | None = None

@@ -85,6 +85,17 @@ def _require_root(cfg: DataConfig) -> Path:
     return root
 
 
+FRONTAL_VIEWS = ("PA", "AP")
+
+
+def wanted_views(cfg: DataConfig) -> list[str] | None:
+    """The views to keep: ``data.views``, narrowed to PA/AP by ``data.frontal_only``."""
+    views = cfg.views
+    if cfg.frontal_only:
+        views = [v for v in (views or FRONTAL_VIEWS) if v in FRONTAL_VIEWS]
+    return views
+
+
 def load_size(cfg: DataConfig) -> int:
     """The side images are loaded at: ``data.load_size`` or 256/224 of the input size."""
     return cfg.load_size or default_load_size(cfg.image_size)
@@ -96,16 +107,18 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache)
         rows = reader.rows(want)
-        if cfg.views:
+        views = wanted_views(cfg)
+        if views is not None:
             with np.load(Path(cfg.cache) / "index.npz") as index:
-                rows = rows[np.isin(index["views"][rows], cfg.views)]
+                rows = rows[np.isin(index["views"][rows], views)]
         return CachedImages(reader, rows)
     root = _require_root(cfg)
     meta = read_metadata(find_metadata(root))
     splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     mask = splits == want
-    if cfg.views:
-        mask &= np.isin(meta.views, cfg.views)
+    views = wanted_views(cfg)
+    if views is not None:
+        mask &= np.isin(meta.views, views)
     meta = meta.subset(mask)
     found = find_images(root)
     missing = [n for n in meta.images if n not in found]

@@ -35,6 +35,10 @@ def test_views_filter_and_missing_images(tiny_cxr14: Path) -> None:
     all_train = build_dataset(DataConfig(root=str(tiny_cxr14)), "train")
     pa = build_dataset(DataConfig(root=str(tiny_cxr14), views=["PA"]), "train")
     assert 0 < len(pa) < len(all_train)
+    frontal = build_dataset(DataConfig(root=str(tiny_cxr14), frontal_only=True), "train")
+    assert len(frontal) == len(all_train)  # every ChestX-ray14 view is PA or AP
+    none = DataConfig(root=str(tiny_cxr14), views=["LL"], frontal_only=True)
+    assert len(build_dataset(none, "train")) == 0
     victim = sorted(tiny_cxr14.glob("images_*/images/*.png"))[0]
     victim.unlink()
     with pytest.raises(MetadataError, match=rf"first '{victim.name}'.*on_bad_image=skip"):
