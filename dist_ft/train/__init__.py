@@ -1,0 +1,1 @@
+"""The distributed trainer: Accelerate + DDP or DeepSpeed ZeRO, freeze stages, checkpoints."""

@@ -1,0 +1,565 @@
+"""The training recipe: set-up, stages, the loop, evaluation, checkpoints, final weights.
+
+Reads top to bottom: :meth:`Trainer.setup` builds everything and checks rank consistency,
+:meth:`Trainer.train` runs epochs and enters freeze stages at their boundaries,
+:meth:`Trainer.evaluate` computes exact metrics over the whole validation split, and
+:meth:`Trainer.finish` writes ``final/model.safetensors``. Only the main process prints and
+writes TensorBoard; every rank logs to ``OUTPUT_DIR/logs/rank{r}.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dist_ft.config.load import recipe_to_dict
+from dist_ft.config.schema import ModelConfig, Recipe
+from dist_ft.data.datasets import build_dataset
+from dist_ft.data.sampler import ShardedSampler
+from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
+from dist_ft.models.factory import build_model
+from dist_ft.models.spec import describe_model
+from dist_ft.plan import ResolvedPlan, resolve_plan
+from dist_ft.train import engine
+from dist_ft.train.checkpoint import (
+    latest_checkpoint,
+    load_rank_state,
+    read_trainer_state,
+    save_checkpoint,
+)
+from dist_ft.train.consistency import check_plan_consistency, check_replicas, gather_objects
+from dist_ft.train.losses import build_loss
+from dist_ft.train.metrics import classification_metrics
+from dist_ft.train.runtime import build_accelerator
+from dist_ft.train.schedule import LrSchedule
+from dist_ft.train.stages import (
+    apply_trainable,
+    build_optimizer,
+    optimizer_groups,
+    set_bn_modes,
+    state_keys,
+)
+
+log = logging.getLogger("dist_ft.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or continue; the message says why and what to change."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint saves and a resume restores."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current epoch (0-based)
+    micro_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
+    stage: int = 0
+    stage_start: dict[str, int] = field(default_factory=lambda: {"0": 0})
+    best_score: float | None = None
+    evals_without_gain: int = 0
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _setup_logging(output_dir: Path, rank: int, main: bool) -> None:
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("dist_ft")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(file_handler)
+    if main:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("dist-ft: %(message)s"))
+        root.addHandler(console)
+    root.propagate = False
+
+
+def _check_output_dir(output_dir: Path, bytes_needed: int) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"output_dir {output_dir} is not writable: {exc}") from None
+    free = shutil.disk_usage(output_dir).free
+    if free < bytes_needed:
+        raise TrainingError(
+            f"output_dir {output_dir}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
+            f"{bytes_needed / 2**20:.0f} MiB"
+        )
+
+
+class Trainer:
+    """Fine-tune ``recipe.model`` on ``recipe.data`` under the recipe's plan and backend.
+
+    Args:
+        recipe: the validated recipe.
+        resume: ``"auto"`` (latest finished checkpoint in ``output_dir``, if any), a
+            checkpoint folder, or None (start fresh).
+    """
+
+    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        self.output_dir = Path(recipe.output_dir)
+        self.progress = Progress()
+        self.model: Any = None
+        self.optimizer: Any = None
+        self.writer: Any = None
+        self.grad_check_pending = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        """Build the accelerator, model, plan, data, loss and logging; check consistency."""
+        recipe = self.recipe
+        self.acc = acc = build_accelerator(recipe)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.main = acc.is_main_process
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1 and not (
+                engine.is_deepspeed(acc) or acc.distributed_type.name.startswith("MULTI_")):
+            raise TrainingError(f"{dist.get_world_size()} processes but Accelerate chose "
+                                f"{acc.distributed_type}: ranks would train separately")
+        from accelerate.utils import set_seed
+
+        set_seed(recipe.trainer.seed)
+        module = build_model(recipe.model)
+        self.spec = describe_model(module, recipe.model.name)
+        if self.main:
+            _check_output_dir(self.output_dir, 3 * 4 * self.spec.num_params)
+        acc.wait_for_everyone()
+        _setup_logging(self.output_dir, self.rank, self.main)
+        self.plan: ResolvedPlan = resolve_plan(recipe, self.spec)
+        check_plan_consistency(acc, self.plan, "at start")
+        self.base_module = module
+
+        data = recipe.data
+        self.train_set = build_dataset(data, "train")
+        self.val_set = build_dataset(data, "val")
+        classes = len(self.train_set.classes)
+        if classes != recipe.model.num_classes:
+            raise TrainingError(
+                f"model.num_classes is {recipe.model.num_classes} but the data has {classes} "
+                f"classes ({', '.join(self.train_set.classes[:5])}...)"
+            )
+        if len(self.train_set) == 0 or len(self.val_set) == 0:
+            raise TrainingError(f"empty split: train {len(self.train_set)}, "
+                                f"val {len(self.val_set)} images under {data.root or data.cache}")
+        self.train_sampler = ShardedSampler(len(self.train_set), self.rank, self.world,
+                                            seed=recipe.trainer.seed)
+        self.val_sampler = ShardedSampler(len(self.val_set), self.rank, self.world,
+                                          shuffle=False, pad=False)
+        cuda = acc.device.type == "cuda"
+        loader_args = {"batch_size": data.batch_size, "num_workers": data.num_workers,
+                       "pin_memory": cuda, "persistent_workers": data.num_workers > 0}
+        self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, **loader_args)
+        self.val_loader = DataLoader(self.val_set, sampler=self.val_sampler, **loader_args)
+        self.loss_fn = build_loss(recipe.trainer.loss, self.train_set.multilabel,
+                                  self.train_set.targets).to(acc.device)
+        aug = data.augment
+        self.augment = BatchAugment(data.image_size, aug.crop_scale, hflip=aug.hflip,
+                                    rotation_deg=aug.rotation_deg)
+        self.resize = BatchResize(data.image_size)
+        self.normalize = BatchNormalize().to(acc.device)
+        self.generator = torch.Generator().manual_seed(recipe.trainer.seed * 1000 + self.rank)
+
+        micro_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = max(1, micro_per_epoch // recipe.trainer.grad_accum_steps)
+        total = recipe.trainer.epochs * self.steps_per_epoch
+        self.total_steps = min(total, recipe.trainer.max_steps or total)
+        self.schedule = LrSchedule(recipe.schedule, self.total_steps, self.steps_per_epoch)
+
+        checkpoint = self._resume_path()
+        if checkpoint is not None:
+            self._load(checkpoint)
+        else:
+            self._enter_stage(0, carry=False)
+        if self.main:
+            self._write_run_files()
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tb"),
+                                        purge_step=self.progress.step or None)
+            self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(
+                recipe_to_dict(recipe), sort_keys=False) + "\n```", self.progress.step)
+            self.writer.add_text("plan", self._plan_text(), self.progress.step)
+        log.info("rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
+                 "%d steps of %d images", self.rank, self.world, acc.device,
+                 recipe.trainer.backend, engine.zero_stage(acc), len(self.train_set),
+                 len(self.val_set), self.total_steps,
+                 data.batch_size * self.world * recipe.trainer.grad_accum_steps)
+
+    def _plan_text(self) -> str:
+        lines = [f"digest {self.plan.digest}"]
+        for s in self.plan.stages:
+            start = ", ".join(f"{k} {v}" for k, v in s.start.items())
+            lines.append(f"stage {s.index} {s.name} from {start}: {s.trainable_params:,} "
+                         f"trainable, {len(s.bn_eval)} BN frozen")
+            lines += [f"  {g.name}: {g.num_params:,} params, lr {g.lr:.3g}, wd {g.weight_decay:g}"
+                      for g in s.groups]
+        return "\n".join(lines)
+
+    def _write_run_files(self) -> None:
+        (self.output_dir / "recipe.yaml").write_text(
+            yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
+        from dist_ft.cli.plan import plan_to_json
+
+        (self.output_dir / "plan.json").write_text(json.dumps(plan_to_json(self.plan), indent=2))
+
+    # ------------------------------------------------------------------ stages
+    def _fresh_module(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        cfg = ModelConfig(name=self.recipe.model.name, num_classes=self.recipe.model.num_classes)
+        module = build_model(cfg)
+        module.load_state_dict(state)
+        return module
+
+    def _enter_stage(self, index: int, carry: bool, snapshot: bool = True) -> None:
+        """Make stage ``index`` current: trainable set, groups, optimizer, wrapper/engine."""
+        acc, recipe = self.acc, self.recipe
+        started = time.perf_counter()
+        keys = state_keys(recipe.optim)
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        if self.model is not None and self.recipe.trainer.save_stage_weights:
+            self._save_stage_weights(f"stage{self.progress.stage}_end", moments=True)
+        if self.model is None:
+            module = self.base_module
+        else:
+            if carry:
+                moments = engine.snapshot_moments(acc, self.model, self.optimizer, keys)
+            if engine.is_deepspeed(acc):
+                # A new engine for the new trainable set (DeepSpeed has no add_param_group);
+                # ZeRO-3 holds only shards, so rebuild the module from gathered weights.
+                module = self._fresh_module(engine.full_state_dict(acc, self.model))
+            else:
+                module = engine.unwrap(acc, self.model)
+            acc.free_memory()
+            self.model = self.optimizer = None
+        stage = self.plan.stages[index]
+        apply_trainable(module, stage)
+        groups = optimizer_groups(self.plan, index)
+        optimizer = build_optimizer(recipe.optim, module, groups)
+        self.model, self.optimizer = acc.prepare(module, optimizer)
+        self.progress.stage = index
+        self.progress.stage_start.setdefault(str(index), self.progress.step)
+        steps = [self.progress.step - self.progress.stage_start[str(g.since)] for g in groups]
+        seeded = engine.seed_moments(acc, self.model, self.optimizer, keys, moments, steps) \
+            if moments else 0
+        check_plan_consistency(acc, self.plan, f"entering stage {index} ({stage.name})")
+        if recipe.trainer.save_stage_weights and snapshot:
+            self._save_stage_weights(f"stage{index}_start", moments=bool(moments))
+        self.grad_check_pending = True
+        log.info("stage %d '%s' at step %d: %s trainable params in %d groups, %d BN layers "
+                 "frozen, moments carried for %d tensors, rebuilt in %.2f s",
+                 index, stage.name, self.progress.step, f"{stage.trainable_params:,}",
+                 len(groups), len(stage.bn_eval), seeded, time.perf_counter() - started)
+
+    def _save_stage_weights(self, label: str, moments: bool = False) -> None:
+        """Full weights (and optimizer moments) at a stage boundary, for inspection and tests."""
+        from safetensors.torch import save_file
+
+        state = engine.full_state_dict(self.acc, self.model)
+        carried = {}
+        if moments:
+            keys = state_keys(self.recipe.optim)
+            found = engine.snapshot_moments(self.acc, self.model, self.optimizer, keys)
+            carried = {f"{k}/{n}": v for n, kv in found.items() for k, v in kv.items()}
+        if self.main:
+            folder = self.output_dir / "stage_weights"
+            folder.mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      str(folder / f"{label}.safetensors"))
+            if carried:
+                save_file({k: v.contiguous() for k, v in carried.items()},
+                          str(folder / f"{label}.moments.safetensors"))
+
+    def _stage_due(self) -> int:
+        p = self.progress
+        return self.plan.stage_at(epoch=p.epoch, step=p.step).index
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        """Run until ``trainer.max_steps``/``trainer.epochs`` or early stopping."""
+        acc, recipe, p = self.acc, self.recipe, self.progress
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=p.step, disable=not self.main,
+                   unit="step", dynamic_ncols=True)
+        stop = p.step >= self.total_steps
+        while not stop:
+            if self._stage_due() != p.stage:
+                self._enter_stage(self._stage_due(), carry=True)
+            self.train_sampler.set_epoch(p.epoch, start=p.micro_in_epoch * recipe.data.batch_size)
+            self._train_mode()
+            window_start, window_images = time.perf_counter(), 0
+            for images, targets in self.train_loader:
+                if p.step >= self.total_steps:  # max_steps reached mid-epoch
+                    break
+                loss = self._micro_step(images, targets)
+                p.micro_in_epoch += 1
+                window_images += len(images) * self.world
+                if not acc.sync_gradients:
+                    continue
+                p.step += 1
+                bar.update(1)
+                if p.step % recipe.logging.every_steps == 0 or p.step == 1:
+                    rate = window_images / max(1e-9, time.perf_counter() - window_start)
+                    self._log_step(loss, rate, bar)
+                    window_start, window_images = time.perf_counter(), 0
+                every = recipe.trainer.checkpoint_every_steps
+                if every and p.step % every == 0 and p.step < self.total_steps:
+                    self.save()
+                if p.step < self.total_steps and self._stage_due() != p.stage:
+                    self._enter_stage(self._stage_due(), carry=True)
+                    self._train_mode()
+            else:  # the epoch ran to its end
+                p.epoch += 1
+                p.micro_in_epoch = 0
+                if p.epoch % recipe.trainer.eval_every_epochs == 0 or p.step >= self.total_steps:
+                    stop = self._end_of_epoch_eval()
+                if engine.zero_stage(acc) != 3:
+                    check_replicas(acc, engine.unwrap(acc, self.model), f"after epoch {p.epoch}")
+                if p.step < self.total_steps and not stop:
+                    self.save()
+            stop = stop or p.step >= self.total_steps
+        bar.close()
+        if not p.last_metrics or p.micro_in_epoch:
+            self._end_of_epoch_eval()
+        return p.last_metrics
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        set_bn_modes(engine.unwrap(self.acc, self.model), self.plan.stages[self.progress.stage])
+
+    def _micro_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        acc = self.acc
+        images = images.to(acc.device, non_blocking=True)
+        targets = targets.to(acc.device, non_blocking=True)
+        x = self.normalize(self.augment(images, self.generator))
+        with acc.accumulate(self.model):
+            boundary = acc.sync_gradients
+            if boundary:
+                factor = self.schedule.factor(self.progress.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+            loss = self.loss_fn(self.model(x), targets)
+            if engine.is_deepspeed(acc):
+                # Accelerate's backward would also run engine.step(); split them so the
+                # gradient check sees gradients (DeepSpeed clips from its own config).
+                ds = acc.deepspeed_engine_wrapped.engine
+                ds.backward(loss)
+                if boundary and self.grad_check_pending:
+                    self._report_gradless()
+                ds.step()
+            else:
+                acc.backward(loss)
+                if boundary:
+                    if self.grad_check_pending:
+                        self._report_gradless()
+                    clip = self.recipe.trainer.grad_clip_norm
+                    if clip:
+                        self.grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+        return loss.detach()
+
+    def _report_gradless(self) -> None:
+        """After the first backward of a stage: name trainable params that got no gradient."""
+        self.grad_check_pending = False
+        module = engine.unwrap(self.acc, self.model)
+        missing = []
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                grad = engine.full_grad(self.acc, param)
+                if grad is None or not bool(torch.any(grad != 0)):
+                    missing.append(name)
+        if missing:
+            log.warning("stage %d: %d trainable parameter(s) received no gradient: %s",
+                        self.progress.stage, len(missing), ", ".join(missing[:10]))
+
+    def _log_step(self, loss: torch.Tensor, images_per_s: float, bar: Any) -> None:
+        mean_loss = float(self.acc.reduce(loss.float(), reduction="mean"))
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"non-finite loss {mean_loss} at step {self.progress.step}")
+        if not self.main:
+            return
+        step = self.progress.step
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        self.writer.add_scalar("train/loss", mean_loss, step)
+        self.writer.add_scalar("train/samples_per_s", images_per_s, step)
+        self.writer.add_scalar("train/stage", self.progress.stage, step)
+        for name, lr in lrs.items():
+            self.writer.add_scalar(f"lr/{name}", lr, step)
+        norm = getattr(self, "grad_norm", None)
+        if engine.is_deepspeed(self.acc):
+            norm = self.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm()
+        if norm is not None and math.isfinite(float(norm)):
+            self.writer.add_scalar("train/grad_norm", float(norm), step)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
+                        img_s=f"{images_per_s:.0f}", stage=self.progress.stage)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, Any]:
+        """Exact metrics over the whole validation split (each sample once, all ranks)."""
+        acc = self.acc
+        engine.average_bn_stats(acc, self.model)
+        self.model.eval()
+        batches = gather_objects(len(self.val_loader))
+        rounds = max(batches)  # ZeRO-3 forwards are collective: keep ranks in lockstep
+        scores, targets, loss_sum = [], [], 0.0
+        iterator = iter(self.val_loader)
+        filler = self.val_set[0][0].unsqueeze(0)  # for ranks that run out of batches first
+        with torch.no_grad():
+            for _ in range(rounds):
+                batch = next(iterator, None)
+                images = filler if batch is None else batch[0]
+                logits = self.model(self.normalize(self.resize(images.to(acc.device))))
+                if batch is None:
+                    continue
+                target = batch[1].to(acc.device)
+                loss_sum += float(self.loss_fn(logits, target)) * len(images)
+                probs = torch.sigmoid(logits) if self.val_set.multilabel else logits.softmax(-1)
+                scores.append(probs.float().cpu().numpy())
+                targets.append(target.cpu().numpy())
+        parts = gather_objects((np.concatenate(scores) if scores else None,
+                                np.concatenate(targets) if targets else None, loss_sum))
+        all_scores = np.concatenate([s for s, _, _ in parts if s is not None])
+        all_targets = np.concatenate([t for _, t, _ in parts if t is not None])
+        metrics = classification_metrics(all_scores, all_targets, self.val_set.multilabel,
+                                         self.val_set.classes)
+        metrics["val_loss"] = sum(x for _, _, x in parts) / len(all_scores)
+        metrics["val_samples"] = len(all_scores)
+        return metrics
+
+    def _end_of_epoch_eval(self) -> bool:
+        """Evaluate, log, feed the schedule and early stopping; True to stop."""
+        p, cfg = self.progress, self.recipe.trainer
+        metrics = self.evaluate()
+        metrics.update(epoch=p.epoch, step=p.step)
+        p.last_metrics = metrics
+        score = metrics["score"]
+        self.schedule.observe(score)
+        if p.best_score is None or score > p.best_score + 1e-4:
+            p.best_score, p.evals_without_gain = score, 0
+        else:
+            p.evals_without_gain += 1
+        if self.main:
+            for key in ("val_loss", "auroc_mean", "accuracy", "f1_macro"):
+                if key in metrics:
+                    self.writer.add_scalar(f"val/{key}", metrics[key], p.step)
+            for cls, value in metrics.get("auroc", {}).items():
+                if math.isfinite(value):
+                    self.writer.add_scalar(f"val_auroc/{cls}", value, p.step)
+            self.writer.flush()
+            log.info("epoch %d step %d: val loss %.4f, score %.4f", p.epoch, p.step,
+                     metrics["val_loss"], score)
+        patience = cfg.early_stopping_patience
+        if patience and p.evals_without_gain >= patience:
+            log.info("early stopping: no gain in %d evaluations", patience)
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_path(self) -> Path | None:
+        if self.resume is None:
+            return None
+        if self.resume == "auto":
+            return latest_checkpoint(self.output_dir)
+        path = Path(self.resume)
+        if not path.is_dir():
+            raise TrainingError(f"--resume {path}: no such checkpoint folder")
+        return path
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current state (every rank takes part)."""
+        p = self.progress
+        engine.average_bn_stats(self.acc, self.model)
+        state = {
+            "step": p.step, "epoch": p.epoch, "micro_in_epoch": p.micro_in_epoch,
+            "stage": p.stage, "stage_start": p.stage_start, "best_score": p.best_score,
+            "evals_without_gain": p.evals_without_gain, "last_metrics": p.last_metrics,
+            "schedule": self.schedule.state_dict(), "world_size": self.world,
+            "digest": self.plan.digest, "backend": self.recipe.trainer.backend,
+            "zero_stage": engine.zero_stage(self.acc),
+        }
+        rank_state = {"generator": self.generator.get_state()}
+        path = save_checkpoint(self.acc, self.output_dir, p.step, state, rank_state,
+                               self.recipe.trainer.keep_last)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = read_trainer_state(path)
+        problems = []
+        if state["digest"] != self.plan.digest:
+            problems.append("the plan differs from the checkpoint's (recipe changed?)")
+        if state["world_size"] != self.world and engine.is_deepspeed(self.acc):
+            problems.append(f"saved with {state['world_size']} processes, now {self.world}: "
+                            "ZeRO checkpoints resume on the same number of processes")
+        if state["backend"] != self.recipe.trainer.backend:
+            problems.append(f"saved under {state['backend']}, recipe says "
+                            f"{self.recipe.trainer.backend}")
+        if problems:
+            raise TrainingError(f"cannot resume from {path}: " + "; ".join(problems))
+        p = self.progress
+        p.step, p.epoch, p.stage = state["step"], state["epoch"], state["stage"]
+        p.micro_in_epoch = state["micro_in_epoch"] * state["world_size"] // self.world
+        p.stage_start = {str(k): v for k, v in state["stage_start"].items()}
+        p.best_score, p.evals_without_gain = state["best_score"], state["evals_without_gain"]
+        p.last_metrics = state["last_metrics"]
+        self.schedule.load_state_dict(state["schedule"])
+        self._enter_stage(p.stage, carry=False, snapshot=False)
+        self.acc.load_state(str(path))
+        rank_file = path / f"rank{self.rank}.pt"
+        if rank_file.is_file():
+            self.generator.set_state(load_rank_state(path, self.rank)["generator"])
+        log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,
+                 p.stage)
+
+    # ------------------------------------------------------------------ end
+    def finish(self) -> Path:
+        """Write ``final/model.safetensors`` (consolidated fp32, torchvision names)."""
+        from safetensors.torch import save_file
+
+        if self.recipe.trainer.save_stage_weights:
+            self._save_stage_weights(f"stage{self.progress.stage}_end")
+        state = engine.full_state_dict(self.acc, self.model)
+        sums = gather_objects([float(v.double().sum()) for v in state.values()])
+        if any(s != sums[0] for s in sums):
+            raise TrainingError("final weights differ between ranks")
+        log.info("final weights identical on %d rank(s)", self.world)
+        final = self.output_dir / "final"
+        if self.main:
+            final.mkdir(parents=True, exist_ok=True)
+            tmp = final / "model.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"model": self.recipe.model.name, "digest": self.plan.digest})
+            tmp.replace(final / "model.safetensors")
+            (final / "metrics.json").write_text(json.dumps(self.progress.last_metrics,
+                                                           indent=2, default=float))
+            if self.writer is not None:
+                self.writer.close()
+        self.acc.wait_for_everyone()
+        return final / "model.safetensors"
+
+    def close(self) -> None:
+        """Release the process group (avoids exit-time aborts seen with gloo + DeepSpeed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

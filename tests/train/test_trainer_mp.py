@@ -1,0 +1,170 @@
+"""The trainer on 2 gloo processes under DDP and DeepSpeed ZeRO-1/2/3 (real DeepSpeed, CPU).
+
+Each backend trains the smoke recipe for 12 steps through three freeze stages (steps 0, 4,
+8) with stage snapshots on, and the tests read what it wrote: weights and optimizer moments
+at every stage boundary, the final consolidated weights, checkpoints, and logs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_ft.config import load_recipe
+from dist_ft.config.schema import ModelConfig
+from dist_ft.models.factory import build_model
+from dist_ft.models.spec_cache import fast_model_spec
+from dist_ft.plan import resolve_plan
+from tests.conftest import CONFIGS, REPO
+
+pytestmark = pytest.mark.multiprocess
+
+SMOKE = CONFIGS / "chestxray14_smoke.yaml"
+BACKENDS = {
+    "ddp": ["trainer.backend=ddp"],
+    "zero1": ["trainer.backend=deepspeed", "trainer.zero_stage=1"],
+    "zero2": ["trainer.backend=deepspeed", "trainer.zero_stage=2"],
+    "zero3": ["trainer.backend=deepspeed", "trainer.zero_stage=3"],
+}
+COMMON = [
+    "data.image_size=32", "data.load_size=32", "data.batch_size=8",
+    "plan.stages[1].start_step=4", "plan.stages[2].start_step=8",
+    "trainer.max_steps=12", "trainer.epochs=10", "trainer.checkpoint_every_steps=6",
+    "trainer.keep_last=5", "trainer.save_stage_weights=true", "logging.every_steps=2",
+    "schedule.warmup_steps=0",
+]
+
+
+def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch`` 2 processes of ``dist-ft ARGS`` from the repository root."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml"),
+           "-m", "dist_ft", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dist_ft.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("smoke_data")
+    write_synthetic(root, images=200, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Output folders of one 12-step run per backend (launched lazily, once)."""
+    done: dict[str, Path] = {}
+
+    class Runs(dict):
+        def __missing__(self, backend: str) -> Path:
+            out = tmp_path_factory.mktemp(f"run_{backend}")
+            result = launch(["train", str(SMOKE), f"data.root={smoke_data}",
+                             f"output_dir={out}", *COMMON, *BACKENDS[backend]])
+            assert result.returncode == 0, result.stderr[-4000:]
+            done[backend] = out
+            self[backend] = out
+            return out
+
+    return Runs()
+
+
+def _plan(backend: str):
+    recipe = load_recipe(SMOKE, [*COMMON, *BACKENDS[backend]])
+    return resolve_plan(recipe, fast_model_spec(recipe.model))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_three_stages_freeze_train_and_carry_moments(runs: dict[str, Path], backend: str) -> None:
+    out = runs[backend]
+    plan = _plan(backend)
+    weights = out / "stage_weights"
+    params = {p.name for p in plan.spec.params}
+    bn_buffers = {m: [f"{m}.running_mean", f"{m}.running_var"] for s in plan.stages
+                  for m in s.bn_eval}
+    for k, stage in enumerate(plan.stages):
+        start = load_file(weights / f"stage{k}_start.safetensors")
+        end = load_file(weights / f"stage{k}_end.safetensors")
+        trainable = set(stage.trainable)
+        for name in start:
+            if name in trainable:
+                assert not torch.equal(start[name], end[name]), f"stage {k}: {name} never moved"
+            elif "." in name and name.rsplit(".", 1)[0] in stage.bn_eval:
+                assert torch.equal(start[name], end[name]), f"stage {k}: frozen BN {name} moved"
+            elif name in params:
+                assert torch.equal(start[name], end[name]), f"stage {k}: frozen {name} moved"
+        for module in stage.bn_eval:
+            for buf in bn_buffers[module]:
+                assert torch.equal(start[buf], end[buf]), f"stage {k}: BN stats of {module} moved"
+        if k + 1 < len(plan.stages):
+            nxt = load_file(weights / f"stage{k + 1}_start.safetensors")
+            assert all(torch.equal(end[n], nxt[n]) for n in end), "rebuild changed weights"
+            before = load_file(weights / f"stage{k}_end.moments.safetensors")
+            after = load_file(weights / f"stage{k + 1}_start.moments.safetensors")
+            carried = [n for n in before if n.split("/", 1)[1] in set(plan.stages[k + 1].trainable)]
+            assert carried, "no moments carried"
+            for name in carried:
+                assert torch.equal(before[name], after[name]), f"moment {name} not carried"
+            fresh = set(after) - set(before)
+            assert all(float(after[n].abs().max()) == 0 for n in fresh)
+    final = load_file(out / "final" / "model.safetensors")
+    last = load_file(weights / f"stage{len(plan.stages) - 1}_end.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[n], last[n]) for n in final)
+    log = (out / "logs" / "rank0.log").read_text()
+    assert "final weights identical on 2 rank(s)" in log
+    assert "moments carried for" in log and "received no gradient" not in log
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_final_weights_load_into_the_model_factory(runs: dict[str, Path], backend: str) -> None:
+    path = runs[backend] / "final" / "model.safetensors"
+    model = build_model(ModelConfig(name="resnet18", num_classes=14, pretrained=str(path)))
+    assert torch.equal(model.fc.weight, load_file(path)["fc.weight"])
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_resume_mid_epoch_mid_stage_is_bitwise_identical(
+    runs: dict[str, Path], backend: str, smoke_data: Path, tmp_path: Path
+) -> None:
+    first = runs[backend]
+    checkpoint = first / "checkpoints" / "step_00000006"
+    assert (checkpoint / "COMPLETE").is_file()
+    result = launch(["train", str(SMOKE), f"data.root={smoke_data}", f"output_dir={tmp_path}",
+                     *COMMON, *BACKENDS[backend], "trainer.save_stage_weights=false",
+                     "--resume", str(checkpoint)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    a = load_file(first / "final" / "model.safetensors")
+    b = load_file(tmp_path / "final" / "model.safetensors")
+    different = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_a_rank_with_another_plan_stops_every_rank(smoke_data: Path, tmp_path: Path) -> None:
+    """Two processes started by hand, one with a different lr: both fail fast, naming it."""
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
+            f"output_dir={tmp_path}", *COMMON, "trainer.backend=ddp"]
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(base + (["optim.lr=0.003"] if rank else []), cwd=REPO,
+                         env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    elapsed = time.monotonic() - started
+    assert all(p.returncode != 0 for p in procs)
+    assert elapsed < 60
+    for err in errors:
+        assert "plan digests differ across ranks at start" in err
+        assert "rank 1 vs rank 0" in err and "lr" in err
