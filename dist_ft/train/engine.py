@@ -83,6 +83,23 @@ def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     return state
 
 
+def optimizer_state_elements(accelerator: Any, model: nn.Module, keys: tuple[str, ...]) -> int:
+    """Optimizer-state elements this rank holds (per-element state x what it covers).
+
+    Under ZeRO-1/2/3 that is the rank's flat fp32 partitions; under DDP every trainable
+    element.
+    """
+    if is_deepspeed(accelerator):
+        zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
+        flats = (zero_opt.fp32_partitioned_groups_flat if zero_stage(accelerator) == 3
+                 else zero_opt.single_partition_of_fp32_groups)
+        covered = sum(f.numel() for f in flats)
+    else:
+        covered = sum(p.numel() for p in unwrap(accelerator, model).parameters()
+                      if p.requires_grad)
+    return covered * len(keys)
+
+
 def full_grad(accelerator: Any, param: nn.Parameter) -> torch.Tensor | None:
     """The full gradient of ``param`` after backward, before the optimizer step."""
     if is_deepspeed(accelerator):

@@ -267,9 +267,11 @@ class Trainer:
             self._save_stage_weights(f"stage{index}_start", moments=bool(moments))
         self.grad_check_pending = True
         log.info("stage %d '%s' at step %d: %s trainable params in %d groups, %d BN layers "
-                 "frozen, moments carried for %d tensors, rebuilt in %.2f s",
-                 index, stage.name, self.progress.step, f"{stage.trainable_params:,}",
-                 len(groups), len(stage.bn_eval), seeded, time.perf_counter() - started)
+                 "frozen, moments carried for %d tensors, rebuilt in %.2f s; optimizer state "
+                 "on this rank: %d elements", index, stage.name, self.progress.step,
+                 f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded,
+                 time.perf_counter() - started,
+                 engine.optimizer_state_elements(acc, self.model, keys))
 
     def _save_stage_weights(self, label: str, moments: bool = False) -> None:
         """Full weights (and optimizer moments) at a stage boundary, for inspection and tests."""

@@ -8,6 +8,7 @@ at every stage boundary, the final consolidated weights, checkpoints, and logs.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -168,3 +169,17 @@ def test_a_rank_with_another_plan_stops_every_rank(smoke_data: Path, tmp_path: P
     for err in errors:
         assert "plan digests differ across ranks at start" in err
         assert "rank 1 vs rank 0" in err and "lr" in err
+
+
+def _state_elements(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"optimizer state on this rank: (\d+) elements", log)]
+
+
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
+def test_zero_ranks_hold_half_the_optimizer_state(runs: dict[str, Path], backend: str) -> None:
+    ddp = _state_elements((runs["ddp"] / "logs" / "rank0.log").read_text())
+    for rank in (0, 1):
+        zero = _state_elements((runs[backend] / "logs" / f"rank{rank}.log").read_text())
+        assert len(zero) == len(ddp) == 3  # one figure per stage
+        for full, sharded in zip(ddp, zero, strict=True):
+            assert sharded == pytest.approx(full / 2, rel=0.02), (rank, full, sharded)
