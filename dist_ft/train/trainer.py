@@ -125,6 +125,9 @@ class Trainer:
         self.optimizer: Any = None
         self.writer: Any = None
         self.grad_check_pending = False
+        self.loss_sum: torch.Tensor | float = 0.0  # training loss since the last evaluation
+        self.loss_count = 0
+        self.gaps: list[float] = []
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -315,6 +318,7 @@ class Trainer:
                 if p.step >= self.total_steps:  # max_steps reached mid-epoch
                     break
                 loss = self._micro_step(images, targets)
+                self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
                 p.micro_in_epoch += 1
                 window_images += len(images) * self.world
                 if not acc.sync_gradients:
@@ -455,6 +459,16 @@ class Trainer:
         p, cfg = self.progress, self.recipe.trainer
         metrics = self.evaluate()
         metrics.update(epoch=p.epoch, step=p.step)
+        if self.loss_count:
+            mean = torch.as_tensor(self.loss_sum, dtype=torch.float32, device=self.acc.device)
+            train_loss = float(self.acc.reduce(mean / self.loss_count, reduction="mean"))
+            metrics["train_loss"] = train_loss
+            self.gaps.append(metrics["val_loss"] - train_loss)
+            self.loss_sum, self.loss_count = 0.0, 0
+            if len(self.gaps) >= 3 and self.gaps[-3] < self.gaps[-2] < self.gaps[-1]:
+                log.warning("train/validation gap widening for 2 evaluations: %s "
+                            "(overfitting? consider early stopping or a lower lr)",
+                            " -> ".join(f"{g:.4f}" for g in self.gaps[-3:]))
         p.last_metrics = metrics
         score = metrics["score"]
         self.schedule.observe(score)
@@ -463,6 +477,8 @@ class Trainer:
         else:
             p.evals_without_gain += 1
         if self.main:
+            if self.gaps:
+                self.writer.add_scalar("val/gap", self.gaps[-1], p.step)
             for key in ("val_loss", "auroc_mean", "accuracy", "f1_macro"):
                 if key in metrics:
                     self.writer.add_scalar(f"val/{key}", metrics[key], p.step)
