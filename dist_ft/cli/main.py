@@ -15,11 +15,12 @@ from dist_ft import __version__
 from dist_ft.cli import bench as bench_cmd
 from dist_ft.cli import data as data_cmd
 from dist_ft.cli import eval as eval_cmd
+from dist_ft.cli import export as export_cmd
 from dist_ft.cli import plan as plan_cmd
 from dist_ft.cli import train as train_cmd
 from dist_ft.config.errors import ConfigError
 
-SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, data_cmd, bench_cmd)
+SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,59 @@
+"""``dist-ft export``: TorchScript or ONNX (dynamic batch), verified within 1e-4; int8 option."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dist_ft.config import ConfigError, load_recipe
+
+EXAMPLES = """\
+examples:
+  dist-ft export runs/chestxray14_smoke/final/model.safetensors --format onnx
+  dist-ft export runs/chestxray14_smoke/final/model.safetensors --format torchscript \\
+      --quantize dynamic --json
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``export``."""
+    p = sub.add_parser("export", help="export weights to TorchScript or ONNX", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", type=Path, help="a model.safetensors (e.g. OUTPUT_DIR/final/...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    p.add_argument("--config", type=Path,
+                   help="recipe (default: recipe.yaml of the run the weights belong to)")
+    p.add_argument("--quantize", choices=("dynamic",), help="also write an int8 variant")
+    p.add_argument("--out", type=Path, help="output file (default: beside the weights)")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, verify, report."""
+    from dist_ft.train.export import export_model
+
+    config = args.config or args.weights.resolve().parent.parent / "recipe.yaml"
+    if not config.is_file():
+        raise ConfigError([f"no recipe at {config}; pass --config RECIPE"])
+    recipe = load_recipe(config, args.overrides)
+    report = export_model(recipe, args.weights, args.format, args.out, args.quantize,
+                          args.tolerance)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=float)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{report['format']}: {report['path']} ({report['bytes'] / 2**20:.1f} MiB), "
+          f"max |logit error| {report['max_abs_error']:.2e} vs PyTorch")
+    q = report.get("int8")
+    if q:
+        auroc = q["auroc"]
+        change = (f"; val AUROC {auroc['fp32']:.4f} -> {auroc['int8']:.4f} "
+                  f"({auroc['change']:+.4f})" if auroc else "; no validation data for AUROC")
+        print(f"int8: {q['path']} ({q['bytes'] / 2**20:.1f} MiB), max |logit error| "
+              f"{q['max_abs_error']:.2e}{change}")
+    return 0
