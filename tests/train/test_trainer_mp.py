@@ -133,7 +133,7 @@ def test_final_weights_load_into_the_model_factory(runs: dict[str, Path], backen
     assert torch.equal(model.fc.weight, load_file(path)["fc.weight"])
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
 def test_resume_mid_epoch_mid_stage_is_bitwise_identical(
     runs: dict[str, Path], backend: str, smoke_data: Path, tmp_path: Path
 ) -> None:
