@@ -327,6 +327,7 @@ class TrainerConfig(Section):
     keep_last: PositiveInt = 3
     early_stopping_patience: PositiveInt | None = None
     collective_timeout_min: PositiveFloat = 10.0
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     save_stage_weights: bool = False  # full weights + moments at each stage boundary
 
 

@@ -15,18 +15,21 @@ class Family:
     Attributes:
         name: family key (``resnet``, ``densenet`` ...).
         head: module path of the classifier layer that ``num_classes`` replaces.
+        blocks: regex of the module paths of the body blocks (activation checkpointing units).
     """
 
     name: str
     head: str
+    blocks: str
 
 
 FAMILIES: dict[str, Family] = {
-    "resnet": Family("resnet", head="fc"),
-    "densenet": Family("densenet", head="classifier"),
-    "efficientnet": Family("efficientnet", head="classifier.1"),
-    "convnext": Family("convnext", head="classifier.2"),
-    "vit": Family("vit", head="heads.head"),
+    "resnet": Family("resnet", head="fc", blocks=r"layer\d+\.\d+"),
+    "densenet": Family("densenet", head="classifier",
+                       blocks=r"features\.denseblock\d+"),  # dense layers mutate a list
+    "efficientnet": Family("efficientnet", head="classifier.1", blocks=r"features\.[1-7]\.\d+"),
+    "convnext": Family("convnext", head="classifier.2", blocks=r"features\.[1357]\.\d+"),
+    "vit": Family("vit", head="heads.head", blocks=r"encoder\.layers\.encoder_layer_\d+"),
 }
 
 # torchvision model name -> family. Every name here has a block map (models/blocks.py).

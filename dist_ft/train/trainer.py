@@ -144,7 +144,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(recipe.trainer.seed)
-        module = build_model(recipe.model)
+        module = self._checkpointed(build_model(recipe.model))
         self.spec = describe_model(module, recipe.model.name)
         if self.main:
             _check_output_dir(self.output_dir, 3 * 4 * self.spec.num_params)
@@ -232,6 +232,14 @@ class Trainer:
         cfg = ModelConfig(name=self.recipe.model.name, num_classes=self.recipe.model.num_classes)
         module = build_model(cfg)
         module.load_state_dict(state)
+        return self._checkpointed(module)
+
+    def _checkpointed(self, module: nn.Module) -> nn.Module:
+        if self.recipe.trainer.activation_checkpointing:
+            from dist_ft.models.checkpointing import enable_activation_checkpointing
+
+            blocks = enable_activation_checkpointing(module, self.recipe.model.name)
+            log.info("activation checkpointing on %d blocks", len(blocks))
         return module
 
     def _enter_stage(self, index: int, carry: bool, snapshot: bool = True) -> None:

@@ -40,6 +40,7 @@ COMMON = [
     "plan.stages[1].start_step=4", "plan.stages[2].start_step=8",
     "trainer.max_steps=12", "trainer.epochs=10", "trainer.checkpoint_every_steps=6",
     "trainer.keep_last=5", "trainer.save_stage_weights=true", "logging.every_steps=2",
+    "trainer.activation_checkpointing=true",
     "schedule.warmup_steps=0",
 ]
 

@@ -60,3 +60,13 @@ def test_unwritable_output_and_wrong_class_count_fail_clearly(
                     "model.num_classes=3")
     assert result.returncode == 1
     assert "model.num_classes is 3 but the data has 14 classes" in result.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["trainer.backend=ddp", "trainer.backend=deepspeed"])
+def test_bf16_on_cuda(tiny_cxr14_session: Path, tmp_path: Path, backend: str) -> None:
+    result = _train(f"data.root={tiny_cxr14_session}", f"output_dir={tmp_path}", *FAST,
+                    "data.val_fraction=0.3", "trainer.precision=bf16", backend)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on cuda" in (tmp_path / "logs" / "rank0.log").read_text()
