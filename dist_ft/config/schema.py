@@ -130,6 +130,7 @@ class AugmentConfig(Section):
         0.7,
         1.0,
     )
+    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.75, 4 / 3)
     hflip: bool = True
     rotation_deg: Annotated[float, Field(ge=0, le=45)] = 5.0
 

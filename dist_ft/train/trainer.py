@@ -178,7 +178,7 @@ class Trainer:
         self.loss_fn = build_loss(recipe.trainer.loss, self.train_set.multilabel,
                                   self.train_set.targets).to(acc.device)
         aug = data.augment
-        self.augment = BatchAugment(data.image_size, aug.crop_scale, hflip=aug.hflip,
+        self.augment = BatchAugment(data.image_size, aug.crop_scale, aug.ratio, hflip=aug.hflip,
                                     rotation_deg=aug.rotation_deg)
         self.resize = BatchResize(data.image_size)
         self.normalize = BatchNormalize().to(acc.device)

@@ -204,3 +204,60 @@ def test_smoke_recipe_learns_the_synthetic_twin(tmp_path: Path) -> None:
 
     val = build_dataset(DataConfig(root=str(data), image_size=64, val_fraction=0.2), "val")
     assert metrics["val_samples"] == len(val)
+
+
+EQUIVALENCE = [
+    # Same global batches whatever the world size: batch 8 on 2 ranks = 16 on 1.
+    "data.augment.crop_scale=[1.0, 1.0]", "data.augment.ratio=[1.0, 1.0]",
+    "data.augment.hflip=false", "data.augment.rotation_deg=0",
+    # BatchNorm in eval mode everywhere (per-rank batch statistics legitimately differ).
+    "plan.stages[2].exclude=[{regex: 'bn|downsample\\.1'}]",
+    "plan.stages[1].exclude=[{regex: 'bn|downsample\\.1'}]",
+    "trainer.save_stage_weights=false", "trainer.activation_checkpointing=false",
+    "trainer.checkpoint_every_steps=null",
+    # Stay within the first epoch's full batches: its last one is padded on 2 ranks.
+    "plan.stages[1].start_step=2", "plan.stages[2].start_step=4", "trainer.max_steps=7",
+]
+
+
+def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[n] - b[n]).norm() / max(float(a[n].norm()), 1e-12))
+               for n in a if a[n].is_floating_point() and a[n].numel())
+
+
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_two_processes_match_one_over_the_same_global_batches(
+    smoke_data: Path, tmp_path: Path, backend: str
+) -> None:
+    common = [f"data.root={smoke_data}", *COMMON, *EQUIVALENCE]
+    single = subprocess.run(
+        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), *common, "data.batch_size=16",
+         f"output_dir={tmp_path / 'one'}", "trainer.backend=ddp"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = launch(["train", str(SMOKE), *common, "data.batch_size=8",
+                     f"output_dir={tmp_path / 'two'}", *BACKENDS[backend]])
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert _relative_gap(one, two) < 1e-5
+
+
+def test_ddp_checkpoint_resumes_on_one_process(runs: dict[str, Path], smoke_data: Path,
+                                               tmp_path: Path) -> None:
+    checkpoint = runs["ddp"] / "checkpoints" / "step_00000006"
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
+         *COMMON, *BACKENDS["ddp"], "trainer.save_stage_weights=false",
+         f"output_dir={tmp_path}", "--resume", str(checkpoint)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log and "at step 6" in log
+    assert "done: 12 steps" in result.stdout
