@@ -225,9 +225,13 @@ def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
                for n in a if a[n].is_floating_point() and a[n].numel())
 
 
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+@pytest.mark.parametrize(("backend", "accumulation"), [
+    ("ddp", []), ("zero2", []),
+    ("ddp", ["data.batch_size=4", "trainer.grad_accum_steps=2"]),
+    ("zero2", ["data.batch_size=4", "trainer.grad_accum_steps=2"]),
+], ids=["ddp", "zero2", "ddp-accum2", "zero2-accum2"])
 def test_two_processes_match_one_over_the_same_global_batches(
-    smoke_data: Path, tmp_path: Path, backend: str
+    smoke_data: Path, tmp_path: Path, backend: str, accumulation: list[str]
 ) -> None:
     common = [f"data.root={smoke_data}", *COMMON, *EQUIVALENCE]
     single = subprocess.run(
@@ -239,7 +243,7 @@ def test_two_processes_match_one_over_the_same_global_batches(
     )
     assert single.returncode == 0, single.stderr[-3000:]
     double = launch(["train", str(SMOKE), *common, "data.batch_size=8",
-                     f"output_dir={tmp_path / 'two'}", *BACKENDS[backend]])
+                     f"output_dir={tmp_path / 'two'}", *BACKENDS[backend], *accumulation])
     assert double.returncode == 0, double.stderr[-3000:]
     one = load_file(tmp_path / "one" / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
@@ -261,3 +265,54 @@ def test_ddp_checkpoint_resumes_on_one_process(runs: dict[str, Path], smoke_data
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "resumed from" in log and "at step 6" in log
     assert "done: 12 steps" in result.stdout
+
+
+SGD_STEP = [
+    *EQUIVALENCE[:4],  # no augmentation
+    "plan.stages=[{name: two_groups, start_step: 0, include: [head, layer4], "
+    "exclude: [{regex: 'bn|downsample\\.1'}]}]",
+    "optim.name=sgd", "optim.momentum=0.0", "optim.weight_decay=0.0", "optim.lr=0.5",
+    "optim.groups=[{name: fc, match: [head]}, {name: l4, match: [layer4], lr_scale: 0.1}]",
+    "trainer.grad_clip_norm=null", "trainer.max_steps=1", "schedule.name=constant",
+    "schedule.warmup_steps=0",
+    "trainer.save_stage_weights=true", "trainer.activation_checkpointing=false",
+    "data.image_size=32", "data.load_size=32", "data.batch_size=8",
+]
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_sgd_step_is_lr_times_gradient_per_group(
+    smoke_data: Path, tmp_path: Path, backend: str
+) -> None:
+    """One plain-SGD step on 2 ranks: each parameter moves by its group's lr x gradient."""
+    from dist_ft.data.datasets import build_dataset
+    from dist_ft.data.sampler import epoch_order
+    from dist_ft.data.transforms import BatchAugment, BatchNormalize
+
+    result = launch(["train", str(SMOKE), f"data.root={smoke_data}", f"output_dir={tmp_path}",
+                     *SGD_STEP, *BACKENDS[backend]])
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = load_recipe(SMOKE, [f"data.root={smoke_data}", *SGD_STEP])
+    start = load_file(tmp_path / "stage_weights" / "stage0_start.safetensors")
+    end = load_file(tmp_path / "stage_weights" / "stage0_end.safetensors")
+
+    # The same global batch in this process: ranks 0 and 1 took order[0::2] and order[1::2].
+    train = build_dataset(recipe.data, "train")
+    indices = epoch_order(len(train), recipe.trainer.seed, 0)[:16]
+    images = torch.stack([train[int(i)][0] for i in indices])
+    targets = torch.stack([train[int(i)][1] for i in indices])
+    model = build_model(ModelConfig(name="resnet18", num_classes=14))
+    model.load_state_dict(start)
+    model.eval()  # every BatchNorm is frozen in this plan
+    augment = BatchAugment(32, (1.0, 1.0), (1.0, 1.0), hflip=False, rotation_deg=0)
+    x = BatchNormalize()(augment(images))
+    torch.nn.functional.binary_cross_entropy_with_logits(model(x), targets).backward()
+    lrs = {"fc": 0.5, "layer4": 0.05}
+    for name, param in model.named_parameters():
+        group = "fc" if name.startswith("fc.") else "layer4" if name.startswith("layer4.") else None
+        if group is None or ".bn" in name or "downsample.1" in name:
+            assert torch.equal(end[name], start[name]), name
+            continue
+        expected = start[name] - lrs[group] * param.grad
+        assert torch.allclose(end[name], expected, rtol=0, atol=2e-6), (
+            name, float((end[name] - expected).abs().max()))
