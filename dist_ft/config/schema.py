@@ -337,6 +337,7 @@ class LoggingConfig(Section):
 
     every_steps: PositiveInt = 10
     tensorboard: bool = True
+    per_rank: bool = False  # every rank also logs its own loss and speed to tb/rank{r}/
 
 
 class LaunchConfig(Section):

@@ -124,6 +124,7 @@ class Trainer:
         self.model: Any = None
         self.optimizer: Any = None
         self.writer: Any = None
+        self.rank_writer: Any = None
         self.grad_check_pending = False
         self.loss_sum: torch.Tensor | float = 0.0  # training loss since the last evaluation
         self.loss_count = 0
@@ -204,6 +205,11 @@ class Trainer:
             self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(
                 recipe_to_dict(recipe), sort_keys=False) + "\n```", self.progress.step)
             self.writer.add_text("plan", self._plan_text(), self.progress.step)
+        if recipe.logging.per_rank:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.rank_writer = SummaryWriter(str(self.output_dir / "tb" / f"rank{self.rank}"),
+                                             purge_step=self.progress.step or None)
         log.info("rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
                  "%d steps of %d images", self.rank, self.world, acc.device,
                  recipe.trainer.backend, engine.zero_stage(acc), len(self.train_set),
@@ -409,6 +415,10 @@ class Trainer:
                         self.progress.stage, len(missing), ", ".join(missing[:10]))
 
     def _log_step(self, loss: torch.Tensor, images_per_s: float, bar: Any) -> None:
+        if self.rank_writer is not None:  # this rank's own view, before the reduction
+            self.rank_writer.add_scalar("rank/loss", float(loss), self.progress.step)
+            self.rank_writer.add_scalar("rank/samples_per_s", images_per_s / self.world,
+                                        self.progress.step)
         mean_loss = float(self.acc.reduce(loss.float(), reduction="mean"))
         if not math.isfinite(mean_loss):
             raise TrainingError(f"non-finite loss {mean_loss} at step {self.progress.step}")
@@ -582,6 +592,8 @@ class Trainer:
                                                            indent=2, default=float))
             if self.writer is not None:
                 self.writer.close()
+        if self.rank_writer is not None:
+            self.rank_writer.close()
         self.acc.wait_for_everyone()
         return final / "model.safetensors"
 

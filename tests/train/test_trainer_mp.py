@@ -40,7 +40,7 @@ COMMON = [
     "plan.stages[1].start_step=4", "plan.stages[2].start_step=8",
     "trainer.max_steps=12", "trainer.epochs=10", "trainer.checkpoint_every_steps=6",
     "trainer.keep_last=5", "trainer.save_stage_weights=true", "logging.every_steps=2",
-    "trainer.activation_checkpointing=true",
+    "trainer.activation_checkpointing=true", "logging.per_rank=true",
     "schedule.warmup_steps=0",
 ]
 
@@ -125,6 +125,8 @@ def test_three_stages_freeze_train_and_carry_moments(runs: dict[str, Path], back
     log = (out / "logs" / "rank0.log").read_text()
     assert "final weights identical on 2 rank(s)" in log
     assert "moments carried for" in log and "received no gradient" not in log
+    for rank in (0, 1):
+        assert list((out / "tb" / f"rank{rank}").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])

@@ -70,3 +70,15 @@ def test_bf16_on_cuda(tiny_cxr14_session: Path, tmp_path: Path, backend: str) ->
                     "data.val_fraction=0.3", "trainer.precision=bf16", backend)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on cuda" in (tmp_path / "logs" / "rank0.log").read_text()
+
+
+def test_early_stopping_ends_a_run_without_gains(tiny_cxr14_session: Path, tmp_path: Path) -> None:
+    result = _train(f"data.root={tiny_cxr14_session}", f"output_dir={tmp_path}",
+                    "data.image_size=32", "data.load_size=32", "data.batch_size=8",
+                    "data.val_fraction=0.3", "trainer.epochs=6", "trainer.max_steps=null",
+                    "optim.lr=1e-12", "schedule.warmup_steps=0",
+                    "trainer.early_stopping_patience=1", "trainer.backend=ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "early stopping: no gain in 1 evaluations" in log
+    assert json.loads((tmp_path / "final" / "metrics.json").read_text())["epoch"] == 2
