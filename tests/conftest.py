@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ def recipe_factory(
         return load_recipe(write_recipe(copy.deepcopy(data)), overrides)
 
     return _make
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT")
+
+
+def plain_env() -> dict[str, str]:
+    """This environment without any launcher variables: a plain one-process run."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

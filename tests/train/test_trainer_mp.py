@@ -24,7 +24,7 @@ from dist_ft.config.schema import ModelConfig
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, plain_env
 
 pytestmark = pytest.mark.multiprocess
 
@@ -222,6 +222,19 @@ EQUIVALENCE = [
 ]
 
 
+@pytest.fixture(scope="module")
+def single_process_run(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1-process reference: batch 16, the equivalence settings."""
+    out = tmp_path_factory.mktemp("one_process")
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
+         *COMMON, *EQUIVALENCE, "data.batch_size=16", f"output_dir={out}",
+         "trainer.backend=ddp"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
 def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).norm() / max(float(a[n].norm()), 1e-12))
                for n in a if a[n].is_floating_point() and a[n].numel())
@@ -233,21 +246,14 @@ def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
     ("zero2", ["data.batch_size=4", "trainer.grad_accum_steps=2"]),
 ], ids=["ddp", "zero2", "ddp-accum2", "zero2-accum2"])
 def test_two_processes_match_one_over_the_same_global_batches(
-    smoke_data: Path, tmp_path: Path, backend: str, accumulation: list[str]
+    smoke_data: Path, single_process_run: Path, tmp_path: Path, backend: str,
+    accumulation: list[str]
 ) -> None:
     common = [f"data.root={smoke_data}", *COMMON, *EQUIVALENCE]
-    single = subprocess.run(
-        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), *common, "data.batch_size=16",
-         f"output_dir={tmp_path / 'one'}", "trainer.backend=ddp"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items()
-             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
     double = launch(["train", str(SMOKE), *common, "data.batch_size=8",
                      f"output_dir={tmp_path / 'two'}", *BACKENDS[backend], *accumulation])
     assert double.returncode == 0, double.stderr[-3000:]
-    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    one = load_file(single_process_run / "final" / "model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert _relative_gap(one, two) < 1e-5
 
@@ -259,10 +265,7 @@ def test_ddp_checkpoint_resumes_on_one_process(runs: dict[str, Path], smoke_data
         [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
          *COMMON, *BACKENDS["ddp"], "trainer.save_stage_weights=false",
          f"output_dir={tmp_path}", "--resume", str(checkpoint)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items()
-             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
-    )
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "resumed from" in log and "at step 6" in log

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, REPO, plain_env
 
 SMOKE = CONFIGS / "chestxray14_smoke.yaml"
 FAST = ["data.image_size=32", "data.load_size=32", "data.batch_size=8", "trainer.max_steps=6",
@@ -18,11 +17,8 @@ FAST = ["data.image_size=32", "data.load_size=32", "data.batch_size=8", "trainer
 
 
 def _train(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     return subprocess.run([sys.executable, "-m", "dist_ft", "train", str(SMOKE), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
 
 
 @pytest.mark.parametrize("backend", ["trainer.backend=ddp", "trainer.backend=deepspeed"])
