@@ -21,7 +21,7 @@ from dist_ft.data.cache import CacheReader
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import find_images, load_gray_resized, load_rgb_resized
 from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
-from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, resolve_splits
+from dist_ft.data.splits import SPLIT_NAMES, resolve_splits
 from dist_ft.data.transforms import default_load_size
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,3 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     builders = {"chestxray14": chestxray14_dataset, "imagefolder": imagefolder_dataset,
                 "csv": csv_dataset}
     return builders[cfg.format](cfg, split)
-
-
-def excluded_count(split: np.ndarray) -> int:
-    """Rows in no split (listed in neither official list)."""
-    return int((split == EXCLUDED).sum())
