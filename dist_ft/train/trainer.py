@@ -395,7 +395,8 @@ class Trainer:
                         self._report_gradless()
                     clip = self.recipe.trainer.grad_clip_norm
                     if clip:
-                        self.grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), clip))
+                        # Kept as a tensor: float() here would sync the GPU every step.
+                        self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         return loss.detach()
