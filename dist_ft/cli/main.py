@@ -16,11 +16,14 @@ from dist_ft.cli import bench as bench_cmd
 from dist_ft.cli import data as data_cmd
 from dist_ft.cli import eval as eval_cmd
 from dist_ft.cli import export as export_cmd
+from dist_ft.cli import jobs as jobs_cmd
 from dist_ft.cli import plan as plan_cmd
+from dist_ft.cli import submit as submit_cmd
 from dist_ft.cli import train as train_cmd
 from dist_ft.config.errors import ConfigError
 
-SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, bench_cmd)
+SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, submit_cmd, jobs_cmd,
+               bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dist-ft`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may come after options (`submit CONFIG --nodes 2 optim.lr=1e-3`);
+    # argparse stops collecting a positional list at the first option.
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -52,16 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dist-ft {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader (head, jq -e ...) went away: stop quietly, as other CLI tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, RuntimeError, OSError) as exc:
         # Data and weights errors (MetadataError, ImageError, CacheError, WeightsError) name
         # the culprit in their message; a traceback would bury it.
         if args.verbose:
             raise
         print(f"dist-ft {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
-        # The reader (head, jq -e ...) went away: stop quietly, as other CLI tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 
 from dist_ft.config import load_recipe
+from dist_ft.config.errors import ConfigError
+
+# A stop on SIGUSR2/SIGTERM after a complete checkpoint: neither success (0) nor failure (1).
+EXIT_STOPPED = 3
 
 EXAMPLES = """\
 examples:
   dist-ft train configs/chestxray14_smoke.yaml                       # one process
   accelerate launch --config_file launch/cpu_2proc.yaml -m dist_ft train \\
       configs/chestxray14_smoke.yaml trainer.zero_stage=3
+  srun --nodes 2 --ntasks-per-node 4 dist-ft train RECIPE --resume auto   # one task per process
   dist-ft train configs/chestxray14_smoke.yaml --resume auto         # continue the last run
+
+exit codes: 0 finished, 1 failed, 2 bad recipe or arguments, 3 stopped on SIGUSR2/SIGTERM
+after writing a checkpoint (after SIGUSR2 under Slurm the job has requeued itself)
 """
 
 
@@ -20,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="fine-tune a model as a recipe says", epilog=EXAMPLES,
         description="Train under DDP or DeepSpeed ZeRO with the recipe's freeze plan; writes "
-        "OUTPUT_DIR/{recipe.yaml,plan.json,tb/,checkpoints/,final/model.safetensors}.",
+        "OUTPUT_DIR/{recipe.yaml,plan.json,status.json,tb/,checkpoints/,"
+        "final/model.safetensors}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="recipe YAML file")
@@ -28,23 +37,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="'auto': the newest finished checkpoint in output_dir (fresh start if "
                    "none); or a checkpoint folder")
+    p.add_argument("--sweep", metavar="SWEEP.yaml",
+                   help="train one task of a sweep (with --sweep-index): its overrides are "
+                   "added and it writes to OUTPUT_DIR/TASK_NAME, as `dist-ft submit --sweep` "
+                   "does; for plain sbatch job arrays")
+    p.add_argument("--sweep-index", type=int, metavar="I",
+                   help="which task of --sweep (e.g. \"$SLURM_ARRAY_TASK_ID\")")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train; recipe errors exit 2 before any process group starts."""
-    recipe = load_recipe(args.config, args.overrides)
-    from dist_ft.train.trainer import Trainer
+    from dist_ft.train.preemption import Preempted
+    from dist_ft.train.trainer import run_training
 
-    trainer = Trainer(recipe, resume=args.resume)
+    overrides = list(args.overrides)
+    if (args.sweep is None) != (args.sweep_index is None):
+        raise ConfigError(["--sweep and --sweep-index go together"])
+    if args.sweep is not None:
+        from pathlib import Path
+
+        from dist_ft.launch.sweep import load_sweep
+
+        tasks = load_sweep(args.sweep).tasks
+        if not 0 <= args.sweep_index < len(tasks):
+            raise ConfigError([f"--sweep-index {args.sweep_index}: the sweep has {len(tasks)} "
+                               f"tasks (0-{len(tasks) - 1})"], args.sweep)
+        task = tasks[args.sweep_index]
+        base = load_recipe(args.config, overrides)
+        overrides += [*task.overrides, f"output_dir={Path(base.output_dir) / task.name}"]
+    recipe = load_recipe(args.config, overrides)
     try:
-        trainer.setup()
-        metrics = trainer.train()
-        final = trainer.finish()
-        if trainer.main:
-            score = metrics.get("auroc_mean", metrics.get("accuracy"))
-            print(f"done: {trainer.progress.step} steps, validation score {score:.4f}; "
-                  f"weights {final}; TensorBoard: tensorboard --logdir {trainer.output_dir / 'tb'}")
-    finally:
-        trainer.close()
+        run_training(recipe, args.resume)
+    except Preempted as stop:
+        print(f"dist-ft train: {stop}")
+        return EXIT_STOPPED
     return 0

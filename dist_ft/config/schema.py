@@ -340,19 +340,28 @@ class LoggingConfig(Section):
     per_rank: bool = False  # every rank also logs its own loss and speed to tb/rank{r}/
 
 
+# Values that end up on ``#SBATCH`` lines: Slurm's own syntax, nothing a shell would act on
+# (no whitespace, quotes, ``$``, ``;``, backticks or newlines).
+_SLURM_WORD = re.compile(r"[A-Za-z0-9_.,+-]+")
+_SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:&|*!\[\]()-]+")
+_SLURM_MEM = re.compile(r"\d+[KMGT]?")
+
+
 class LaunchConfig(Section):
-    """``launch``: SLURM resources used by ``dist-ft submit``."""
+    """``launch``: SLURM resources used by ``dist-ft submit`` (its flags override these)."""
 
     cluster: Literal["slurm", "local"] = "slurm"
     nodes: PositiveInt = 1
-    gpus_per_node: NonNegInt = 0
+    gpus_per_node: NonNegInt = 0  # also processes per node; 0 = CPU, one process per node
+    cpus_per_task: PositiveInt | None = None
     partition: str | None = None
     time: str = "01:00:00"
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     mem: str | None = None
-    max_requeues: NonNegInt = 3
+    max_requeues: NonNegInt = 3  # self-requeues after SIGUSR2 (preemption or time limit)
+    signal_delay_s: PositiveInt = 120  # SIGUSR2 this long before the time limit
 
     @field_validator("time")
     @classmethod
@@ -361,6 +370,28 @@ class LaunchConfig(Section):
             raise ValueError(
                 f"must be [DAYS-]HH:MM:SS as SLURM takes it, e.g. 04:00:00; got {value!r}"
             )
+        return value
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _slurm_word(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_WORD.fullmatch(value):
+            raise ValueError(f"must be a Slurm name (letters, digits, _ . , + -); got {value!r}")
+        return value
+
+    @field_validator("constraint")
+    @classmethod
+    def _slurm_constraint(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_CONSTRAINT.fullmatch(value):
+            raise ValueError("must be a Slurm feature expression (names with & | , [ ] * ! "
+                             f"( ) :), no spaces or shell characters; got {value!r}")
+        return value
+
+    @field_validator("mem")
+    @classmethod
+    def _slurm_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _SLURM_MEM.fullmatch(value):
+            raise ValueError(f"must be a Slurm memory size such as 64G or 512000M; got {value!r}")
         return value
 
 

@@ -1,8 +1,10 @@
 """Process-group and Accelerator set-up: one code path for 1..N processes, CPU or CUDA.
 
 On a machine without CUDA this picks gloo and DeepSpeed's CPU accelerator; with CUDA, NCCL.
-A run started as a plain process (no launcher) gets a one-process group on localhost, so the
-same distributed code runs everywhere.
+The process-group environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...) comes from the
+launcher (``accelerate launch``, torchrun), from Slurm when the process is one task of an
+``srun`` step (so ``srun dist-ft train`` needs no wrapper), or, for a plain process, a
+one-process group on localhost: the same distributed code runs everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from typing import Any
 import torch
 
 from dist_ft.config.schema import Recipe
+from dist_ft.launch.environment import slurm_process_group_env
+
+
+class LauncherConflict(RuntimeError):
+    """The launcher's settings contradict the recipe's; the message names both and the fix."""
 
 
 def has_cuda() -> bool:
@@ -23,8 +30,16 @@ def has_cuda() -> bool:
 
 
 def ensure_process_group_env() -> None:
-    """Give a launcher-less run the environment of a one-process group."""
+    """Fill in the process-group environment when no launcher did.
+
+    Order: a launcher's own variables win; then Slurm's, for a task of an ``srun`` step;
+    else a one-process group on a free localhost port.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    slurm = slurm_process_group_env(os.environ)
+    if slurm is not None:
+        os.environ.update(slurm)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,12 +50,52 @@ def ensure_process_group_env() -> None:
     })
 
 
+def check_launcher_agrees(recipe: Recipe, env: dict[str, str] | os._Environ[str]) -> None:
+    """Refuse a launcher config whose DeepSpeed settings contradict the recipe.
+
+    ``accelerate launch --config_file launch/zero3.yaml`` exports its ZeRO stage; the recipe's
+    ``trainer.backend``/``trainer.zero_stage`` decide the backend, so a disagreement would
+    silently train under something neither file says. Offload devices are taken from the
+    launcher (they change where state lives, not the arithmetic).
+
+    Raises:
+        LauncherConflict: naming both values and the override that reconciles them.
+    """
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    cfg = recipe.trainer
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if ds_file not in ("", "none"):
+        raise LauncherConflict(
+            f"the launcher passes a DeepSpeed JSON ({ds_file}); dist-ft builds the DeepSpeed "
+            "config from the recipe (trainer.zero_stage, trainer.grad_accum_steps, "
+            "trainer.grad_clip_norm): use a launch/zero*.yaml config without "
+            "deepspeed_config_file")
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if cfg.backend != "deepspeed":
+        raise LauncherConflict(
+            f"the launcher config asks for DeepSpeed ZeRO-{stage} but the recipe says "
+            "trainer.backend=ddp: add the override trainer.backend=deepspeed "
+            f"trainer.zero_stage={stage}, or launch with launch/cpu_2proc.yaml or "
+            "launch/ddp_gpus.yaml")
+    if stage is not None and stage.isdigit() and int(stage) != cfg.zero_stage:
+        raise LauncherConflict(
+            f"the launcher config asks for ZeRO-{stage} but the recipe says "
+            f"trainer.zero_stage={cfg.zero_stage}: add the override trainer.zero_stage={stage} "
+            "(or use the launch config of the recipe's stage)")
+
+
 def build_accelerator(recipe: Recipe) -> Any:
     """The Accelerator for a recipe: DDP or DeepSpeed ZeRO-N, gloo on CPU, NCCL on CUDA.
 
     The recipe decides the backend (``trainer.backend``, ``trainer.zero_stage``); the launcher
-    (``accelerate launch``, torchrun, srun) decides the processes and machines.
+    (``accelerate launch``, torchrun, srun) decides the processes and machines, and may add
+    DeepSpeed offload devices.
+
+    Raises:
+        LauncherConflict: the launcher's DeepSpeed settings contradict the recipe.
     """
+    check_launcher_agrees(recipe, os.environ)
     cuda = has_cuda()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

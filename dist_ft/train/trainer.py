@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.datasets import build_dataset
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
+from dist_ft.launch.environment import requeue_command
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
 from dist_ft.plan import ResolvedPlan, resolve_plan
@@ -43,6 +46,7 @@ from dist_ft.train.checkpoint import (
 from dist_ft.train.consistency import check_plan_consistency, check_replicas, gather_objects
 from dist_ft.train.losses import build_loss
 from dist_ft.train.metrics import classification_metrics
+from dist_ft.train.preemption import Preempted, StopSignals
 from dist_ft.train.runtime import build_accelerator
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import (
@@ -129,6 +133,7 @@ class Trainer:
         self.loss_sum: torch.Tensor | float = 0.0  # training loss since the last evaluation
         self.loss_count = 0
         self.gaps: list[float] = []
+        self.stops = StopSignals()
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -137,6 +142,7 @@ class Trainer:
         self.acc = acc = build_accelerator(recipe)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
+        self.stops.install()  # record SIGUSR2/SIGTERM from here on; acted on between steps
         dist = torch.distributed
         if dist.is_initialized() and dist.get_world_size() > 1 and not (
                 engine.is_deepspeed(acc) or acc.distributed_type.name.startswith("MULTI_")):
@@ -200,8 +206,7 @@ class Trainer:
             self._write_run_files()
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.output_dir / "tb"),
-                                        purge_step=self.progress.step or None)
+            self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self._purge_step())
             self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(
                 recipe_to_dict(recipe), sort_keys=False) + "\n```", self.progress.step)
             self.writer.add_text("plan", self._plan_text(), self.progress.step)
@@ -209,12 +214,18 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.rank_writer = SummaryWriter(str(self.output_dir / "tb" / f"rank{self.rank}"),
-                                             purge_step=self.progress.step or None)
+                                             purge_step=self._purge_step())
+        self.write_status("running")
         log.info("rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
                  "%d steps of %d images", self.rank, self.world, acc.device,
                  recipe.trainer.backend, engine.zero_stage(acc), len(self.train_set),
                  len(self.val_set), self.total_steps,
                  data.batch_size * self.world * recipe.trainer.grad_accum_steps)
+
+    def _purge_step(self) -> int | None:
+        # A checkpoint at step N was written after everything logged at step N, so a resumed
+        # run hides only what an interrupted segment logged after it (steps > N).
+        return self.progress.step + 1 if self.progress.step else None
 
     def _plan_text(self) -> str:
         lines = [f"digest {self.plan.digest}"]
@@ -349,6 +360,10 @@ class Trainer:
                 if p.step < self.total_steps and self._stage_due() != p.stage:
                     self._enter_stage(self._stage_due(), carry=True)
                     self._train_mode()
+                if p.step < self.total_steps:
+                    signals = self.stops.agreed()
+                    if signals:
+                        self._stop_on_signal(signals)
             else:  # the epoch ran to its end
                 p.epoch += 1
                 p.micro_in_epoch = 0
@@ -363,6 +378,40 @@ class Trainer:
         if not p.last_metrics or p.micro_in_epoch:
             self._end_of_epoch_eval()
         return p.last_metrics
+
+    def _stop_on_signal(self, signals: list[str]) -> None:
+        """Checkpoint on every rank, requeue after SIGUSR2 (rank 0), and raise Preempted."""
+        p = self.progress
+        log.warning("rank %d: %s received; checkpointing at step %d", self.rank,
+                    "+".join(signals), p.step)
+        latest = latest_checkpoint(self.output_dir)
+        path = latest if latest is not None and latest.name == f"step_{p.step:08d}" \
+            else self.save()
+        requeued, note = False, "not requeued (SIGTERM: Slurm or the user is ending the job)"
+        if "SIGUSR2" in signals:
+            argv, note = requeue_command(os.environ, self.recipe.launch.max_requeues)
+            if argv is not None and self.main:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+                requeued = done.returncode == 0
+                note = note if requeued else f"{' '.join(argv)} failed: {done.stderr.strip()}"
+            requeued = bool(gather_objects(requeued)[0])
+        self.write_status("stopped", signals=signals, checkpoint=str(path), note=note)
+        if self.writer is not None:
+            self.writer.flush()
+        raise Preempted(p.step, path, signals, requeued, note)
+
+    def write_status(self, state: str, **extra: Any) -> None:
+        """``OUTPUT_DIR/status.json`` (main process): state, step, total, time; atomic."""
+        if not self.main:
+            return
+        p = self.progress
+        status = {"state": state, "step": p.step,
+                  "total_steps": getattr(self, "total_steps", None),
+                  "epoch": p.epoch, "stage": p.stage, "time": time.time(),
+                  "job_id": os.environ.get("SLURM_JOB_ID"), **extra}
+        tmp = self.output_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(status, indent=2, default=str))
+        tmp.replace(self.output_dir / "status.json")
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -425,6 +474,7 @@ class Trainer:
             raise TrainingError(f"non-finite loss {mean_loss} at step {self.progress.step}")
         if not self.main:
             return
+        self.write_status("running")
         step = self.progress.step
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.writer.add_scalar("train/loss", mean_loss, step)
@@ -591,6 +641,7 @@ class Trainer:
             tmp.replace(final / "model.safetensors")
             (final / "metrics.json").write_text(json.dumps(self.progress.last_metrics,
                                                            indent=2, default=float))
+            self.write_status("finished", score=self.progress.last_metrics.get("score"))
             if self.writer is not None:
                 self.writer.close()
         if self.rank_writer is not None:
@@ -600,5 +651,37 @@ class Trainer:
 
     def close(self) -> None:
         """Release the process group (avoids exit-time aborts seen with gloo + DeepSpeed)."""
+        self.stops.restore()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
+    """Set up, train and finish one run on this process; what ``dist-ft train`` runs.
+
+    Returns:
+        The final validation metrics plus ``weights`` (the final file's path) and ``step``.
+
+    Raises:
+        Preempted: a SIGUSR2/SIGTERM stopped the run after a complete checkpoint.
+        TrainingError: the run cannot start or continue.
+    """
+    trainer = Trainer(recipe, resume=resume)
+    try:
+        trainer.setup()
+        metrics = trainer.train()
+        final = trainer.finish()
+        if trainer.main:
+            score = metrics.get("auroc_mean", metrics.get("accuracy"))
+            print(f"done: {trainer.progress.step} steps, validation score {score:.4f}; "
+                  f"weights {final}; TensorBoard: tensorboard --logdir {trainer.output_dir / 'tb'}",
+                  flush=True)
+    except Preempted:
+        raise
+    except Exception as exc:
+        if getattr(trainer, "main", False):
+            trainer.write_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        trainer.close()
+    return {**metrics, "weights": str(final), "step": trainer.progress.step}

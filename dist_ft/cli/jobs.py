@@ -1,0 +1,42 @@
+"""``dist-ft jobs``: the tasks of a submission with their states, progress and results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLES = """\
+examples:
+  dist-ft jobs runs/sweep_smoke            # a sweep's folder (or one run's output_dir)
+  dist-ft jobs runs/sweep_smoke --json | jq '.tasks[] | {name, run_state}'
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``jobs``."""
+    p = sub.add_parser(
+        "jobs", help="list a submission's tasks: state, last step, final metrics",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reads ROOT/submission.json, each run's status.json and "
+        "final/metrics.json, and Slurm's job states.")
+    p.add_argument("root", help="the folder `dist-ft submit` wrote submission.json to")
+    p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table (or JSON)."""
+    from dist_ft.launch.jobs import read_manifest, render_table, task_rows
+
+    manifest = read_manifest(args.root)
+    rows = task_rows(manifest)
+    if args.json:
+        json.dump({"root": args.root, "kind": manifest["kind"], "job_id": manifest["job_id"],
+                   "cluster": manifest["cluster"], "tasks": rows}, sys.stdout, indent=2)
+        print()
+        return 0
+    from rich.console import Console
+
+    Console(width=160).print(render_table(manifest, rows))
+    return 0

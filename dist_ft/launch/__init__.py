@@ -1,0 +1,1 @@
+"""Launchers: Slurm environment, sweeps, submission through submitit, job status."""

@@ -1,0 +1,141 @@
+"""Sweeps: a grid and/or a list of override sets, expanded into named tasks.
+
+```yaml
+# sweep.yaml
+grid:                      # every combination (cartesian product, keys in file order)
+  optim.lr: [1.0e-3, 3.0e-4]
+  trainer.seed: [0, 1, 2]
+runs:                      # optional: override sets, each crossed with the grid
+  - {name: head_only, plan.stages[1].start_step: 1000000}
+  - {name: staged}
+parallelism: 4             # at most this many array tasks at once (--parallelism wins)
+```
+
+Each task gets a run directory ``SWEEP_DIR/NAME`` where NAME comes from its index and
+overrides (``03-staged,lr=0.0003,seed=1``), reduced to characters safe in a path and on an
+``#SBATCH`` line. Overrides never pass through a shell: the submitted job carries them as data.
+Pure: no torch, no submitit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_ft.config.errors import ConfigError
+from dist_ft.config.load import parse_yaml
+
+SWEEP_KEYS = ("grid", "runs", "parallelism")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+NAME_LIMIT = 96
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """One task of a sweep: its index, run-directory name and ``key=value`` overrides."""
+
+    index: int
+    name: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """An expanded sweep."""
+
+    tasks: tuple[SweepTask, ...]
+    parallelism: int | None
+    source: str
+
+
+def format_value(value: Any) -> str:
+    """A value as override text that :func:`parse_yaml` reads back to the same value."""
+    def dump(style: str | None) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, default_style=style, width=10**9)
+        return text.strip().removesuffix("...").strip()
+
+    if isinstance(value, str) and parse_yaml(value) == value:
+        return value
+    text = dump(None)
+    return text if parse_yaml(text) == value else dump("'")
+
+
+def safe_name(text: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9._=,+-]`` (other runs become ``_``), at most 96 chars.
+
+    >>> safe_name("a b'; $(x)")
+    'a_b_x_'
+    """
+    return _UNSAFE.sub("_", text).strip("._")[:NAME_LIMIT] or "run"
+
+
+def _label(key: str, value: Any, position: int) -> str:
+    short = key.rsplit(".", 1)[-1]
+    shown = value if isinstance(value, int | float | str | bool) else f"v{position}"
+    return f"{short}={shown}"
+
+
+def expand_sweep(data: Any, source: str = "<sweep>") -> Sweep:
+    """Expand a parsed sweep mapping into tasks.
+
+    Raises:
+        ConfigError: unknown keys, an empty or non-list grid axis, malformed runs; every
+            problem listed, each naming its key.
+    """
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"a sweep is a mapping with keys {', '.join(SWEEP_KEYS)}"], source)
+    for key in data:
+        if key not in SWEEP_KEYS:
+            problems.append(f"{key}: unknown key; allowed: {', '.join(SWEEP_KEYS)}")
+    grid = data.get("grid") or {}
+    runs = data.get("runs") or [{}]
+    parallelism = data.get("parallelism")
+    if not isinstance(grid, dict):
+        problems.append("grid: must map override keys to lists of values")
+        grid = {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            problems.append(f"grid.{key}: must be a non-empty list of values")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        problems.append("runs: must be a list of mappings (override key: value, optional name)")
+        runs = [{}]
+    if parallelism is not None and (not isinstance(parallelism, int) or parallelism < 1):
+        problems.append(f"parallelism: must be a positive integer (got {parallelism!r})")
+    if not grid and runs == [{}]:
+        problems.append("nothing to sweep: give a grid, runs, or both")
+    if problems:
+        raise ConfigError(problems, source)
+
+    axes = [[(key, value, i) for i, value in enumerate(values)] for key, values in grid.items()]
+    tasks = []
+    for run, combo in itertools.product(runs, itertools.product(*axes)):
+        index = len(tasks)
+        fixed = {k: v for k, v in run.items() if k != "name"}
+        labels = [safe_name(str(run["name"]))] if "name" in run else []
+        labels += [_label(k, v, i) for i, (k, v) in enumerate(fixed.items()) if "name" not in run]
+        labels += [_label(k, v, i) for k, v, i in combo]
+        overrides = [f"{k}={format_value(v)}" for k, v in fixed.items()]
+        overrides += [f"{k}={format_value(v)}" for k, v, _ in combo]
+        name = safe_name(f"{index:02d}-" + ",".join(labels))
+        tasks.append(SweepTask(index, name, tuple(overrides)))
+    return Sweep(tuple(tasks), parallelism, source)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and expand a sweep file.
+
+    Raises:
+        ConfigError: unreadable, not YAML, or malformed (see :func:`expand_sweep`).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read sweep: {exc.strerror or exc}"], source) from None
+    return expand_sweep(parse_yaml(text, source), source)

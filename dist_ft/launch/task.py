@@ -1,0 +1,46 @@
+"""What every submitted task runs: one rank of one training run, resumable.
+
+The submitted object carries the fully resolved recipe as plain data, so a requeued job
+trains exactly what was submitted even if the YAML file has changed since. Under Slurm each
+task finds its rank in Slurm's variables (``dist_ft.launch.environment``); under submitit's
+local executor, in submitit's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """A picklable callable: train ``recipe`` on this task's rank, resuming if it can.
+
+    Attributes:
+        recipe: the resolved recipe (``recipe_to_dict`` output).
+        name: the run's name (its directory name under a sweep).
+    """
+
+    recipe: dict[str, Any]
+    name: str
+
+    def __call__(self) -> dict[str, Any]:
+        """Train; returns the final metrics. A stop on a signal exits with code 3 and no
+        result, so submitit keeps waiting for the requeued job."""
+        from dist_ft.cli.train import EXIT_STOPPED
+        from dist_ft.config.load import validate_recipe
+        from dist_ft.train.preemption import Preempted
+        from dist_ft.train.trainer import run_training
+
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        recipe = validate_recipe(self.recipe, source=f"submitted run {self.name}")
+        try:
+            return run_training(recipe, resume="auto")
+        except Preempted:
+            # SystemExit passes through submitit's ``except Exception``: no result file is
+            # written, and the requeued job (same id) writes it when it finishes.
+            raise SystemExit(EXIT_STOPPED) from None

@@ -1,0 +1,80 @@
+"""Stop requests: SIGUSR2 (submitit's and Slurm's warning before preemption or the time limit)
+and SIGTERM (Slurm's kill, ``scontrol requeue``, ``scancel``) end a run cleanly.
+
+The handler only records the signal: no I/O, no collectives inside it. At every optimizer-step
+boundary the loop calls :meth:`StopSignals.agreed`, one tiny all-reduce over a CPU (gloo)
+group, so every rank learns at the same step that some rank was signalled; then every rank
+takes part in one checkpoint and the run stops (and, after SIGUSR2, requeues itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dist_ft.train")
+
+WATCHED = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after writing a complete checkpoint.
+
+    Attributes:
+        step: the optimizer step the checkpoint holds.
+        checkpoint: its folder.
+        signals: names of the signals received (any rank).
+        requeued: whether this job asked Slurm to run it again.
+        note: what happened about requeueing, in words.
+    """
+
+    def __init__(self, step: int, checkpoint: Any, signals: list[str], requeued: bool,
+                 note: str) -> None:
+        self.step, self.checkpoint, self.signals = step, checkpoint, signals
+        self.requeued, self.note = requeued, note
+        super().__init__(f"stopped on {'+'.join(signals)} at step {step}; checkpoint "
+                         f"{checkpoint}; {note}")
+
+
+class StopSignals:
+    """Records SIGUSR2/SIGTERM on this rank; :meth:`agreed` tells which any rank received."""
+
+    def __init__(self) -> None:
+        self.received: set[int] = set()
+        self._previous: dict[int, Any] = {}
+        self._group: Any = None
+
+    def install(self) -> None:
+        """Install the handlers (main thread only; elsewhere signals stay as they were)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in WATCHED:
+            self._previous[sig] = signal.signal(sig, self._record)
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # NCCL reductions would sync the GPU stream every step; a gloo side group on CPU
+            # tensors does not. Under gloo the default group already is one.
+            self._group = (None if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo"))
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received.add(signum)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self) -> list[str]:
+        """Names of the watched signals that any rank has received (a collective call)."""
+        flags = torch.tensor([int(s in self.received) for s in WATCHED], dtype=torch.int32)
+        dist = torch.distributed
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        return [s.name for s, f in zip(WATCHED, flags.tolist(), strict=True) if f]

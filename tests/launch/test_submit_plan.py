@@ -1,0 +1,138 @@
+"""``dist-ft submit`` before anything is submitted: dry-run layout, validation, quoting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dist_ft.launch.submit import plain_sbatch, plan_submission, time_minutes
+from tests.conftest import CONFIGS
+
+SMOKE = CONFIGS / "chestxray14_smoke.yaml"
+
+
+def dry_run_json(run_cli, *args: str) -> dict:
+    result = run_cli("submit", str(SMOKE), *args, "--dry-run", "--json")
+    assert result.code == 0, result.err
+    return json.loads(result.out)
+
+
+def test_dry_run_4_nodes_x_8_gpus_zero3(run_cli, tmp_path: Path) -> None:
+    doc = dry_run_json(run_cli, "--nodes", "4", "--gpus-per-node", "8", "trainer.zero_stage=3",
+                       "--partition", "gpu", "--time", "1-00:00:00", f"output_dir={tmp_path}")
+    assert (doc["world_size"], doc["processes_per_node"], doc["nodes"]) == (32, 8, 4)
+    assert (doc["backend"], doc["zero_stage"]) == ("deepspeed", 3)
+    layout = doc["node_layout"]
+    assert [n["node_ranks"] for n in layout] == [[0], [1], [2], [3]]
+    assert [n["ranks"] for n in layout] == [list(range(8 * k, 8 * k + 8)) for k in range(4)]
+    assert all(n["local_ranks"] == list(range(8)) for n in layout)
+    assert {a for n in layout for a in n["master_addrs"]} == {"node1"}  # one head
+    assert len({p for n in layout for p in n["master_ports"]}) == 1  # one port
+    assert {w for n in layout for w in n["world_sizes"]} == {32}
+    sbatch = doc["sbatch"]
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1440", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append"):
+        assert line in sbatch.splitlines()
+    # Ranks are read inside each task, never expanded once in the batch script.
+    assert "SLURM_PROCID" not in sbatch and "SLURM_NODEID" not in sbatch
+    assert not (tmp_path / "submitit").exists()  # a dry run submits nothing
+    plain = doc["plain_sbatch"]
+    assert "srun " in plain and "trainer.zero_stage=3" in plain
+    assert "SLURM_PROCID" not in plain.rsplit("\nsrun ", 1)[1]
+
+
+def test_cpu_nodes_run_one_process_each(run_cli, tmp_path: Path) -> None:
+    doc = dry_run_json(run_cli, "--nodes", "2", "--gpus-per-node", "0", f"output_dir={tmp_path}")
+    assert (doc["world_size"], doc["processes_per_node"]) == (2, 1)
+    assert "--gpus-per-node" not in doc["sbatch"]
+    local = dry_run_json(run_cli, "--nodes", "2", "--cluster", "local", f"output_dir={tmp_path}")
+    assert local["executor_parameters"]["tasks_per_node"] == 2
+    assert "sbatch" not in local
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--nodes", "0"], "--nodes (launch.nodes)"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node (launch.gpus_per_node)"),
+    (["--partition", "gpu;reboot"], "--partition (launch.partition)"),
+    (["--account", "a b"], "--account (launch.account)"),
+    (["--qos", "$(id)"], "--qos (launch.qos)"),
+    (["--constraint", "a100 `id`"], "--constraint (launch.constraint)"),
+    (["--time", "25h"], "--time (launch.time)"),
+    (["--mem", "4 G"], "--mem (launch.mem)"),
+    (["--max-requeues", "-2"], "--max-requeues (launch.max_requeues)"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["output_dir=runs/a b"], "output_dir"),
+    (["output_dir=runs/$(touch x)"], "output_dir"),
+    (["output_dir=runs/a\nrm -rf ~"], "output_dir"),
+])
+def test_bad_arguments_fail_before_submission_naming_the_argument(
+        run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str],
+        named: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("submit", str(SMOKE), *args)
+    assert result.code == 2, result.err
+    assert named in result.err
+    assert result.out == ""
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing submitted
+
+
+def test_a_bad_sweep_task_is_named_before_anything_is_submitted(
+        run_cli, tmp_path: Path, write_recipe) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  optim.lr: [1.0e-3, -1.0]\n")
+    result = run_cli("submit", str(SMOKE), "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
+    assert result.code == 2
+    assert "sweep task 1 (01-lr=-1.0): optim.lr: must be greater than 0" in result.err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_sweep_dry_run_is_one_array_with_a_parallelism_limit(run_cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  trainer.seed: [0, 1, 2]\nparallelism: 2\n")
+    doc = dry_run_json(run_cli, "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
+    assert "#SBATCH --array=0-2%2" in doc["sbatch"].splitlines()
+    assert [t["output_dir"] for t in doc["tasks"]] == [
+        f"{tmp_path}/sw/0{i}-seed={i}" for i in range(3)]
+    assert '--sweep-index "$SLURM_ARRAY_TASK_ID"' in doc["plain_sbatch"]
+
+
+HOSTILE = ["data.root={tmp}/a b'; touch {tmp}/PWNED1; $(touch {tmp}/PWNED2) `touch {tmp}/PWNED3`",
+           "model.pretrained='\"$(touch {tmp}/PWNED4)\"; touch {tmp}/PWNED5 #'",
+           "optim.lr=0.001;touch {tmp}/PWNED6"]
+
+
+def test_hostile_overrides_are_inert_in_the_generated_scripts(tmp_path: Path) -> None:
+    overrides = [h.format(tmp=tmp_path) for h in HOSTILE[:2]]
+    sub = plan_submission(SMOKE, [*overrides, f"output_dir={tmp_path}/run"],
+                          {"nodes": 2, "gpus_per_node": 0})
+    script = plain_sbatch(sub)
+    # Run the script's commands with srun replaced by a recorder of its argv.
+    record = tmp_path / "argv"
+    shim = f"srun() {{ printf '%s\\0' \"$@\" > {record}; }}\n"
+    subprocess.run(["bash", "-c", shim + script.split("\n", 1)[1]], check=True, cwd=tmp_path)
+    argv = record.read_text().split("\0")[:-1]
+    assert argv[4:7] == [str(SMOKE.resolve()), *overrides]
+    assert argv[-2:] == ["--resume", "auto"]
+    assert not list(tmp_path.glob("PWNED*"))
+    # The submitted script carries no override at all: submitit pickles the recipe.
+    from dist_ft.launch.submit import submitit_sbatch
+
+    submitted = submitit_sbatch(sub)
+    assert "PWNED" not in submitted and "touch" not in submitted
+
+
+def test_a_hostile_override_that_is_not_a_valid_value_is_rejected(run_cli, tmp_path) -> None:
+    result = run_cli("submit", str(SMOKE), HOSTILE[2].format(tmp=tmp_path), "--dry-run")
+    assert result.code == 2
+    assert "optim.lr" in result.err
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_time_limits_convert_to_whole_minutes() -> None:
+    assert time_minutes("00:30:00") == 30
+    assert time_minutes("01:00:01") == 61
+    assert time_minutes("2-03:04:00") == 2 * 1440 + 184

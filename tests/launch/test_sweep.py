@@ -1,0 +1,65 @@
+"""Sweep expansion: grid x runs, names safe for paths and #SBATCH lines, exact values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_ft.config.errors import ConfigError
+from dist_ft.config.load import apply_overrides, parse_yaml
+from dist_ft.launch.sweep import expand_sweep, format_value, load_sweep, safe_name
+
+
+def test_grid_times_runs_in_order_with_named_run_directories() -> None:
+    sweep = expand_sweep({
+        "grid": {"optim.lr": [1e-3, 3e-4], "trainer.seed": [0, 1]},
+        "runs": [{"name": "head_only", "plan.stages[1].start_step": 10**6}, {"name": "staged"}],
+        "parallelism": 2,
+    })
+    assert sweep.parallelism == 2
+    assert len(sweep.tasks) == 8
+    assert [t.index for t in sweep.tasks] == list(range(8))
+    assert sweep.tasks[0].name == "00-head_only,lr=0.001,seed=0"
+    assert sweep.tasks[0].overrides == ("plan.stages[1].start_step=1000000", "optim.lr=0.001",
+                                        "trainer.seed=0")
+    assert sweep.tasks[7].name == "07-staged,lr=0.0003,seed=1"
+    assert len({t.name for t in sweep.tasks}) == 8
+
+
+@pytest.mark.parametrize("value", [
+    1e-3, 3, True, None, "1e-3", "yes", "12:00:00", "a: b", "x y", "", "$(touch x); `id`",
+    [1, 2], {"a": [1, "x"]}, [{"name": "head", "include": ["head"]}],
+])
+def test_values_survive_the_trip_through_override_text(value: object) -> None:
+    data: dict = {}
+    assert apply_overrides(data, [f"k={format_value(value)}"]) == []
+    assert data["k"] == value
+    assert parse_yaml(format_value(value)) == value
+
+
+def test_structured_values_get_positional_names() -> None:
+    sweep = expand_sweep({"grid": {"plan.stages": [[{"name": "a", "include": ["head"]}],
+                                                   [{"name": "b", "include": ["all"]}]]}})
+    assert [t.name for t in sweep.tasks] == ["00-stages=v0", "01-stages=v1"]
+
+
+@pytest.mark.parametrize("hostile", ["a b", "x'; touch /tmp/p; '", "$(id)", "`id`", "a\nb",
+                                     "../../etc", "a;b|c&d"])
+def test_names_keep_only_path_safe_characters(hostile: str) -> None:
+    name = safe_name(hostile)
+    assert all(c.isalnum() or c in "._=,+-" for c in name)
+    assert "/" not in name and ".." not in name.strip("_")[:2]
+
+
+def test_bad_sweeps_list_every_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        expand_sweep({"grid": {"optim.lr": [], "trainer.seed": 3}, "runz": [], "parallelism": 0})
+    text = str(err.value)
+    for expected in ("runz: unknown key", "grid.optim.lr: must be a non-empty list",
+                     "grid.trainer.seed: must be a non-empty list", "parallelism: must be"):
+        assert expected in text
+    with pytest.raises(ConfigError, match="nothing to sweep"):
+        expand_sweep({})
+    with pytest.raises(ConfigError, match="cannot read sweep"):
+        load_sweep(tmp_path / "missing.yaml")
