@@ -94,6 +94,15 @@ def _check_path(label: str, path: Path) -> None:
             f"({' '.join(repr(c) for c in bad)}); use letters, digits and _ . , : @ + = / ~ -"])
 
 
+def _check_plan(recipe: Recipe) -> None:
+    """Resolve the freeze plan against the model's structure (no weights, no torch import
+    for shipped models): a rule matching nothing fails here, not on the cluster."""
+    from dist_ft.models.spec_cache import fast_model_spec
+    from dist_ft.plan import resolve_plan
+
+    resolve_plan(recipe, fast_model_spec(recipe.model))
+
+
 def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
                     launch_flags: dict[str, Any] | None = None, sweep: str | Path | None = None,
                     parallelism: int | None = None) -> Submission:
@@ -126,6 +135,7 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
     tasks: list[PlannedTask] = []
     problems: list[str] = []
     if swept is None:
+        _check_plan(base)
         recipe = base.model_copy(update={"output_dir": str(root)})
         tasks.append(PlannedTask(0, safe_name(root.name), (), str(root), recipe_to_dict(recipe)))
     else:
@@ -137,6 +147,10 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
             except ConfigError as exc:
                 problems += [f"sweep task {item.index} ({item.name}): {p}" for p in exc.problems]
                 continue
+            try:
+                _check_plan(recipe)
+            except ConfigError as exc:
+                problems += [f"sweep task {item.index} ({item.name}): {p}" for p in exc.problems]
             if recipe.launch != launch:
                 problems.append(f"sweep task {item.index} ({item.name}): launch.* differs from "
                                 "the other tasks; one job array has one set of resources")

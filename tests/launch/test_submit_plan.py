@@ -136,3 +136,12 @@ def test_time_limits_convert_to_whole_minutes() -> None:
     assert time_minutes("00:30:00") == 30
     assert time_minutes("01:00:01") == 61
     assert time_minutes("2-03:04:00") == 2 * 1440 + 184
+
+
+def test_a_freeze_plan_that_matches_nothing_fails_at_submission(run_cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("runs:\n  - plan.stages[1].include: ['layer9*']\n  - trainer.seed: 1\n")
+    result = run_cli("submit", str(SMOKE), "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
+    assert result.code == 2
+    assert "sweep task 0" in result.err and "'layer9*' matched no parameter" in result.err
+    assert "sweep task 1" not in result.err
