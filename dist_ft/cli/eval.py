@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.weights.parent
     metrics = evaluate_weights(recipe, args.weights, args.split, out)
     if args.json:
-        json.dump(metrics, sys.stdout, indent=2, default=float)
+        from dist_ft.jsonio import dumps
+
+        print(dumps(metrics))
         sys.stdout.write("\n")
     else:
         print((out / f"eval_{args.split}.md").read_text(), end="")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 EXAMPLES = """\
 examples:
@@ -27,14 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the table (or JSON)."""
+    from dist_ft.jsonio import dumps
     from dist_ft.launch.jobs import read_manifest, render_table, task_rows
 
     manifest = read_manifest(args.root)
     rows = task_rows(manifest)
     if args.json:
-        json.dump({"root": args.root, "kind": manifest["kind"], "job_id": manifest["job_id"],
-                   "cluster": manifest["cluster"], "tasks": rows}, sys.stdout, indent=2)
-        print()
+        print(dumps({"root": args.root, "kind": manifest["kind"], "job_id": manifest["job_id"],
+                     "cluster": manifest["cluster"], "tasks": rows}))
         return 0
     from rich.console import Console
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -88,6 +87,7 @@ def _print_dry_run(doc: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan (validate), then dry-run, or submit and optionally wait."""
+    from dist_ft.jsonio import dumps
     from dist_ft.launch.submit import dry_run, plan_submission, submit, wait_for
 
     flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         doc = dry_run(sub)
         if args.json:
-            json.dump(doc, sys.stdout, indent=2)
-            print()
+            print(dumps(doc))
         else:
             _print_dry_run(doc)
         return 0
@@ -119,6 +118,5 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {task['name']}: FAILED: {outcome['error']} (log: "
                       f"{manifest['folder']}/{task['job_id']}_0_log.err)", file=log)
     if args.json:
-        json.dump(manifest, sys.stdout, indent=2, default=str)
-        print()
+        print(dumps(manifest))
     return code

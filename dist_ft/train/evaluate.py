@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -106,7 +105,9 @@ def evaluate_weights(recipe: Recipe, weights: str | Path, split: str,
     scores, targets, dataset = predict(recipe, weights, split)
     metrics = classification_metrics(scores, targets, dataset.multilabel, dataset.classes)
     metrics.update(split=split, images=len(scores), weights=str(weights))
-    (out / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2, default=float))
+    from dist_ft.jsonio import dumps
+
+    (out / f"eval_{split}.json").write_text(dumps(metrics))
     (out / f"eval_{split}.md").write_text(markdown_table(metrics, split, len(scores)))
     if dataset.multilabel:
         plot_roc(scores, targets, dataset.classes, out / f"roc_{split}.png")

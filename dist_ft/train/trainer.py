@@ -32,6 +32,7 @@ from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.datasets import build_dataset
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
+from dist_ft.jsonio import dumps
 from dist_ft.launch.environment import requeue_command
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
@@ -410,7 +411,7 @@ class Trainer:
                   "epoch": p.epoch, "stage": p.stage, "time": time.time(),
                   "job_id": os.environ.get("SLURM_JOB_ID"), **extra}
         tmp = self.output_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(status, indent=2, default=str))
+        tmp.write_text(dumps(status))
         tmp.replace(self.output_dir / "status.json")
 
     def _train_mode(self) -> None:
@@ -639,8 +640,7 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                       metadata={"model": self.recipe.model.name, "digest": self.plan.digest})
             tmp.replace(final / "model.safetensors")
-            (final / "metrics.json").write_text(json.dumps(self.progress.last_metrics,
-                                                           indent=2, default=float))
+            (final / "metrics.json").write_text(dumps(self.progress.last_metrics))
             self.write_status("finished", score=self.progress.last_metrics.get("score"))
             if self.writer is not None:
                 self.writer.close()
