@@ -17,6 +17,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -307,6 +308,10 @@ def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
     """Submit through submitit; write and return the manifest, with the job objects."""
     from dist_ft.launch.task import TrainTask
 
+    if sub.launch.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch is not on PATH: this machine cannot submit to Slurm. Use "
+                           "--cluster local to run here, --dry-run to see the job, or start "
+                           "slurm/dev-cluster/start.sh DIR and `source DIR/env.sh`")
     sub.root.mkdir(parents=True, exist_ok=True, mode=0o755)
     executor = build_executor(sub)
     callables = [TrainTask(t.recipe, t.name) for t in sub.tasks]

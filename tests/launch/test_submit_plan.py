@@ -145,3 +145,12 @@ def test_a_freeze_plan_that_matches_nothing_fails_at_submission(run_cli, tmp_pat
     assert result.code == 2
     assert "sweep task 0" in result.err and "'layer9*' matched no parameter" in result.err
     assert "sweep task 1" not in result.err
+
+
+def test_without_sbatch_the_error_says_what_to_do(run_cli, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    result = run_cli("submit", str(SMOKE), f"output_dir={tmp_path}/run")
+    assert result.code == 1
+    assert "sbatch is not on PATH" in result.err and "--cluster local" in result.err
+    assert not (tmp_path / "run").exists()
