@@ -411,8 +411,11 @@ class Trainer:
                   "epoch": p.epoch, "stage": p.stage, "time": time.time(),
                   "job_id": os.environ.get("SLURM_JOB_ID"), **extra}
         tmp = self.output_dir / "status.json.tmp"
-        tmp.write_text(dumps(status))
-        tmp.replace(self.output_dir / "status.json")
+        try:
+            tmp.write_text(dumps(status))
+            tmp.replace(self.output_dir / "status.json")
+        except OSError as exc:  # status is advisory: never mask the run's own error
+            log.warning("cannot write %s: %s", tmp.with_name("status.json"), exc)
 
     def _train_mode(self) -> None:
         self.model.train()
