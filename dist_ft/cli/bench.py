@@ -12,13 +12,14 @@ examples:
   dist-ft data synth /tmp/cxr_1024 --images 2000 --size 1024 --workers 2
   dist-ft data prepare /tmp/cxr_1024 --out /tmp/cxr_1024_cache --size 256 --workers 2
   dist-ft bench data /tmp/cxr_1024 --cache /tmp/cxr_1024_cache --json
+  dist-ft bench aggregate --data /tmp/tb_bench          # 1,000,000 scalars vs tbparse
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its suites."""
-    p = sub.add_parser("bench", help="benchmarks (input pipeline, ...)", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("bench", help="benchmarks (input pipeline, log aggregation)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     data = suites.add_parser("data", help="PNG vs cache input pipeline; prepare vs PIL loop",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +33,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--json", action="store_true")
     data.add_argument("--out", type=Path, help="also write the JSON here")
     data.set_defaults(run=run_data)
+    agg = suites.add_parser("aggregate", help="read + aggregate TensorBoard scalars vs tbparse",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    agg.add_argument("--data", type=Path, required=True,
+                     help="folder for the generated event files (made once, then reused)")
+    agg.add_argument("--runs", type=int, default=4)
+    agg.add_argument("--tags", type=int, default=10)
+    agg.add_argument("--steps", type=int, default=25_000)
+    agg.add_argument("--repeats", type=int, default=3)
+    agg.add_argument("--json", action="store_true")
+    agg.add_argument("--out", type=Path, help="also write the JSON here")
+    agg.set_defaults(run=run_aggregate)
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -40,6 +52,22 @@ def run_data(args: argparse.Namespace) -> int:
 
     result = bench_data(args.root, args.cache, images=args.images, batch_size=args.batch_size,
                         workers=args.workers, image_size=args.image_size, repeats=args.repeats)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(result))
+    return 0
+
+
+def run_aggregate(args: argparse.Namespace) -> int:
+    """``bench aggregate``."""
+    from dist_ft.bench.aggregate import bench_aggregate, format_table
+
+    result = bench_aggregate(args.data, args.runs, args.tags, args.steps, args.repeats)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

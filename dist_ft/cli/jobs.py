@@ -26,15 +26,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the table (or JSON)."""
     from dist_ft.jsonio import dumps
-    from dist_ft.launch.jobs import read_manifest, render_table, task_rows
+    from dist_ft.launch.jobs import aggregation_status, read_manifest, render_table, task_rows
 
     manifest = read_manifest(args.root)
     rows = task_rows(manifest)
+    aggregation = aggregation_status(manifest)
     if args.json:
         print(dumps({"root": args.root, "kind": manifest["kind"], "job_id": manifest["job_id"],
-                     "cluster": manifest["cluster"], "tasks": rows}))
+                     "cluster": manifest["cluster"], "tasks": rows, "aggregate": aggregation}))
         return 0
     from rich.console import Console
 
-    Console(width=160).print(render_table(manifest, rows))
+    console = Console(width=160)
+    console.print(render_table(manifest, rows))
+    if aggregation:
+        where = aggregation["out"]
+        if aggregation["written"]:
+            console.print(f"aggregated logs: {where}/summary.json, {where}/scalars.csv, "
+                          f"tensorboard --logdir {where}/tb", soft_wrap=True)
+        else:
+            job = aggregation.get("job_id")
+            console.print(f"aggregation pending: {where}"
+                          + (f" (job {job}: {aggregation['scheduler_state']})" if job else
+                             f" (run: dist-ft aggregate {args.root} --out {where} --group-by "
+                             f"{' '.join(aggregation['group_by'])})"), soft_wrap=True)
     return 0

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from dist_ft import __version__
+from dist_ft.cli import aggregate as aggregate_cmd
 from dist_ft.cli import bench as bench_cmd
 from dist_ft.cli import data as data_cmd
 from dist_ft.cli import eval as eval_cmd
@@ -23,7 +24,7 @@ from dist_ft.cli import train as train_cmd
 from dist_ft.config.errors import ConfigError
 
 SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, submit_cmd, jobs_cmd,
-               bench_cmd)
+               aggregate_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,14 +101,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     manifest, jobs = submit(sub)
     log = sys.stderr if args.json else sys.stdout
+    tasks = manifest["tasks"]
     print(f"submitted {manifest['kind']} as job {manifest['job_id']} on {manifest['cluster']} "
-          f"({len(jobs)} task(s)); logs in {manifest['folder']}; "
+          f"({len(tasks)} task(s)); logs in {manifest['folder']}; "
           f"status: dist-ft jobs {sub.root}", file=log, flush=True)
+    aggregation = manifest.get("aggregate")
+    if aggregation and aggregation["job_id"]:
+        print(f"aggregation job {aggregation['job_id']} runs when the array has ended: "
+              f"{aggregation['out']} (grouped by {', '.join(aggregation['group_by'])})",
+              file=log, flush=True)
     code = 0
     if args.wait or sub.launch.cluster == "local":
         outcomes = wait_for(jobs)
-        manifest["outcomes"] = outcomes
-        for task, outcome in zip(manifest["tasks"], outcomes, strict=True):
+        manifest["outcomes"] = outcomes[:len(tasks)]
+        for task, outcome in zip(tasks, outcomes, strict=False):
             if outcome["ok"]:
                 score = outcome["result"].get("score")
                 print(f"  {task['name']}: done, step {outcome['result'].get('step')}, "
@@ -117,6 +123,20 @@ def run(args: argparse.Namespace) -> int:
                 code = 1
                 print(f"  {task['name']}: FAILED: {outcome['error']} (log: "
                       f"{manifest['folder']}/{task['job_id']}_0_log.err)", file=log)
+        if aggregation:
+            if aggregation["job_id"]:
+                aggregation["outcome"] = outcomes[-1]
+            else:  # local: this process aggregates
+                from dist_ft.logs.report import aggregate_runs
+
+                doc = aggregate_runs([sub.root], aggregation["out"], aggregation["group_by"],
+                                     align="union")
+                aggregation["outcome"] = {"ok": True, "result": {"rows": doc["rows"]}}
+            ok = aggregation["outcome"]["ok"]
+            code = code or (0 if ok else 1)
+            said = f"written to {aggregation['out']}" if ok \
+                else f"FAILED: {aggregation['outcome']['error']}"
+            print(f"  aggregate: {said}", file=log)
     if args.json:
         print(dumps(manifest))
     return code

@@ -70,6 +70,19 @@ def task_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def aggregation_status(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a sweep's aggregation goes, its job's state, and whether it has been written."""
+    info = manifest.get("aggregate")
+    if not info:
+        return None
+    state = None
+    if info.get("job_id") and manifest["cluster"] == "slurm":
+        state = _scheduler_states({**manifest, "tasks": [{"job_id": info["job_id"]}]}).get(
+            info["job_id"])
+    return {**info, "scheduler_state": state,
+            "written": (Path(info["out"]) / "summary.json").is_file()}
+
+
 def render_table(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
     """A rich table of ``rows``."""
     from rich.table import Table

@@ -304,8 +304,46 @@ def dry_run(sub: Submission) -> dict[str, Any]:
     return doc
 
 
+AGGREGATE_DIR = "aggregate"
+
+
+def sweep_group_keys(sub: Submission) -> list[str]:
+    """What a sweep's aggregation groups by: its swept keys, seeds excepted (seeds are what
+    a group averages over); ``all`` when only seeds vary."""
+    keys: list[str] = []
+    for task in sub.tasks:
+        for override in task.overrides:
+            key = override.partition("=")[0]
+            if "seed" not in key and key not in keys:
+                keys.append(key)
+    return keys or ["all"]
+
+
+def _submit_aggregation(sub: Submission, after: str) -> Any:
+    """A small job that aggregates the sweep's logs once every array task has ended."""
+    import submitit
+
+    from dist_ft.launch.task import AggregateTask
+
+    launch = sub.launch
+    executor = submitit.AutoExecutor(folder=sub.root / SUBMITIT_DIR, cluster="slurm")
+    params: dict[str, Any] = {"name": f"{sub.job_name}-aggregate", "nodes": 1,
+                              "tasks_per_node": 1, "timeout_min": 60,
+                              "slurm_additional_parameters": {"dependency": f"afterany:{after}"}}
+    optional = {"slurm_partition": launch.partition, "slurm_account": launch.account,
+                "slurm_qos": launch.qos}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    executor.update_parameters(**params)
+    return executor.submit(AggregateTask(str(sub.root), str(sub.root / AGGREGATE_DIR),
+                                         tuple(sweep_group_keys(sub))))
+
+
 def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
-    """Submit through submitit; write and return the manifest, with the job objects."""
+    """Submit through submitit; write and return the manifest, with the job objects.
+
+    A sweep on Slurm also gets an aggregation job that starts when the array has ended
+    (``afterany``) and writes ``ROOT/aggregate/``; the last job object is that one.
+    """
     from dist_ft.launch.task import TrainTask
 
     if sub.launch.cluster == "slurm" and shutil.which("sbatch") is None:
@@ -329,6 +367,13 @@ def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
                    "overrides": list(t.overrides), "job_id": str(j.job_id)}
                   for t, j in zip(sub.tasks, jobs, strict=True)],
     }
+    if sub.kind == "sweep":
+        manifest["aggregate"] = {"out": str(sub.root / AGGREGATE_DIR),
+                                 "group_by": sweep_group_keys(sub), "job_id": None}
+        if sub.launch.cluster == "slurm":
+            agg_job = _submit_aggregation(sub, manifest["job_id"])
+            manifest["aggregate"]["job_id"] = str(agg_job.job_id)
+            jobs.append(agg_job)
     tmp = sub.root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(sub.root / MANIFEST)

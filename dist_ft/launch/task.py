@@ -44,3 +44,19 @@ class TrainTask:
             # SystemExit passes through submitit's ``except Exception``: no result file is
             # written, and the requeued job (same id) writes it when it finishes.
             raise SystemExit(EXIT_STOPPED) from None
+
+
+@dataclass(frozen=True)
+class AggregateTask:
+    """A picklable callable: aggregate a sweep's logs once its array has finished."""
+
+    root: str
+    out: str
+    group_by: tuple[str, ...]
+
+    def __call__(self) -> dict[str, Any]:
+        """Run the aggregation; returns where it wrote and what it found."""
+        from dist_ft.logs.report import aggregate_runs
+
+        doc = aggregate_runs([self.root], self.out, self.group_by, align="union")
+        return {k: doc[k] for k in ("out", "group_by", "members", "rows", "problems")}

@@ -84,6 +84,14 @@ def test_a_sweep_is_one_array_and_jobs_lists_every_result(
     table = dist_ft(["jobs", str(root)], slurm_cluster).stdout
     assert table.count("finished") == 3 and "optim.lr=0.002" in table
     assert not list(tmp_path.rglob("PWNED*"))
+    # The array's aggregation job ran after it, grouped by the swept key.
+    aggregation = json.loads(listed.stdout)["aggregate"]
+    assert aggregation["written"] and aggregation["scheduler_state"] == "COMPLETED"
+    assert aggregation["group_by"] == ["optim.lr"]
+    assert f"aggregated logs: {root}/aggregate/summary.json" in table
+    summary = json.loads((root / "aggregate" / "summary.json").read_text())
+    assert sorted(summary["groups"]) == [f"optim.lr={lr}" for lr in ("0.001", "0.002", "0.003")]
+    assert summary["groups"]["optim.lr=0.002"]["train/loss"]["final"]["step"] == 4
 
 
 def test_preempted_and_requeued_jobs_resume_and_log_each_step_once(

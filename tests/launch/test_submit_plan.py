@@ -154,3 +154,15 @@ def test_without_sbatch_the_error_says_what_to_do(run_cli, tmp_path: Path,
     assert result.code == 1
     assert "sbatch is not on PATH" in result.err and "--cluster local" in result.err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_aggregates_by_its_swept_keys_but_not_seeds(tmp_path: Path) -> None:
+    from dist_ft.launch.submit import sweep_group_keys
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  optim.lr: [0.001, 0.002]\n  trainer.seed: [0, 1]\n")
+    sub = plan_submission(SMOKE, [f"output_dir={tmp_path}/sw"], {}, sweep)
+    assert sweep_group_keys(sub) == ["optim.lr"]
+    sweep.write_text("grid:\n  trainer.seed: [0, 1, 2]\n")
+    assert sweep_group_keys(plan_submission(SMOKE, [f"output_dir={tmp_path}/sw"], {},
+                                            sweep)) == ["all"]

@@ -1,0 +1,1 @@
+"""TensorBoard logs: a fast event-file reader and writer, aggregation, outputs. No torch."""

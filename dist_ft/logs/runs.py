@@ -1,0 +1,86 @@
+"""Find and read the event directories under run folders, sweeps or any tree.
+
+Each directory holding event files becomes one :class:`~dist_ft.logs.aggregate.Member`; its run
+is the nearest folder at or above it (within the given root) that holds ``recipe.yaml``, whose
+values (``optim.lr``, ``trainer.seed`` ...) are what ``--group-by`` can use. Directories are
+read in parallel worker processes when there are several (parsing is CPU-bound).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from dist_ft.logs.aggregate import Member, flatten
+from dist_ft.logs.events import RunScalars, find_event_dirs, read_run
+
+RECIPE = "recipe.yaml"
+MARKER = ".dist-ft-aggregate"  # in every aggregation output: never read back as a run
+
+
+def _inside_output(event_dir: Path, root: Path) -> bool:
+    for folder in (event_dir, *event_dir.parents):
+        if (folder / MARKER).is_file():
+            return True
+        if folder == root:
+            return False
+    return False
+
+
+def run_dir_of(event_dir: Path, root: Path) -> Path:
+    """The run folder an event directory belongs to (``run/tb/rank1`` -> ``run``)."""
+    for folder in (event_dir, *event_dir.parents):
+        if (folder / RECIPE).is_file():
+            return folder
+        if folder == root:
+            break
+    return event_dir
+
+
+def _read(args: tuple[Path, bool]) -> RunScalars:
+    return read_run(*args)
+
+
+def load_members(roots: list[str | Path], workers: int | None = None,
+                 verify_crc: bool = True) -> tuple[list[Member], Path | None]:
+    """Every event directory under ``roots``, read, with its run's flattened recipe.
+
+    Returns:
+        The members and the roots' common folder (for short group names).
+
+    Raises:
+        FileNotFoundError: a root does not exist or holds no event file (names it).
+    """
+    paths = [Path(r).resolve() for r in roots]
+    found: list[tuple[Path, Path]] = []
+    for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such folder")
+        dirs = [d for d in find_event_dirs(root) if not _inside_output(d, root)]
+        if not dirs:
+            raise FileNotFoundError(f"{root}: no TensorBoard event files (events.out.tfevents.*) "
+                                    "below it")
+        found += [(d, root) for d in dirs]
+    workers = workers if workers is not None else min(len(found), os.cpu_count() or 1)
+    jobs = [(d, verify_crc) for d, _ in found]
+    if workers > 1 and len(found) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            runs = list(pool.map(_read, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        runs = [_read(j) for j in jobs]
+    members = []
+    recipes: dict[Path, dict] = {}
+    for run, (event_dir, root) in zip(runs, found, strict=True):
+        run_dir = run_dir_of(event_dir, root)
+        if run_dir not in recipes:
+            recipe = run_dir / RECIPE
+            recipes[run_dir] = flatten(yaml.safe_load(recipe.read_text()) or {}) \
+                if recipe.is_file() else {}
+        members.append(Member(run=run, run_dir=run_dir, params=recipes[run_dir]))
+    common = Path(os.path.commonpath([str(p) for p in paths])) if paths else None
+    if common is not None and common.is_file():
+        common = common.parent
+    return members, common
