@@ -6,8 +6,8 @@ import argparse
 
 EXAMPLES = """\
 examples:
-  dist-ft jobs runs/sweep_smoke            # a sweep's folder (or one run's output_dir)
-  dist-ft jobs runs/sweep_smoke --json | jq '.tasks[] | {name, run_state}'
+  dist-ft jobs runs/chestxray14_smoke            # a sweep's folder (or one run's output_dir)
+  dist-ft jobs runs/chestxray14_smoke --json | jq '.tasks[] | {name, run_state}'
 """
 
 

@@ -12,7 +12,8 @@ examples:
       --partition gpu --time 12:00:00 trainer.zero_stage=3 --dry-run
   dist-ft submit configs/chestxray14_smoke.yaml --nodes 2 --gpus-per-node 0 --wait
   dist-ft submit configs/chestxray14_smoke.yaml --cluster local        # this machine
-  dist-ft submit configs/chestxray14_smoke.yaml --sweep configs/sweep_smoke.yaml --parallelism 2
+  dist-ft submit configs/chestxray14_smoke.yaml \\
+      --sweep configs/sweeps/smoke_lr_plan_seed.yaml --parallelism 2
   dist-ft jobs runs/chestxray14_smoke                                  # states and results
 
 One task per process: G tasks per node (one per GPU; one per node with --gpus-per-node 0),

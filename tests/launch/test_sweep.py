@@ -63,3 +63,15 @@ def test_bad_sweeps_list_every_problem(tmp_path: Path) -> None:
         expand_sweep({})
     with pytest.raises(ConfigError, match="cannot read sweep"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_sweep_expands_and_its_tasks_validate(tmp_path: Path) -> None:
+    from dist_ft.launch.submit import plan_submission
+    from tests.conftest import CONFIGS
+
+    sweeps = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+    assert sweeps
+    for sweep in sweeps:
+        sub = plan_submission(CONFIGS / "chestxray14_smoke.yaml", [f"output_dir={tmp_path}/s"],
+                              {}, sweep)
+        assert len(sub.tasks) == len(load_sweep(sweep).tasks) > 1
