@@ -46,12 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     agg.set_defaults(run=run_aggregate)
 
 
-def run_data(args: argparse.Namespace) -> int:
-    """``bench data``."""
-    from dist_ft.bench.data import bench_data, format_table
-
-    result = bench_data(args.root, args.cache, images=args.images, batch_size=args.batch_size,
-                        workers=args.workers, image_size=args.image_size, repeats=args.repeats)
+def _emit(result: dict, args: argparse.Namespace, table: str) -> int:
+    """Write the result to ``--out`` if asked; print JSON (``--json``) or the table."""
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
@@ -59,8 +55,17 @@ def run_data(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print(format_table(result))
+        print(table)
     return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """``bench data``."""
+    from dist_ft.bench.data import bench_data, format_table
+
+    result = bench_data(args.root, args.cache, images=args.images, batch_size=args.batch_size,
+                        workers=args.workers, image_size=args.image_size, repeats=args.repeats)
+    return _emit(result, args, format_table(result))
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
@@ -68,12 +73,4 @@ def run_aggregate(args: argparse.Namespace) -> int:
     from dist_ft.bench.aggregate import bench_aggregate, format_table
 
     result = bench_aggregate(args.data, args.runs, args.tags, args.steps, args.repeats)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-    if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(result))
-    return 0
+    return _emit(result, args, format_table(result))
