@@ -46,8 +46,14 @@ def bench_data(
     workers: int = 0,
     image_size: int = 224,
     repeats: int = 3,
+    recipe: str | Path | None = None,
+    model_steps: int = 3,
 ) -> dict[str, Any]:
     """Measure images/s of both pipelines and of ``prepare`` against a bare PIL loop.
+
+    With ``recipe``, also the images/s its model trains at (one process, the recipe's batch
+    size and input size, on CUDA where present), to tell whether one loader process feeds one
+    training process.
 
     Args:
         root: ChestX-ray14-layout folder with the PNGs.
@@ -55,6 +61,7 @@ def bench_data(
         images: how many images (the first ones of the cache's valid rows) each run reads.
         batch_size, workers, image_size: loader settings shared by both pipelines.
         repeats: alternating runs per pipeline.
+        recipe: a recipe whose model to time; model_steps: its timed steps.
     """
     reader = CacheReader(cache)
     rows = reader.rows()[:images]
@@ -97,7 +104,20 @@ def bench_data(
 
     png_s, cache_s = statistics.median(png_runs), statistics.median(cache_runs)
     prep_s, pil_s = statistics.median(prepare_runs), statistics.median(pil_runs)
+    model = None
+    if recipe is not None:
+        from dist_ft.bench.freeze import measure
+        from dist_ft.config import load_recipe
+
+        cfg = load_recipe(recipe)
+        step = measure(cfg.model.name, "full", cfg.data.batch_size, cfg.data.image_size,
+                       model_steps)
+        rate = cfg.data.batch_size / step["step_s"]
+        model = {"recipe": str(recipe), "name": cfg.model.name, "batch": cfg.data.batch_size,
+                 "image_size": cfg.data.image_size, "device": step["device"],
+                 "images_per_s": rate, "png_feeds": png_s / rate, "cache_feeds": cache_s / rate}
     return {
+        "model": model,
         "png_images_per_s": png_s,
         "cache_images_per_s": cache_s,
         "ratio": cache_s / png_s,
@@ -154,4 +174,16 @@ def format_table(result: dict[str, Any]) -> str:
         f"{r['prepare_images_per_s_per_worker']:.1f} |",
         f"| bare PIL decode + resize loop | {r['pil_loop_images_per_s']:.1f} |",
         f"| **prepare / PIL loop** | **{r['prepare_vs_pil']:.0%}** |",
+        *_model_rows(r.get("model")),
     ])
+
+
+def _model_rows(model: dict[str, Any] | None) -> list[str]:
+    if model is None:
+        return []
+    return [
+        f"| {model['name']} training, batch {model['batch']} at {model['image_size']}px "
+        f"({model['device']}, 1 process) | {model['images_per_s']:.1f} |",
+        f"| **PNG loader / model** (>= 1: the loader keeps up) | **{model['png_feeds']:.2f}** |",
+        f"| **cache loader / model** | **{model['cache_feeds']:.2f}** |",
+    ]

@@ -7,8 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+SMOKE = "configs/chestxray14_smoke.yaml"
 EXAMPLES = """\
 examples:
+  dist-ft bench trainer --json                          # dist-ft train vs a hand-written loop
+  dist-ft bench memory                                  # DDP / ZeRO-1/2/3 bytes vs formulas
+  dist-ft bench freeze                                  # head / last blocks / full
+  dist-ft bench scaling --processes 1 2                 # this machine (1 process per GPU)
+  dist-ft bench scaling --nodes 1 2 4 --gpus-per-node 8 --work /shared/bench \\
+      --data /shared/bench/cxr14 --submit-arg=--partition=gpu   # nodes, via dist-ft submit
   dist-ft data synth /tmp/cxr_1024 --images 2000 --size 1024 --workers 2
   dist-ft data prepare /tmp/cxr_1024 --out /tmp/cxr_1024_cache --size 256 --workers 2
   dist-ft bench data /tmp/cxr_1024 --cache /tmp/cxr_1024_cache --json
@@ -18,7 +25,8 @@ examples:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its suites."""
-    p = sub.add_parser("bench", help="benchmarks (input pipeline, log aggregation)",
+    p = sub.add_parser("bench", help="benchmarks: trainer overhead, input pipeline, memory, "
+                       "freezing, scaling, log aggregation",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     data = suites.add_parser("data", help="PNG vs cache input pipeline; prepare vs PIL loop",
@@ -30,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     data.add_argument("--image-size", type=int, default=224)
     data.add_argument("--repeats", type=int, default=3)
+    data.add_argument("--recipe", default="configs/chestxray14_densenet121.yaml",
+                      help="also time this recipe's model at its batch and input size, next to "
+                      "the loader ('none' to skip)")
+    data.add_argument("--model-steps", type=int, default=3)
     data.add_argument("--json", action="store_true")
     data.add_argument("--out", type=Path, help="also write the JSON here")
     data.set_defaults(run=run_data)
@@ -44,6 +56,98 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     agg.add_argument("--json", action="store_true")
     agg.add_argument("--out", type=Path, help="also write the JSON here")
     agg.set_defaults(run=run_aggregate)
+
+
+    _add_trainer(suites)
+    _add_memory(suites)
+    _add_freeze(suites)
+    _add_scaling(suites)
+
+
+def _add_run_args(p: argparse.ArgumentParser, steps: int, repeats: int) -> None:
+    p.add_argument("recipe", nargs="?", default=SMOKE, help=f"recipe (default {SMOKE})")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--data", type=Path, default=Path("runs/bench/cxr14_synth"),
+                   help="synthetic twin the runs read, made once at the recipe's load size "
+                   "(default runs/bench/cxr14_synth); 'recipe' keeps the recipe's data.root")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="steps left out of the rate")
+    p.add_argument("--every", type=int, default=5, help="logging window in steps")
+    p.add_argument("--repeats", type=int, default=repeats, help="runs per loop / size")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+
+
+def _suite(suites: argparse._SubParsersAction, name: str,
+           help_text: str) -> argparse.ArgumentParser:
+    return suites.add_parser(name, help=help_text, epilog=EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_trainer(suites: argparse._SubParsersAction) -> None:
+    p = _suite(suites, "trainer", "samples/s of dist-ft train vs a hand-written Accelerate loop")
+    _add_run_args(p, steps=40, repeats=3)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                   help="also time dist-ft with these overrides, alternating with the others "
+                   "(an A/B), e.g. for_loop:optim.implementation=for_loop")
+    p.set_defaults(run=run_trainer)
+
+
+def _add_memory(suites: argparse._SubParsersAction) -> None:
+    from dist_ft.bench.memory import BACKENDS, DEFAULT_MODELS
+
+    p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP and "
+               "ZeRO-1/2/3 vs the ZeRO formulas")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.set_defaults(run=run_memory)
+
+
+def _add_freeze(suites: argparse._SubParsersAction) -> None:
+    from dist_ft.bench.freeze import DEFAULT_MODELS, PLANS
+
+    p = _suite(suites, "freeze", "step time and memory: head-only, last blocks, full training")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.set_defaults(run=run_freeze)
+
+
+def _add_scaling(suites: argparse._SubParsersAction) -> None:
+    p = _suite(suites, "scaling", "samples/s at 1..N processes, locally or on nodes via "
+               "dist-ft submit")
+    _add_run_args(p, steps=40, repeats=2)
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                   help="local process counts (one per GPU on a GPU machine)")
+    p.add_argument("--nodes", type=int, nargs="+", default=[],
+                   help="node counts: each size is one `dist-ft submit --wait` job")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="with --nodes: processes per node (0: one CPU process per node)")
+    p.add_argument("--submit-arg", action="append", default=[], metavar="FLAG",
+                   help="extra dist-ft submit flag, repeatable (e.g. --submit-arg=--partition=gpu)")
+    p.add_argument("--work", type=Path,
+                   help="folder for the run directories (shared by the nodes with --nodes)")
+    p.set_defaults(run=run_scaling)
+
+
+def _data_arg(args: argparse.Namespace) -> Path | None:
+    return None if str(args.data) == "recipe" else args.data
+
+
+def _recipe_args(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The recipe and overrides; a lone ``KEY=VALUE`` in the recipe slot is an override."""
+    if "=" in args.recipe and not Path(args.recipe).is_file():
+        return SMOKE, [args.recipe, *args.overrides]
+    return args.recipe, list(args.overrides)
 
 
 def _emit(result: dict, args: argparse.Namespace, table: str) -> int:
@@ -64,7 +168,9 @@ def run_data(args: argparse.Namespace) -> int:
     from dist_ft.bench.data import bench_data, format_table
 
     result = bench_data(args.root, args.cache, images=args.images, batch_size=args.batch_size,
-                        workers=args.workers, image_size=args.image_size, repeats=args.repeats)
+                        workers=args.workers, image_size=args.image_size, repeats=args.repeats,
+                        recipe=None if args.recipe == "none" else args.recipe,
+                        model_steps=args.model_steps)
     return _emit(result, args, format_table(result))
 
 
@@ -73,4 +179,49 @@ def run_aggregate(args: argparse.Namespace) -> int:
     from dist_ft.bench.aggregate import bench_aggregate, format_table
 
     result = bench_aggregate(args.data, args.runs, args.tags, args.steps, args.repeats)
+    return _emit(result, args, format_table(result))
+
+
+def run_trainer(args: argparse.Namespace) -> int:
+    """``bench trainer``."""
+    from dist_ft.bench.trainer import bench_trainer, format_table
+
+    recipe, overrides = _recipe_args(args)
+    from dist_ft.config.errors import ConfigError
+
+    variants = {}
+    for spec in args.variant:
+        name, _, values = spec.partition(":")
+        if not name or not values:
+            raise ConfigError([f"--variant {spec!r}: use NAME:KEY=VALUE[,KEY=VALUE...]"])
+        variants[name] = values.split(",")
+    result = bench_trainer(recipe, _data_arg(args), overrides, args.processes,
+                           args.steps, args.warmup, args.every, args.repeats, variants)
+    return _emit(result, args, format_table(result))
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    """``bench memory``."""
+    from dist_ft.bench.memory import bench_memory, format_table
+
+    result = bench_memory(args.models, args.backends, args.processes, args.image_size)
+    return _emit(result, args, format_table(result))
+
+
+def run_freeze(args: argparse.Namespace) -> int:
+    """``bench freeze``."""
+    from dist_ft.bench.freeze import bench_freeze, format_table
+
+    result = bench_freeze(args.models, args.plans, args.batch_size, args.image_size, args.steps)
+    return _emit(result, args, format_table(result))
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """``bench scaling``."""
+    from dist_ft.bench.scaling import bench_scaling, format_table
+
+    recipe, overrides = _recipe_args(args)
+    result = bench_scaling(recipe, _data_arg(args), overrides, tuple(args.processes),
+                           tuple(args.nodes), args.gpus_per_node, args.submit_arg, args.steps,
+                           args.warmup, args.every, args.repeats, args.work)
     return _emit(result, args, format_table(result))

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_ft.train.stages import step_tensor
+
 
 def is_deepspeed(accelerator: Any) -> bool:
     """Whether the Accelerator drives DeepSpeed."""
@@ -168,7 +170,7 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
                 for k in keys:
                     state[k] = carried[k].to(p.device, p.dtype).clone()
                 if "exp_avg" in keys:
-                    state["step"] = torch.tensor(float(steps))
+                    state["step"] = step_tensor(steps, group, p)
                 seeded += 1
         return seeded
 
@@ -185,7 +187,7 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
     for flat, g in zip(flats, group_of, strict=True):
         state: dict[str, torch.Tensor] = {k: torch.zeros_like(flat) for k in keys}
         if "exp_avg" in keys:
-            state["step"] = torch.tensor(float(steps_by_group[g]))
+            state["step"] = step_tensor(steps_by_group[g], base.param_groups[g], flat)
         base.state[flat] = state
     _relink_zero_state(accelerator)  # link parameter fragments to the state just made
     seeded = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,10 +91,23 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module,
          "weight_decay": g.weight_decay, "name": g.name, "since": g.since}
         for g in groups
     ]
+    impl = cfg.implementation
+    if impl == "auto":
+        impl = "fused" if cfg.name in ("adam", "adamw") else "default"
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "for_loop": {"foreach": False}}.get(impl, {})
     if cfg.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, **kwargs)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return cls(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs)
+
+
+def step_tensor(steps: int, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+    """An Adam ``step`` count as torch keeps it for ``group``: on the parameter's device for
+    fused or capturable groups, else a CPU scalar."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(float(steps), dtype=torch.float32, device=param.device)
+    return torch.tensor(float(steps))
 
 
 def state_keys(cfg: OptimConfig) -> tuple[str, ...]:

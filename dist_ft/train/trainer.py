@@ -352,9 +352,11 @@ class Trainer:
                 p.step += 1
                 bar.update(1)
                 if p.step % recipe.logging.every_steps == 0 or p.step == 1:
-                    rate = window_images / max(1e-9, time.perf_counter() - window_start)
+                    # Windows are contiguous: logging's own cost counts in the next one.
+                    now = time.perf_counter()
+                    rate = window_images / max(1e-9, now - window_start)
+                    window_start, window_images = now, 0
                     self._log_step(loss, rate, bar)
-                    window_start, window_images = time.perf_counter(), 0
                 every = recipe.trainer.checkpoint_every_steps
                 if every and p.step % every == 0 and p.step < self.total_steps:
                     self.save()

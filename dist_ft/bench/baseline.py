@@ -1,0 +1,109 @@
+"""The hand-written Accelerate loop that ``dist-ft bench trainer`` compares ``dist-ft train`` with.
+
+What a user would write in an afternoon: torchvision model, a DistributedSampler, AdamW,
+``accelerator.prepare``, forward / ``accelerator.backward`` / step. It shares with dist-ft
+only what must be equal for the comparison to measure the trainer: the recipe's model,
+dataset, batch size, batched GPU-side augmentation, backend (DDP or DeepSpeed ZeRO-N with the
+same clipping) and gloo/NCCL choice. No freeze plan, schedule, logging, checkpoints, signal
+handling or evaluation: those are what dist-ft adds, so their cost is what the ratio shows.
+
+Run under ``accelerate launch`` (one process per rank)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m dist_ft.bench.baseline RECIPE \\
+        --steps 60 --every 5 --out rates.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dist_ft.config import load_recipe
+from dist_ft.data.datasets import build_dataset
+from dist_ft.data.transforms import BatchAugment, BatchNormalize
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train ``--steps`` optimizer steps; rank 0 writes each window's images and seconds."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--every", type=int, default=5, help="window length in steps")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    recipe = load_recipe(args.recipe)
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    cfg = recipe.trainer
+    plugin = None
+    if cfg.backend == "deepspeed":
+        plugin = DeepSpeedPlugin(zero_stage=cfg.zero_stage,
+                                 gradient_clipping=cfg.grad_clip_norm or 0.0)
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+    acc = Accelerator(cpu=not cuda and plugin is None, deepspeed_plugin=plugin,
+                      kwargs_handlers=[InitProcessGroupKwargs(
+                          backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=10))])
+    torch.manual_seed(cfg.seed)
+
+    model = torchvision.models.get_model(recipe.model.name, num_classes=recipe.model.num_classes)
+    data = recipe.data
+    dataset = build_dataset(data, "train")
+    sampler = DistributedSampler(dataset, acc.num_processes, acc.process_index, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler,
+                        num_workers=data.num_workers, pin_memory=cuda,
+                        persistent_workers=data.num_workers > 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr,
+                                  weight_decay=recipe.optim.weight_decay)
+    model, optimizer = acc.prepare(model, optimizer)
+    augment = BatchAugment(data.image_size, data.augment.crop_scale, data.augment.ratio,
+                           hflip=data.augment.hflip, rotation_deg=data.augment.rotation_deg)
+    normalize = BatchNormalize().to(acc.device)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    model.train()
+    windows: list[list[float]] = []
+    step, epoch = 0, 0
+    start, images = time.perf_counter(), 0
+    while step < args.steps:
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            x = normalize(augment(x.to(acc.device, non_blocking=True), generator))
+            loss = loss_fn(model(x), y.to(acc.device, non_blocking=True))
+            acc.backward(loss)  # under DeepSpeed this also steps (and clips) the engine
+            if plugin is None and cfg.grad_clip_norm:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            images += len(x) * acc.num_processes
+            if step % args.every == 0 or step == 1:
+                now = time.perf_counter()
+                windows.append([step, images, now - start])
+                start, images = now, 0
+            if step >= args.steps:
+                break
+        epoch += 1
+    if acc.is_main_process:
+        args.out.write_text(json.dumps({"windows": windows, "loss": float(loss),
+                                        "world_size": acc.num_processes}))
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
