@@ -205,6 +205,7 @@ def bench_memory(models: Iterable[str] = DEFAULT_MODELS, backends: Iterable[str]
                     row[f"{c}_formula"] = formula[c]
                     row[f"{c}_ratio"] = row[c] / formula[c]
                 row["grad_buckets"] = max(r["grad_buckets"] for r in ranks)
+                row["seconds"] = ranks[0]["seconds"]  # rank 0's build/prepare/step times
                 row["total"] = sum(row[c] for c in COMPONENTS)
                 row["total_formula"] = sum(formula.values())
                 row["total_ratio"] = row["total"] / row["total_formula"]

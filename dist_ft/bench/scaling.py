@@ -117,4 +117,8 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"| {row['world_size']} | {row['samples_per_s']:.1f} "
                      f"({row['min']:.1f}-{row['max']:.1f}) | {row['speedup']:.2f}x | "
                      f"{row['efficiency']:.0%} |")
+    steal = [x.get("cpu_steal", 0.0) for runs in r["runs"].values() for x in runs]
+    if max(steal, default=0.0) > 0.02:
+        lines.append(f"\nCPU steal (hypervisor) during the runs: up to {max(steal):.0%} "
+                     "(`cpu_steal` per run in the JSON)")
     return "\n".join(lines)

@@ -51,6 +51,25 @@ def launch_command(processes: int, module_args: list[str]) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", *module_args]
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """(steal, total) CPU time of this machine so far (Linux ``/proc/stat``; zeros elsewhere).
+
+    Steal is time the hypervisor gave this VM's CPUs to someone else: a run during which it
+    is high measured a busy host, not the code.
+    """
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of CPU time stolen between two :func:`cpu_jiffies` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
 def run_logged(argv: list[str], log: Path, timeout: float = 900) -> float:
     """Run ``argv`` with its output in ``log``; returns wall seconds or raises BenchError."""
     env = {k: v for k, v in os.environ.items() if k not in
@@ -149,10 +168,12 @@ def images_needed(steps: int, batch: int, world: int) -> int:
 def run_dist_ft(recipe: Recipe, recipe_path: Path, processes: int, warmup: int) -> dict[str, Any]:
     """One ``dist-ft train`` run on ``processes`` processes; its rate after warm-up."""
     out = Path(recipe.output_dir)
+    before = cpu_jiffies()
     wall = run_logged(launch_command(processes, ["dist_ft", "train", str(recipe_path)]),
                       out.with_suffix(".log"))
     windows = dist_ft_windows(out, recipe.data.batch_size, processes)
-    return {**rate_after(windows, warmup), "wall_s": wall}
+    return {**rate_after(windows, warmup), "wall_s": wall,
+            "cpu_steal": steal_share(before, cpu_jiffies())}
 
 
 def run_baseline(recipe: Recipe, recipe_path: Path, processes: int, warmup: int,
@@ -162,8 +183,10 @@ def run_baseline(recipe: Recipe, recipe_path: Path, processes: int, warmup: int,
     out.mkdir(parents=True, exist_ok=True)
     result = out / "baseline.json"
     steps = recipe.trainer.max_steps or 0
+    before = cpu_jiffies()
     wall = run_logged(launch_command(processes, [
         "dist_ft.bench.baseline", str(recipe_path), "--steps", str(steps), "--every", str(every),
         "--out", str(result)]), out.with_suffix(".log"))
     windows = [(int(s), n, t) for s, n, t in json.loads(result.read_text())["windows"]]
-    return {**rate_after(windows, warmup), "wall_s": wall}
+    return {**rate_after(windows, warmup), "wall_s": wall,
+            "cpu_steal": steal_share(before, cpu_jiffies())}

@@ -102,4 +102,8 @@ def format_table(r: dict[str, Any]) -> str:
     rows.append(f"| **ratio dist-ft / baseline** | **{r['ratio']:.3f}** | per pair "
                 f"{r['ratio_min']:.3f} / {r['ratio_median']:.3f} / {r['ratio_max']:.3f} "
                 "(min/median/max) |")
+    steal = [x.get("cpu_steal", 0.0) for runs in r["runs"].values() for x in runs]
+    if max(steal, default=0.0) > 0.02:
+        rows.append(f"\nCPU steal (hypervisor) during the runs: up to {max(steal):.0%}; "
+                    "per run in the JSON (`cpu_steal`): runs with more measured a busy host")
     return "\n".join(rows)

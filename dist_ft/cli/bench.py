@@ -13,6 +13,7 @@ examples:
   dist-ft bench trainer --json                          # dist-ft train vs a hand-written loop
   dist-ft bench memory                                  # DDP / ZeRO-1/2/3 bytes vs formulas
   dist-ft bench freeze                                  # head / last blocks / full
+  dist-ft bench optimizer                               # AdamW kernels: loop, foreach, fused
   dist-ft bench scaling --processes 1 2                 # this machine (1 process per GPU)
   dist-ft bench scaling --nodes 1 2 4 --gpus-per-node 8 --work /shared/bench \\
       --data /shared/bench/cxr14 --submit-arg=--partition=gpu   # nodes, via dist-ft submit
@@ -62,6 +63,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_memory(suites)
     _add_freeze(suites)
     _add_scaling(suites)
+    _add_optimizer(suites)
+
+
+def _add_optimizer(suites: argparse._SubParsersAction) -> None:
+    from dist_ft.bench.optimizer import DEFAULT_MODELS
+
+    p = _suite(suites, "optimizer", "AdamW step time per kernel: for_loop, foreach, fused")
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.set_defaults(run=run_optimizer)
 
 
 def _add_run_args(p: argparse.ArgumentParser, steps: int, repeats: int) -> None:
@@ -224,4 +237,12 @@ def run_scaling(args: argparse.Namespace) -> int:
     result = bench_scaling(recipe, _data_arg(args), overrides, tuple(args.processes),
                            tuple(args.nodes), args.gpus_per_node, args.submit_arg, args.steps,
                            args.warmup, args.every, args.repeats, args.work)
+    return _emit(result, args, format_table(result))
+
+
+def run_optimizer(args: argparse.Namespace) -> int:
+    """``bench optimizer``."""
+    from dist_ft.bench.optimizer import bench_optimizer, format_table
+
+    result = bench_optimizer(args.models, args.repeats)
     return _emit(result, args, format_table(result))

@@ -288,8 +288,8 @@ class OptimConfig(Section):
     layer_decay: Annotated[float, Field(gt=0, le=1)] | None = None
     no_decay_1d: bool = True
     groups: list[GroupConfig] = Field(default_factory=list)
-    # auto: torch's fused Adam(W) kernel (one pass over memory per step: 3-8x faster than the
-    # default per-tensor loop on CPU, see README Performance); SGD keeps torch's default.
+    # auto: torch's fused Adam(W) kernel (one pass over memory per step: several times the
+    # speed of the default per-tensor loop, see README Performance); SGD keeps torch's default.
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
     @model_validator(mode="after")
