@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from dist_ft.config.schema import Recipe
+
 BACKENDS = ("ddp", "zero1", "zero2", "zero3")
 DEFAULT_MODELS = ("densenet121", "convnext_base", "vit_l_16")
 COMPONENTS = ("params", "grads", "optimizer")
@@ -77,7 +79,6 @@ _GRAD_PARTITIONS = ("averaged_gradients", "grads_in_partition", "grad_partitions
 _GRAD_BUCKETS = ("ipg_buffer", "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer")
 _PARAM_FLATS = ("bit16_groups_flat", "fp16_partitioned_groups_flat")
 _MASTERS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
-_ACCELERATOR: dict[str, Any] = {}  # one per process, reused for every model
 
 
 def _param_tensors(module: torch.nn.Module, zero_opt: Any) -> list[Any]:
@@ -88,26 +89,36 @@ def _param_tensors(module: torch.nn.Module, zero_opt: Any) -> list[Any]:
     return tensors + _attrs(zero_opt, _PARAM_FLATS)
 
 
-def measure(backend: str, model_name: str, image_size: int, batch: int = 1) -> dict[str, Any]:
-    """Build, prepare and step one model; this rank's bytes per component (run per rank)."""
+def bench_model_recipe(backend: str, model_name: str, image_size: int,
+                       batch: int = 1) -> Recipe:
+    """A recipe training ``model_name`` from scratch under ``backend`` (no data is read)."""
     from dist_ft.config.load import validate_recipe
-    from dist_ft.models.factory import build_model
-    from dist_ft.models.spec import describe_model
-    from dist_ft.plan import resolve_plan
-    from dist_ft.train import engine
-    from dist_ft.train.runtime import build_accelerator
-    from dist_ft.train.stages import apply_trainable, build_optimizer, optimizer_groups
 
     trainer = ({"backend": "ddp"} if backend == "ddp"
                else {"backend": "deepspeed", "zero_stage": int(backend[-1])})
-    recipe = validate_recipe({
+    return validate_recipe({
         "model": {"name": model_name, "pretrained": "none", "num_classes": 14},
         "data": {"root": tempfile.gettempdir(), "batch_size": batch, "image_size": image_size},
         "trainer": {**trainer, "grad_clip_norm": None},
         "output_dir": tempfile.gettempdir(),
     })
-    acc = _ACCELERATOR.get("acc") or build_accelerator(recipe)
-    _ACCELERATOR["acc"] = acc
+
+
+def measure(acc: Any, recipe: Recipe) -> dict[str, Any]:
+    """Build, prepare and step ``recipe.model`` once; this rank's bytes per component.
+
+    Args:
+        acc: the process's Accelerator (dist-ft's ``build_accelerator``), reused per model.
+        recipe: from :func:`bench_model_recipe`.
+    """
+    from dist_ft.models.factory import build_model
+    from dist_ft.models.spec import describe_model
+    from dist_ft.plan import resolve_plan
+    from dist_ft.train import engine
+    from dist_ft.train.stages import apply_trainable, build_optimizer, optimizer_groups
+
+    model_name, batch, image_size = (recipe.model.name, recipe.data.batch_size,
+                                     recipe.data.image_size)
     clock = [time.perf_counter()]
     module = build_model(recipe.model)
     plan = resolve_plan(recipe, describe_model(module, model_name))
@@ -162,11 +173,13 @@ def worker(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from dist_ft.train.consistency import gather_objects
+    from dist_ft.train.runtime import build_accelerator
 
-    results = {}
-    for name in args.models.split(","):
-        per_rank = gather_objects(measure(args.backend, name, args.image_size))
-        results[name] = per_rank
+    names = args.models.split(",")
+    acc = build_accelerator(bench_model_recipe(args.backend, names[0], args.image_size))
+    results = {name: gather_objects(measure(acc, bench_model_recipe(args.backend, name,
+                                                                    args.image_size)))
+               for name in names}
     if torch.distributed.get_rank() == 0:
         args.out.write_text(json.dumps({"backend": args.backend, "models": results,
                                         "world_size": torch.distributed.get_world_size()}))
@@ -188,7 +201,7 @@ def bench_memory(models: Iterable[str] = DEFAULT_MODELS, backends: Iterable[str]
     with tempfile.TemporaryDirectory(prefix="dist-ft-bench-memory-") as tmp:
         for backend in backends:
             out = Path(tmp) / f"{backend}.json"
-            wall = run_logged(launch_command(processes, [
+            timing = run_logged(launch_command(processes, [
                 "dist_ft.bench.memory", "--backend", backend, "--models", ",".join(models),
                 "--image-size", str(image_size), "--out", str(out)]), Path(tmp) / f"{backend}.log")
             found = json.loads(out.read_text())
@@ -198,7 +211,7 @@ def bench_memory(models: Iterable[str] = DEFAULT_MODELS, backends: Iterable[str]
                 formula = formula_bytes(backend, params, found["world_size"], ranks[0]["mixed"])
                 row: dict[str, Any] = {"model": name, "backend": backend, "num_params": params,
                                        "world_size": found["world_size"],
-                                       "mixed_precision": ranks[0]["mixed"], "wall_s": wall,
+                                       "mixed_precision": ranks[0]["mixed"], **timing,
                                        "state_elements": max(r["state_elements"] for r in ranks)}
                 for c in COMPONENTS:
                     row[c] = max(r[c] for r in ranks)

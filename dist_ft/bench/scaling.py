@@ -21,13 +21,11 @@ from dist_ft.bench.throughput import (
     BenchError,
     bench_recipe,
     dist_ft_windows,
-    ensure_synthetic,
-    has_cuda,
-    images_needed,
-    probe_recipe,
+    prepare_runs,
     rate_after,
     run_dist_ft,
 )
+from dist_ft.train.runtime import has_cuda
 
 
 def _submit_run(recipe_path: Path, run_dir: Path, nodes: int, gpus_per_node: int,
@@ -63,14 +61,9 @@ def bench_scaling(recipe: str | Path, data: Path | None, overrides: list[str] | 
         steps, warmup, every, repeats: as for the trainer suite.
         work: where run folders go (a temporary folder if None; give a shared one for Slurm).
     """
-    base = list(overrides or [])
     sizes = ([n * max(1, gpus_per_node) for n in nodes] if nodes else list(processes))
-    probe = probe_recipe(recipe, base, steps, every)
+    probe, base = prepare_runs(recipe, list(overrides or []), data, steps, every, max(sizes))
     batch = probe.data.batch_size
-    if data is not None:
-        size = probe.data.load_size or probe.data.image_size
-        ensure_synthetic(data, images_needed(steps, batch, max(sizes)), size)
-        base.append(f"data.root={data.resolve()}")
     runs: dict[int, list[dict[str, Any]]] = {s: [] for s in sizes}
     with tempfile.TemporaryDirectory(prefix="dist-ft-bench-scaling-", dir=work) as tmp:
         for i in range(repeats):

@@ -28,13 +28,6 @@ class BenchError(RuntimeError):
     """A benchmark run failed; the message holds the command and the end of its output."""
 
 
-def has_cuda() -> bool:
-    """Whether this machine has a CUDA device (then runs use one process per GPU)."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def launch_command(processes: int, module_args: list[str]) -> list[str]:
     """``accelerate launch`` of ``python -m MODULE ARGS`` on ``processes`` local processes.
 
@@ -70,19 +63,23 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
-def run_logged(argv: list[str], log: Path, timeout: float = 900) -> float:
-    """Run ``argv`` with its output in ``log``; returns wall seconds or raises BenchError."""
+def run_logged(argv: list[str], log: Path, timeout: float = 900) -> dict[str, float]:
+    """Run ``argv`` with its output in ``log``; its wall seconds and the CPU steal meanwhile.
+
+    Raises:
+        BenchError: the command failed (the message holds the end of its output).
+    """
     env = {k: v for k, v in os.environ.items() if k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    start = time.perf_counter()
+    start, before = time.perf_counter(), cpu_jiffies()
     with open(log, "w") as fh:
         done = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
                               timeout=timeout, check=False)
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise BenchError(f"{' '.join(argv)} exited {done.returncode}; end of {log}:\n{tail}")
-    return time.perf_counter() - start
+    return {"wall_s": time.perf_counter() - start, "cpu_steal": steal_share(before, cpu_jiffies())}
 
 
 def rate_after(windows: list[tuple[int, float, float]], warmup: int) -> dict[str, Any]:
@@ -168,12 +165,10 @@ def images_needed(steps: int, batch: int, world: int) -> int:
 def run_dist_ft(recipe: Recipe, recipe_path: Path, processes: int, warmup: int) -> dict[str, Any]:
     """One ``dist-ft train`` run on ``processes`` processes; its rate after warm-up."""
     out = Path(recipe.output_dir)
-    before = cpu_jiffies()
-    wall = run_logged(launch_command(processes, ["dist_ft", "train", str(recipe_path)]),
-                      out.with_suffix(".log"))
+    timing = run_logged(launch_command(processes, ["dist_ft", "train", str(recipe_path)]),
+                        out.with_suffix(".log"))
     windows = dist_ft_windows(out, recipe.data.batch_size, processes)
-    return {**rate_after(windows, warmup), "wall_s": wall,
-            "cpu_steal": steal_share(before, cpu_jiffies())}
+    return {**rate_after(windows, warmup), **timing}
 
 
 def run_baseline(recipe: Recipe, recipe_path: Path, processes: int, warmup: int,
@@ -183,10 +178,21 @@ def run_baseline(recipe: Recipe, recipe_path: Path, processes: int, warmup: int,
     out.mkdir(parents=True, exist_ok=True)
     result = out / "baseline.json"
     steps = recipe.trainer.max_steps or 0
-    before = cpu_jiffies()
-    wall = run_logged(launch_command(processes, [
+    timing = run_logged(launch_command(processes, [
         "dist_ft.bench.baseline", str(recipe_path), "--steps", str(steps), "--every", str(every),
         "--out", str(result)]), out.with_suffix(".log"))
     windows = [(int(s), n, t) for s, n, t in json.loads(result.read_text())["windows"]]
-    return {**rate_after(windows, warmup), "wall_s": wall,
-            "cpu_steal": steal_share(before, cpu_jiffies())}
+    return {**rate_after(windows, warmup), **timing}
+
+
+def prepare_runs(recipe: str | Path, overrides: list[str], data: Path | None, steps: int,
+                 every: int, world: int) -> tuple[Recipe, list[str]]:
+    """The probe recipe and the overrides every run gets: with ``data``, a synthetic twin
+    big enough for ``steps`` steps of one epoch at ``world`` processes (made once)."""
+    base = list(overrides)
+    probe = probe_recipe(recipe, base, steps, every)
+    if data is not None:
+        size = probe.data.load_size or probe.data.image_size
+        ensure_synthetic(data, images_needed(steps, probe.data.batch_size, world), size)
+        base.append(f"data.root={data.resolve()}")
+    return probe, base

@@ -15,13 +15,11 @@ from typing import Any
 
 from dist_ft.bench.throughput import (
     bench_recipe,
-    ensure_synthetic,
-    has_cuda,
-    images_needed,
-    probe_recipe,
+    prepare_runs,
     run_baseline,
     run_dist_ft,
 )
+from dist_ft.train.runtime import has_cuda
 
 
 def bench_trainer(recipe: str | Path, data: Path | None, overrides: list[str] | None = None,
@@ -42,12 +40,7 @@ def bench_trainer(recipe: str | Path, data: Path | None, overrides: list[str] | 
             (e.g. ``{"for_loop": ["optim.implementation=for_loop"]}``), alternating with the
             others: an A/B of an option, measured side by side.
     """
-    base = list(overrides or [])
-    probe = probe_recipe(recipe, base, steps, every)
-    if data is not None:
-        size = probe.data.load_size or probe.data.image_size
-        ensure_synthetic(data, images_needed(steps, probe.data.batch_size, processes), size)
-        base.append(f"data.root={data}")
+    probe, base = prepare_runs(recipe, list(overrides or []), data, steps, every, processes)
     loops = {"dist_ft": [], "baseline": [], **(variants or {})}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in loops}
     with tempfile.TemporaryDirectory(prefix="dist-ft-bench-") as tmp:

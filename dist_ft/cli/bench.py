@@ -43,8 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="also time this recipe's model at its batch and input size, next to "
                       "the loader ('none' to skip)")
     data.add_argument("--model-steps", type=int, default=3)
-    data.add_argument("--json", action="store_true")
-    data.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(data)
     data.set_defaults(run=run_data)
     agg = suites.add_parser("aggregate", help="read + aggregate TensorBoard scalars vs tbparse",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,8 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     agg.add_argument("--tags", type=int, default=10)
     agg.add_argument("--steps", type=int, default=25_000)
     agg.add_argument("--repeats", type=int, default=3)
-    agg.add_argument("--json", action="store_true")
-    agg.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(agg)
     agg.set_defaults(run=run_aggregate)
 
 
@@ -72,9 +70,13 @@ def _add_optimizer(suites: argparse._SubParsersAction) -> None:
     p = _suite(suites, "optimizer", "AdamW step time per kernel: for_loop, foreach, fused")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(p)
     p.set_defaults(run=run_optimizer)
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
 
 
 def _add_run_args(p: argparse.ArgumentParser, steps: int, repeats: int) -> None:
@@ -87,8 +89,7 @@ def _add_run_args(p: argparse.ArgumentParser, steps: int, repeats: int) -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the rate")
     p.add_argument("--every", type=int, default=5, help="logging window in steps")
     p.add_argument("--repeats", type=int, default=repeats, help="runs per loop / size")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(p)
 
 
 def _suite(suites: argparse._SubParsersAction, name: str,
@@ -116,8 +117,7 @@ def _add_memory(suites: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(p)
     p.set_defaults(run=run_memory)
 
 
@@ -130,8 +130,7 @@ def _add_freeze(suites: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    _add_output_args(p)
     p.set_defaults(run=run_freeze)
 
 
@@ -198,10 +197,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
 def run_trainer(args: argparse.Namespace) -> int:
     """``bench trainer``."""
     from dist_ft.bench.trainer import bench_trainer, format_table
-
-    recipe, overrides = _recipe_args(args)
     from dist_ft.config.errors import ConfigError
 
+    recipe, overrides = _recipe_args(args)
     variants = {}
     for spec in args.variant:
         name, _, values = spec.partition(":")
