@@ -22,6 +22,7 @@ from dist_ft.cli import plan as plan_cmd
 from dist_ft.cli import submit as submit_cmd
 from dist_ft.cli import train as train_cmd
 from dist_ft.config.errors import ConfigError
+from dist_ft.launch.environment import forbid_world_writable
 
 SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, submit_cmd, jobs_cmd,
                aggregate_cmd, bench_cmd)
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    forbid_world_writable()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -174,7 +174,11 @@ class DataConfig(Section):
     split_seed: int = 0
     views: list[Annotated[str, Field(min_length=1)]] | None = None
     frontal_only: bool = False
+    # An unreadable image: stop naming it, or train on (replaced by the next image, recorded
+    # in OUTPUT_DIR/logs/bad_images.rank*.jsonl).
     on_bad_image: Literal["error", "skip"] = "error"
+    # Compare every cache shard's sha256 with the manifest before training (main process).
+    verify_cache: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     csv: CsvConfig | None = None
 
@@ -330,7 +334,13 @@ class TrainerConfig(Section):
     checkpoint_every_steps: PositiveInt | None = None
     keep_last: PositiveInt = 3
     early_stopping_patience: PositiveInt | None = None
+    # A rank that dies or hangs stops the others after this long in a collective (not NCCL's
+    # default of hours); a rank that dies at once is noticed at the next collective.
     collective_timeout_min: PositiveFloat = 10.0
+    # A step whose loss is NaN/inf on any rank: stop before the update (naming the step), or
+    # skip the update on every rank and go on, stopping after nonfinite_max_in_row in a row.
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    nonfinite_max_in_row: PositiveInt = 5
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     save_stage_weights: bool = False  # full weights + moments at each stage boundary
 

@@ -308,6 +308,11 @@ class CacheReader:
         shard, offset = divmod(int(row), self.shard_size)
         arr = self._maps.get(shard)
         if arr is None:
-            arr = np.load(self.path / f"{_shard_name(shard)}.npy", mmap_mode="r")
+            file = self.path / f"{_shard_name(shard)}.npy"
+            try:
+                arr = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise CacheError(f"{file}: cannot read this cache shard ({exc}); run "
+                                 "dist-ft data prepare again to rebuild it") from None
             self._maps[shard] = arr
         return arr[offset]

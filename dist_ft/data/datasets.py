@@ -9,6 +9,7 @@ float multi-hot vector (multi-label) or an int64 class index (single-label). Eac
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheReader
 from dist_ft.data.findings import FINDINGS
-from dist_ft.data.images import find_images, load_gray_resized, load_rgb_resized
+from dist_ft.data.images import ImageError, find_images, load_gray_resized, load_rgb_resized
 from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
 from dist_ft.data.splits import SPLIT_NAMES, resolve_splits
 from dist_ft.data.transforms import default_load_size
@@ -27,24 +28,55 @@ from dist_ft.data.transforms import default_load_size
 log = logging.getLogger(__name__)
 
 
+# With on_bad_image=skip, how many unreadable images in a row may be replaced before giving up.
+MAX_SUBSTITUTES = 16
+
+
 class LabelledImages(Dataset):
-    """Images on disk with their targets; decoded and resized to ``load_size`` on access."""
+    """Images on disk with their targets; decoded and resized to ``load_size`` on access.
+
+    An image that cannot be read (missing, empty, truncated, undecodable) raises
+    :class:`ImageError` naming it, or with ``on_bad_image="skip"`` is replaced by the next
+    readable image of the split and recorded: a warning, and one JSON line in
+    ``bad_image_log`` when set.
+    """
 
     def __init__(self, paths: list[Path], targets: np.ndarray, classes: list[str],
-                 multilabel: bool, channels: int, load_size: int) -> None:
+                 multilabel: bool, channels: int, load_size: int,
+                 on_bad_image: str = "error") -> None:
         self.paths, self.targets, self.classes = paths, targets, classes
         self.multilabel, self.channels, self.load_size = multilabel, channels, load_size
+        self.on_bad_image = on_bad_image
+        self.bad_image_log: Path | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image(self, i: int) -> torch.Tensor:
         if self.channels == 1:
-            image = torch.from_numpy(load_gray_resized(self.paths[i], self.load_size)).unsqueeze(0)
-        else:
-            image = torch.from_numpy(load_rgb_resized(self.paths[i], self.load_size))
-            image = image.permute(2, 0, 1).contiguous()
-        return image, _target(self.targets[i], self.multilabel)
+            return torch.from_numpy(load_gray_resized(self.paths[i], self.load_size)).unsqueeze(0)
+        image = torch.from_numpy(load_rgb_resized(self.paths[i], self.load_size))
+        return image.permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for k in range(min(MAX_SUBSTITUTES, len(self.paths))):
+            j = (i + k) % len(self.paths)
+            try:
+                return self._image(j), _target(self.targets[j], self.multilabel)
+            except ImageError as exc:
+                if self.on_bad_image != "skip":
+                    raise
+                self._record(exc, j, i)
+        raise ImageError(f"{self.paths[i]} and the {MAX_SUBSTITUTES - 1} images after it are "
+                         "unreadable: the data is damaged, not one file")
+
+    def _record(self, exc: ImageError, bad: int, wanted: int) -> None:
+        log.warning("skipped unreadable image (data.on_bad_image=skip): %s", exc)
+        if self.bad_image_log is not None:
+            line = json.dumps({"image": str(self.paths[bad]), "index": bad,
+                               "reason": str(exc), "replaced_in_sample": wanted})
+            with open(self.bad_image_log, "a", encoding="utf-8") as fh:  # O_APPEND: one line
+                fh.write(line + "\n")
 
 
 class CachedImages(Dataset):
@@ -132,7 +164,8 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
                     len(missing), split, root, missing[0])
         meta = meta.subset(np.isin(meta.images, list(found)))
     paths = [found[n] for n in meta.images]
-    return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, load_size(cfg))
+    return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, load_size(cfg),
+                          cfg.on_bad_image)
 
 
 def imagefolder_dataset(cfg: DataConfig, split: str) -> Dataset:
@@ -148,7 +181,7 @@ def imagefolder_dataset(cfg: DataConfig, split: str) -> Dataset:
     samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
     paths = [Path(p) for p, _ in samples]
     targets = np.array([t for _, t in samples], dtype=np.int64)
-    return LabelledImages(paths, targets, classes, False, 3, load_size(cfg))
+    return LabelledImages(paths, targets, classes, False, 3, load_size(cfg), cfg.on_bad_image)
 
 
 def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
@@ -203,7 +236,8 @@ def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
         part[order[n_val : n_val + n_test]] = 2
         mask = part == _split_index(split)
     paths = [root / r[spec.path_column] for r, keep in zip(rows, mask, strict=True) if keep]
-    return LabelledImages(paths, targets[mask], list(classes), True, 3, load_size(cfg))
+    return LabelledImages(paths, targets[mask], list(classes), True, 3, load_size(cfg),
+                          cfg.on_bad_image)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:

@@ -13,6 +13,7 @@ Pure functions of an environment mapping: no torch, no subprocess, testable anyw
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 PORT_BASE = 10_000
@@ -88,3 +89,12 @@ def requeue_command(env: Mapping[str, str], max_requeues: int) -> tuple[list[str
         return None, (f"requeue limit reached ({done} of launch.max_requeues={max_requeues}); "
                       "resubmit to continue from the checkpoint")
     return ["scontrol", "requeue", env["SLURM_JOB_ID"]], f"requeue {done + 1} of {max_requeues}"
+
+
+def forbid_world_writable() -> None:
+    """Clear the "others may write" bit of this process's umask (group bits are left as set).
+
+    Everything dist-ft creates (run folders, checkpoints, logs, job scripts) is then never
+    world-writable, even under ``umask 000``; called first by the CLI and by submitted tasks.
+    """
+    os.umask(os.umask(0o022) | 0o002)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_ft.config.errors import ConfigError
-from dist_ft.config.load import load_recipe, recipe_to_dict
+from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
 from dist_ft.config.schema import LaunchConfig, Recipe
 from dist_ft.launch.environment import rendezvous_port, slurm_process_group_env
 from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name
@@ -102,6 +102,16 @@ def _check_plan(recipe: Recipe) -> None:
     from dist_ft.plan import resolve_plan
 
     resolve_plan(recipe, fast_model_spec(recipe.model))
+
+
+def check_output_room(recipe: Recipe) -> None:
+    """``output_dir`` (or its nearest existing parent) is writable with room for one
+    checkpoint: a full or read-only disk fails at submission, not after the queue wait."""
+    from dist_ft.models.spec_cache import fast_model_spec
+    from dist_ft.train.checkpoint import check_output_dir, checkpoint_bytes
+
+    spec = fast_model_spec(recipe.model)
+    check_output_dir(recipe.output_dir, checkpoint_bytes(spec.num_params), create=False)
 
 
 def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -184,7 +194,9 @@ def executor_parameters(sub: Submission) -> dict[str, Any]:
         return params
     params.update(nodes=launch.nodes, tasks_per_node=sub.processes_per_node,
                   slurm_signal_delay_s=launch.signal_delay_s,
-                  slurm_additional_parameters={"requeue": True})
+                  slurm_additional_parameters={"requeue": True},
+                  # One task failing ends the step at once, not when its peers time out.
+                  slurm_srun_args=["--kill-on-bad-exit=1"])
     if launch.gpus_per_node:
         params["gpus_per_node"] = launch.gpus_per_node
     optional = {"cpus_per_task": launch.cpus_per_task, "slurm_partition": launch.partition,
@@ -248,7 +260,7 @@ def plain_sbatch(sub: Submission) -> str:
     if sub.kind == "sweep":
         command += ' --sweep-index "$SLURM_ARRAY_TASK_ID"'
     lines += ["# srun starts one task per process; each reads its rank from SLURM_PROCID",
-              f"srun {command}"]
+              f"srun --kill-on-bad-exit=1 {command}"]
     return "\n".join(lines) + "\n"
 
 
@@ -350,6 +362,8 @@ def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
         raise RuntimeError("sbatch is not on PATH: this machine cannot submit to Slurm. Use "
                            "--cluster local to run here, --dry-run to see the job, or start "
                            "slurm/dev-cluster/start.sh DIR and `source DIR/env.sh`")
+    for task in sub.tasks:
+        check_output_room(validate_recipe(task.recipe))
     sub.root.mkdir(parents=True, exist_ok=True, mode=0o755)
     executor = build_executor(sub)
     callables = [TrainTask(t.recipe, t.name) for t in sub.tasks]

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dist_ft.launch.environment import forbid_world_writable
+
 
 @dataclass(frozen=True)
 class TrainTask:
@@ -33,6 +35,7 @@ class TrainTask:
         from dist_ft.train.preemption import Preempted
         from dist_ft.train.trainer import run_training
 
+        forbid_world_writable()
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             from submitit.helpers import TorchDistributedEnvironment
 
@@ -58,5 +61,6 @@ class AggregateTask:
         """Run the aggregation; returns where it wrote and what it found."""
         from dist_ft.logs.report import aggregate_runs
 
+        forbid_world_writable()
         doc = aggregate_runs([self.root], self.out, self.group_by, align="union")
         return {k: doc[k] for k in ("out", "group_by", "members", "rows", "problems")}

@@ -25,6 +25,37 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+_CPU_GROUP: dict[str, Any] = {}
+
+
+def cpu_group() -> Any:
+    """A gloo group for small CPU-tensor collectives (None: the default group already is one).
+
+    NCCL reductions would sync the GPU stream each time; a gloo side group on CPU tensors
+    does not. Every rank must make its first call at the same point (group creation is
+    collective); the trainer does so in set-up.
+    """
+    dist = torch.distributed
+    if "group" not in _CPU_GROUP:
+        _CPU_GROUP["group"] = (None if dist.get_backend() == "gloo"
+                               else dist.new_group(backend="gloo"))
+    return _CPU_GROUP["group"]
+
+
+def ranks_flagging(flag: bool) -> list[int]:
+    """The ranks on which ``flag`` is true (a collective call; ``[0]``/``[]`` alone).
+
+    One all-reduce of a one-hot vector over :func:`cpu_group`: cheap enough for every step.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [0] if flag else []
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    flags[dist.get_rank()] = int(flag)
+    dist.all_reduce(flags, group=cpu_group())
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
 class RankMismatchError(RuntimeError):
     """Ranks disagree on the plan or on replicated weights; the message names ranks and params."""
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from dist_ft.train.consistency import cpu_group
+
 log = logging.getLogger("dist_ft.train")
 
 WATCHED = (signal.SIGUSR2, signal.SIGTERM)
@@ -57,10 +59,7 @@ class StopSignals:
             self._previous[sig] = signal.signal(sig, self._record)
         dist = torch.distributed
         if dist.is_initialized() and dist.get_world_size() > 1:
-            # NCCL reductions would sync the GPU stream every step; a gloo side group on CPU
-            # tensors does not. Under gloo the default group already is one.
-            self._group = (None if dist.get_backend() == "gloo"
-                           else dist.new_group(backend="gloo"))
+            self._group = cpu_group()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self.received.add(signum)

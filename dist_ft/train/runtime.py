@@ -29,6 +29,30 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Text of the errors gloo/NCCL raise when a peer is gone or silent (they are not all
+# torch.distributed.DistError subclasses: gloo's come as plain RuntimeErrors).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting",
+              "connection closed", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` says a collective failed because another rank died or hung."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
+
+
+def process_resources() -> dict[str, float]:
+    """This process's open file descriptors and resident memory (MiB); empty off Linux."""
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        with open("/proc/self/statm") as fh:
+            resident_pages = int(fh.read().split()[1])
+    except OSError:
+        return {}
+    return {"open_files": fds, "rss_mib": resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20}
+
+
 def ensure_process_group_env() -> None:
     """Fill in the process-group environment when no launcher did.
 
@@ -85,6 +109,21 @@ def check_launcher_agrees(recipe: Recipe, env: dict[str, str] | os._Environ[str]
             "(or use the launch config of the recipe's stage)")
 
 
+def apply_timeout_to_new_groups(timeout: timedelta) -> None:
+    """Make groups created later (DeepSpeed's data-parallel group, dist-ft's gloo side group)
+    time out after ``timeout`` too.
+
+    ``new_group`` without a timeout takes torch's module default (30 min for gloo, 10 for
+    NCCL), not the world group's: a rank hung inside DeepSpeed's gradient all-reduce held its
+    peers for 30 minutes whatever the recipe said. torch reads that default from these module
+    globals at each ``new_group`` call; there is no public setter.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def build_accelerator(recipe: Recipe) -> Any:
     """The Accelerator for a recipe: DDP or DeepSpeed ZeRO-N, gloo on CPU, NCCL on CUDA.
 
@@ -104,10 +143,9 @@ def build_accelerator(recipe: Recipe) -> Any:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     cfg = recipe.trainer
-    handlers = [InitProcessGroupKwargs(
-        backend="nccl" if cuda else "gloo",
-        timeout=timedelta(minutes=cfg.collective_timeout_min),
-    )]
+    timeout = timedelta(minutes=cfg.collective_timeout_min)
+    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
+    apply_timeout_to_new_groups(timeout)
     plugin = None
     if cfg.backend == "deepspeed":
         plugin = DeepSpeedPlugin(

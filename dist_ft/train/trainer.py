@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,9 @@ from torch.utils.data import DataLoader
 
 from dist_ft.config.load import recipe_to_dict
 from dist_ft.config.schema import ModelConfig, Recipe
+from dist_ft.data.cache import CacheError, CacheReader
 from dist_ft.data.datasets import build_dataset
+from dist_ft.data.images import ImageError
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 from dist_ft.jsonio import dumps
@@ -39,16 +40,24 @@ from dist_ft.models.spec import describe_model
 from dist_ft.plan import ResolvedPlan, resolve_plan
 from dist_ft.train import engine
 from dist_ft.train.checkpoint import (
+    check_output_dir,
+    check_pickles,
+    checkpoint_bytes,
     latest_checkpoint,
     load_rank_state,
     read_trainer_state,
     save_checkpoint,
 )
-from dist_ft.train.consistency import check_plan_consistency, check_replicas, gather_objects
+from dist_ft.train.consistency import (
+    check_plan_consistency,
+    check_replicas,
+    gather_objects,
+    ranks_flagging,
+)
 from dist_ft.train.losses import build_loss
 from dist_ft.train.metrics import classification_metrics
 from dist_ft.train.preemption import Preempted, StopSignals
-from dist_ft.train.runtime import build_accelerator
+from dist_ft.train.runtime import build_accelerator, lost_peer, process_resources
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import (
     apply_trainable,
@@ -76,6 +85,8 @@ class Progress:
     stage_start: dict[str, int] = field(default_factory=lambda: {"0": 0})
     best_score: float | None = None
     evals_without_gain: int = 0
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss
+    nonfinite_in_row: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,22 +105,6 @@ def _setup_logging(output_dir: Path, rank: int, main: bool) -> None:
         console.setFormatter(logging.Formatter("dist-ft: %(message)s"))
         root.addHandler(console)
     root.propagate = False
-
-
-def _check_output_dir(output_dir: Path, bytes_needed: int) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise TrainingError(f"output_dir {output_dir} is not writable: {exc}") from None
-    free = shutil.disk_usage(output_dir).free
-    if free < bytes_needed:
-        raise TrainingError(
-            f"output_dir {output_dir}: {free / 2**20:.0f} MiB free, a checkpoint needs about "
-            f"{bytes_needed / 2**20:.0f} MiB"
-        )
 
 
 class Trainer:
@@ -131,8 +126,10 @@ class Trainer:
         self.writer: Any = None
         self.rank_writer: Any = None
         self.grad_check_pending = False
-        self.loss_sum: torch.Tensor | float = 0.0  # training loss since the last evaluation
-        self.loss_count = 0
+        # Finite training losses since the last evaluation; tensors, so no per-step device sync.
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_count: torch.Tensor | int = 0
+        self.window_finite: torch.Tensor | None = None  # all losses of this step finite
         self.gaps: list[float] = []
         self.stops = StopSignals()
 
@@ -155,7 +152,7 @@ class Trainer:
         module = self._checkpointed(build_model(recipe.model))
         self.spec = describe_model(module, recipe.model.name)
         if self.main:
-            _check_output_dir(self.output_dir, 3 * 4 * self.spec.num_params)
+            check_output_dir(self.output_dir, checkpoint_bytes(self.spec.num_params))
         acc.wait_for_everyone()
         _setup_logging(self.output_dir, self.rank, self.main)
         self.plan: ResolvedPlan = resolve_plan(recipe, self.spec)
@@ -163,8 +160,14 @@ class Trainer:
         self.base_module = module
 
         data = recipe.data
+        if data.cache is not None and data.verify_cache:
+            self._verify_cache(data.cache)
         self.train_set = build_dataset(data, "train")
         self.val_set = build_dataset(data, "val")
+        for dataset in (self.train_set, self.val_set):
+            if hasattr(dataset, "bad_image_log"):  # images read from files, skippable
+                dataset.bad_image_log = self.output_dir / "logs" / \
+                    f"bad_images.rank{self.rank}.jsonl"
         classes = len(self.train_set.classes)
         if classes != recipe.model.num_classes:
             raise TrainingError(
@@ -222,6 +225,26 @@ class Trainer:
                  recipe.trainer.backend, engine.zero_stage(acc), len(self.train_set),
                  len(self.val_set), self.total_steps,
                  data.batch_size * self.world * recipe.trainer.grad_accum_steps)
+
+    def _verify_cache(self, cache: str) -> None:
+        """Checksums of every shard against the manifest, once (main process), before use.
+
+        Raises:
+            CacheError: on every rank, naming the shard that differs.
+        """
+        problem = None
+        if self.main:
+            started = time.perf_counter()
+            try:
+                reader = CacheReader(cache, verify=True)
+                log.info("cache %s: %d shards match their checksums (%.1f s)", cache,
+                         len(reader.manifest["shards"]), time.perf_counter() - started)
+            except CacheError as exc:
+                problem = str(exc)
+        problem = gather_objects(problem)[0]
+        if problem:
+            raise CacheError(f"{problem}; rebuild it with dist-ft data prepare (or set "
+                             "data.verify_cache=false to train without this check)")
 
     def _purge_step(self) -> int | None:
         # A checkpoint at step N was written after everything logged at step N, so a resumed
@@ -343,8 +366,9 @@ class Trainer:
             for images, targets in self.train_loader:
                 if p.step >= self.total_steps:  # max_steps reached mid-epoch
                     break
-                loss = self._micro_step(images, targets)
-                self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+                loss, finite = self._micro_step(images, targets)
+                self.loss_sum = self.loss_sum + torch.where(finite, loss, 0.0)
+                self.loss_count = self.loss_count + finite.long()
                 p.micro_in_epoch += 1
                 window_images += len(images) * self.world
                 if not acc.sync_gradients:
@@ -423,7 +447,13 @@ class Trainer:
         self.model.train()
         set_bn_modes(engine.unwrap(self.acc, self.model), self.plan.stages[self.progress.stage])
 
-    def _micro_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _micro_step(self, images: torch.Tensor,
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one micro-batch; the update at a step boundary.
+
+        Returns:
+            The detached loss and whether it is finite (0-d tensors on the device).
+        """
         acc = self.acc
         images = images.to(acc.device, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
@@ -435,17 +465,31 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
             loss = self.loss_fn(self.model(x), targets)
+            finite = torch.isfinite(loss.detach())
+            self.window_finite = finite if self.window_finite is None \
+                else self.window_finite & finite
             if engine.is_deepspeed(acc):
                 # Accelerate's backward would also run engine.step(); split them so the
                 # gradient check sees gradients (DeepSpeed clips from its own config).
                 ds = acc.deepspeed_engine_wrapped.engine
                 ds.backward(loss)
-                if boundary and self.grad_check_pending:
+                skip = boundary and self._nonfinite_step()
+                if boundary and self.grad_check_pending and not skip:
                     self._report_gradless()
+                # DeepSpeed itself drops an update whose gradient norm is not finite (its
+                # overflow path, every ZeRO stage): the skip is checked, not assumed.
+                skipped_before = ds.skipped_steps
                 ds.step()
+                if skip and ds.skipped_steps == skipped_before:
+                    raise TrainingError(
+                        f"step {self.progress.step + 1}: the loss was not finite but DeepSpeed "
+                        "applied the update (finite gradients?); stopping rather than go on")
             else:
                 acc.backward(loss)
                 if boundary:
+                    if self._nonfinite_step():
+                        self.optimizer.zero_grad()
+                        return loss.detach(), finite
                     if self.grad_check_pending:
                         self._report_gradless()
                     clip = self.recipe.trainer.grad_clip_norm
@@ -454,7 +498,44 @@ class Trainer:
                         self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
-        return loss.detach()
+        return loss.detach(), finite
+
+    def _nonfinite_step(self) -> bool:
+        """At a step boundary: True when any rank's loss in this step was NaN/inf.
+
+        Every rank takes part (one small all-reduce) and so decides alike: under
+        ``trainer.nonfinite_loss=stop`` all raise before the update, naming the step; under
+        ``skip`` all drop the update, until ``nonfinite_max_in_row`` steps in a row.
+
+        Raises:
+            TrainingError: the policy says stop.
+        """
+        finite = self.window_finite is None or bool(self.window_finite)  # one sync per step
+        self.window_finite = None
+        ranks = ranks_flagging(not finite)
+        p, cfg = self.progress, self.recipe.trainer
+        if not ranks:
+            p.nonfinite_in_row = 0
+            return False
+        step = p.step + 1
+        latest = latest_checkpoint(self.output_dir)
+        kept = f"last complete checkpoint: {latest}" if latest else "no checkpoint yet"
+        if cfg.nonfinite_loss == "stop":
+            raise TrainingError(
+                f"non-finite loss at step {step} on rank(s) {ranks}: stopped before the update "
+                f"({kept}); lower optim.lr, check the data, or set trainer.nonfinite_loss=skip")
+        p.skipped_steps += 1
+        p.nonfinite_in_row += 1
+        if p.nonfinite_in_row >= cfg.nonfinite_max_in_row:
+            raise TrainingError(
+                f"non-finite loss in {p.nonfinite_in_row} steps in a row (steps "
+                f"{step - p.nonfinite_in_row + 1}-{step}, trainer.nonfinite_max_in_row="
+                f"{cfg.nonfinite_max_in_row}): stopped ({kept})")
+        log.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank "
+                    "(%d skipped in all)", step, ranks, p.skipped_steps)
+        if self.writer is not None:
+            self.writer.add_scalar("train/skipped_steps", p.skipped_steps, step)
+        return True
 
     def _report_gradless(self) -> None:
         """After the first backward of a stage: name trainable params that got no gradient."""
@@ -476,14 +557,13 @@ class Trainer:
             self.rank_writer.add_scalar("rank/samples_per_s", images_per_s / self.world,
                                         self.progress.step)
         mean_loss = float(self.acc.reduce(loss.float(), reduction="mean"))
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"non-finite loss {mean_loss} at step {self.progress.step}")
         if not self.main:
             return
         self.write_status("running")
         step = self.progress.step
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        self.writer.add_scalar("train/loss", mean_loss, step)
+        if math.isfinite(mean_loss):  # else a skipped step (trainer.nonfinite_loss=skip)
+            self.writer.add_scalar("train/loss", mean_loss, step)
         self.writer.add_scalar("train/samples_per_s", images_per_s, step)
         self.writer.add_scalar("train/stage", self.progress.stage, step)
         for name, lr in lrs.items():
@@ -534,12 +614,16 @@ class Trainer:
         p, cfg = self.progress, self.recipe.trainer
         metrics = self.evaluate()
         metrics.update(epoch=p.epoch, step=p.step)
-        if self.loss_count:
-            mean = torch.as_tensor(self.loss_sum, dtype=torch.float32, device=self.acc.device)
-            train_loss = float(self.acc.reduce(mean / self.loss_count, reduction="mean"))
+        trained = isinstance(self.loss_count, torch.Tensor)  # alike on every rank
+        if trained:  # mean over all ranks' finite micro-batch losses since the last evaluation
+            totals = torch.stack([torch.as_tensor(self.loss_sum, dtype=torch.float32),
+                                  torch.as_tensor(self.loss_count, dtype=torch.float32)])
+            total, count = self.acc.reduce(totals.to(self.acc.device), reduction="sum").tolist()
+            self.loss_sum, self.loss_count = 0.0, 0
+        if trained and count:
+            train_loss = total / count
             metrics["train_loss"] = train_loss
             self.gaps.append(metrics["val_loss"] - train_loss)
-            self.loss_sum, self.loss_count = 0.0, 0
             if len(self.gaps) >= 3 and self.gaps[-3] < self.gaps[-2] < self.gaps[-1]:
                 log.warning("train/validation gap widening for 2 evaluations: %s "
                             "(overfitting? consider early stopping or a lower lr)",
@@ -588,6 +672,7 @@ class Trainer:
             "step": p.step, "epoch": p.epoch, "micro_in_epoch": p.micro_in_epoch,
             "stage": p.stage, "stage_start": p.stage_start, "best_score": p.best_score,
             "evals_without_gain": p.evals_without_gain, "last_metrics": p.last_metrics,
+            "skipped_steps": p.skipped_steps, "nonfinite_in_row": p.nonfinite_in_row,
             "schedule": self.schedule.state_dict(), "world_size": self.world,
             "digest": self.plan.digest, "backend": self.recipe.trainer.backend,
             "zero_stage": engine.zero_stage(self.acc),
@@ -595,7 +680,9 @@ class Trainer:
         rank_state = {"generator": self.generator.get_state()}
         path = save_checkpoint(self.acc, self.output_dir, p.step, state, rank_state,
                                self.recipe.trainer.keep_last)
-        log.info("checkpoint %s", path)
+        usage = process_resources()  # a soak's evidence: no growth from one to the next
+        log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
+                 usage.get("open_files", "?"), usage.get("rss_mib", float("nan")))
         return path
 
     def _load(self, path: Path) -> None:
@@ -617,8 +704,11 @@ class Trainer:
         p.stage_start = {str(k): v for k, v in state["stage_start"].items()}
         p.best_score, p.evals_without_gain = state["best_score"], state["evals_without_gain"]
         p.last_metrics = state["last_metrics"]
+        p.skipped_steps = state.get("skipped_steps", 0)
+        p.nonfinite_in_row = state.get("nonfinite_in_row", 0)
         self.schedule.load_state_dict(state["schedule"])
         self._enter_stage(p.stage, carry=False, snapshot=False)
+        check_pickles(path)  # before DeepSpeed unpickles its files with weights_only=False
         self.acc.load_state(str(path))
         rank_file = path / f"rank{self.rank}.pt"
         if rank_file.is_file():
@@ -661,6 +751,28 @@ class Trainer:
             torch.distributed.destroy_process_group()
 
 
+def _data_error_message(exc: Exception) -> str:
+    # Raised in a loader worker, the text is "Caught ImageError in DataLoader worker ..." and
+    # a traceback whose last line, "dist_ft.data.images.ImageError: PATH: why", names the file.
+    last = [x for x in str(exc).strip().splitlines() if x.strip()][-1]
+    if last.startswith("dist_ft."):
+        last = last.split(": ", 1)[1]
+    if isinstance(exc, ImageError):
+        last += " (data.on_bad_image=skip trains on without such images, recording each)"
+    return last
+
+
+def _lost_peer_message(trainer: Trainer, exc: BaseException) -> str:
+    latest = latest_checkpoint(trainer.output_dir)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"rank {getattr(trainer, 'rank', '?')} lost contact with the other ranks at step "
+            f"{trainer.progress.step}: another rank died, was killed or hung for longer than "
+            f"trainer.collective_timeout_min={trainer.recipe.trainer.collective_timeout_min:g} "
+            f"(see {trainer.output_dir / 'logs'}/rank*.log). Continue with --resume auto: "
+            f"{'from ' + str(latest) if latest else 'no checkpoint yet, so from the start'}. "
+            f"[{first[:300]}]")
+
+
 def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     """Set up, train and finish one run on this process; what ``dist-ft train`` runs.
 
@@ -684,9 +796,17 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
     except Preempted:
         raise
     except Exception as exc:
+        error: Exception = exc
+        if lost_peer(exc):
+            error = TrainingError(_lost_peer_message(trainer, exc))
+        elif isinstance(exc, ImageError | CacheError):
+            error = TrainingError(_data_error_message(exc))
+        log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error)
         if getattr(trainer, "main", False):
-            trainer.write_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+            trainer.write_status("failed", error=f"{type(error).__name__}: {error}")
+        if error is exc:
+            raise
+        raise error from exc
     finally:
         trainer.close()
     return {**metrics, "weights": str(final), "step": trainer.progress.step}

@@ -115,7 +115,9 @@ def test_hostile_overrides_are_inert_in_the_generated_scripts(tmp_path: Path) ->
     shim = f"srun() {{ printf '%s\\0' \"$@\" > {record}; }}\n"
     subprocess.run(["bash", "-c", shim + script.split("\n", 1)[1]], check=True, cwd=tmp_path)
     argv = record.read_text().split("\0")[:-1]
-    assert argv[4:7] == [str(SMOKE.resolve()), *overrides]
+    # A failed task ends the step at once (its peers need not wait out a timeout).
+    assert argv[0] == "--kill-on-bad-exit=1"
+    assert argv[5:8] == [str(SMOKE.resolve()), *overrides]
     assert argv[-2:] == ["--resume", "auto"]
     assert not list(tmp_path.glob("PWNED*"))
     # The submitted script carries no override at all: submitit pickles the recipe.
@@ -123,6 +125,7 @@ def test_hostile_overrides_are_inert_in_the_generated_scripts(tmp_path: Path) ->
 
     submitted = submitit_sbatch(sub)
     assert "PWNED" not in submitted and "touch" not in submitted
+    assert "srun --unbuffered" in submitted and "--kill-on-bad-exit=1" in submitted
 
 
 def test_a_hostile_override_that_is_not_a_valid_value_is_rejected(run_cli, tmp_path) -> None:
