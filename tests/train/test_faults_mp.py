@@ -23,6 +23,7 @@ import yaml
 
 from dist_ft.train.checkpoint import complete_checkpoints, latest_checkpoint
 from tests.conftest import CONFIGS, LAUNCH_VARS, REPO
+from tests.launch.conftest import small_run
 from tests.train.test_preemption_mp import rank_pids
 
 pytestmark = pytest.mark.multiprocess
@@ -39,14 +40,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fault_data")
     write_synthetic(root, images=120, size=32, seed=0)
     return root
-
-
-def run_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    """Overrides for a few-second run of the smoke recipe at 32 px (stages at steps 4, 8)."""
-    return [f"data.root={data}", "data.image_size=32", "data.load_size=32", "data.batch_size=8",
-            f"trainer.max_steps={steps}", "trainer.epochs=100", "logging.every_steps=1",
-            "schedule.warmup_steps=0", "plan.stages[1].start_step=4",
-            "plan.stages[2].start_step=8", f"output_dir={out}", *extra]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -90,7 +83,7 @@ def test_a_rank_that_dies_or_hangs_stops_its_peer_with_a_clear_error(
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     args = [sys.executable, "-m", "dist_ft", "train", str(SMOKE),
-            *run_args(data, out, 500, "trainer.checkpoint_every_steps=2",
+            *small_run(data, out, 500, "trainer.checkpoint_every_steps=2",
                       "trainer.collective_timeout_min=0.1")]
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
@@ -130,7 +123,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_for_resume(
     launcher fails, the half-written folder is never picked, ``--resume auto`` continues
     from the checkpoint before and finishes; the next save of step 6 clears the stale folder."""
     out = tmp_path / "run"
-    proc = launch(["train", str(SMOKE), *run_args(data, out, 500,
+    proc = launch(["train", str(SMOKE), *small_run(data, out, 500,
                                                   "trainer.checkpoint_every_steps=3")])
     try:
         wait_for_step(out, 1, proc)
@@ -153,7 +146,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_for_resume(
     assert previous is not None and previous.name in ("step_00000003", "step_00000005")
     step = int(previous.name.split("_")[1])
 
-    resumed = launch(["train", str(SMOKE), *run_args(data, out, 8,
+    resumed = launch(["train", str(SMOKE), *small_run(data, out, 8,
                                                      "trainer.checkpoint_every_steps=3"),
                       "--resume", "auto"])
     stdout, stderr = resumed.communicate(timeout=300)
@@ -198,7 +191,7 @@ def test_skip_drops_a_nan_step_on_every_rank_and_stops_after_m_in_a_row(
     data: Path, tmp_path: Path, backend: str
 ) -> None:
     out = tmp_path / "run"
-    proc = launch(["train", str(SMOKE), *run_args(
+    proc = launch(["train", str(SMOKE), *small_run(
         data, out, 10, backend, "trainer.nonfinite_loss=skip", "trainer.nonfinite_max_in_row=2",
         "trainer.checkpoint_every_steps=1", "trainer.keep_last=20")],
         script=[str(FAULTY)], NAN_RANK="1", NAN_STEPS="3,6,7")
@@ -223,7 +216,7 @@ def test_stop_is_the_default_and_names_the_step_keeping_the_last_checkpoint(
     data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = launch(["train", str(SMOKE), *run_args(data, out, 10, "trainer.zero_stage=3",
+    proc = launch(["train", str(SMOKE), *small_run(data, out, 10, "trainer.zero_stage=3",
                                                   "trainer.checkpoint_every_steps=2")],
                   script=[str(FAULTY)], NAN_RANK="0", NAN_STEPS="3")
     _, stderr = proc.communicate(timeout=300)
