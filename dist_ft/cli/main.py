@@ -1,6 +1,6 @@
 """``dist-ft`` entry point: dispatches to one module per subcommand.
 
-Exit codes: 0 success, 2 usage or recipe errors, 1 runtime failures.
+Exit codes: :mod:`dist_ft.exitcodes`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dist_ft import __version__
+from dist_ft import __version__, exitcodes
 from dist_ft.cli import aggregate as aggregate_cmd
 from dist_ft.cli import bench as bench_cmd
 from dist_ft.cli import data as data_cmd
@@ -21,8 +21,8 @@ from dist_ft.cli import jobs as jobs_cmd
 from dist_ft.cli import plan as plan_cmd
 from dist_ft.cli import submit as submit_cmd
 from dist_ft.cli import train as train_cmd
+from dist_ft.cluster import forbid_world_writable
 from dist_ft.config.errors import ConfigError
-from dist_ft.launch.environment import forbid_world_writable
 
 SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, submit_cmd, jobs_cmd,
                aggregate_cmd, bench_cmd)
@@ -63,18 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except ConfigError as exc:
         print(f"dist-ft {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     except BrokenPipeError:
         # The reader (head, jq -e ...) went away: stop quietly, as other CLI tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return exitcodes.FAILED
     except (ValueError, RuntimeError, OSError) as exc:
         # Data and weights errors (MetadataError, ImageError, CacheError, WeightsError) name
         # the culprit in their message; a traceback would bury it.
         if args.verbose:
             raise
         print(f"dist-ft {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return exitcodes.FAILED
 
 
 if __name__ == "__main__":

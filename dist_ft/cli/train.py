@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from dist_ft import exitcodes
 from dist_ft.config import load_recipe
 from dist_ft.config.errors import ConfigError
-
-# A stop on SIGUSR2/SIGTERM after a complete checkpoint: neither success (0) nor failure (1).
-EXIT_STOPPED = 3
 
 EXAMPLES = """\
 examples:
@@ -71,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
         run_training(recipe, args.resume)
     except Preempted as stop:
         print(f"dist-ft train: {stop}")
-        return EXIT_STOPPED
-    return 0
+        return exitcodes.STOPPED
+    return exitcodes.OK

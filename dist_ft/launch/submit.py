@@ -2,7 +2,7 @@
 
 Scheme: **one task per process**. A job of N nodes with G GPUs each runs ``srun`` with G tasks
 per node (one per node on CPU, ``gpus_per_node: 0``); each task is one training rank and
-finds its rank, node, head address and port itself (``dist_ft.launch.environment``). A sweep
+finds its rank, node, head address and port itself (``dist_ft.cluster``). A sweep
 is one job array. Everything is validated before anything is submitted: every task's recipe,
 every Slurm resource, and every path that reaches an ``#SBATCH`` line.
 
@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_ft.cluster import rendezvous_port, slurm_process_group_env
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
 from dist_ft.config.schema import LaunchConfig, Recipe
-from dist_ft.launch.environment import rendezvous_port, slurm_process_group_env
 from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name
 
 MANIFEST = "submission.json"

@@ -2,7 +2,7 @@
 
 The submitted object carries the fully resolved recipe as plain data, so a requeued job
 trains exactly what was submitted even if the YAML file has changed since. Under Slurm each
-task finds its rank in Slurm's variables (``dist_ft.launch.environment``); under submitit's
+task finds its rank in Slurm's variables (``dist_ft.cluster``); under submitit's
 local executor, in submitit's.
 """
 
@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dist_ft.launch.environment import forbid_world_writable
+from dist_ft import exitcodes
+from dist_ft.cluster import forbid_world_writable
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ class TrainTask:
     def __call__(self) -> dict[str, Any]:
         """Train; returns the final metrics. A stop on a signal exits with code 3 and no
         result, so submitit keeps waiting for the requeued job."""
-        from dist_ft.cli.train import EXIT_STOPPED
         from dist_ft.config.load import validate_recipe
         from dist_ft.train.preemption import Preempted
         from dist_ft.train.trainer import run_training
@@ -46,7 +46,7 @@ class TrainTask:
         except Preempted:
             # SystemExit passes through submitit's ``except Exception``: no result file is
             # written, and the requeued job (same id) writes it when it finishes.
-            raise SystemExit(EXIT_STOPPED) from None
+            raise SystemExit(exitcodes.STOPPED) from None
 
 
 @dataclass(frozen=True)

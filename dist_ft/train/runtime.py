@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from dist_ft.cluster import slurm_process_group_env
 from dist_ft.config.schema import Recipe
-from dist_ft.launch.environment import slurm_process_group_env
 
 
 class LauncherConflict(RuntimeError):

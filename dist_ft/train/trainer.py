@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dist_ft.cluster import requeue_command
 from dist_ft.config.load import recipe_to_dict
 from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.cache import CacheError, CacheReader
@@ -34,7 +35,6 @@ from dist_ft.data.images import ImageError
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 from dist_ft.jsonio import dumps
-from dist_ft.launch.environment import requeue_command
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
 from dist_ft.plan import ResolvedPlan, resolve_plan

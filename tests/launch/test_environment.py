@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_ft.launch.environment import (
+from dist_ft.cluster import (
     expand_nodelist,
     in_srun_step,
     rendezvous_port,
