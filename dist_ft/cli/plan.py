@@ -10,6 +10,7 @@ from typing import Any
 
 from dist_ft.config import ConfigError, Recipe, load_recipe
 from dist_ft.plan import ResolvedPlan, ResolvedStage, resolve_plan
+from dist_ft.plan.render import plan_to_json
 
 EXAMPLES = """\
 examples:
@@ -41,57 +42,6 @@ def build_plan(recipe: Recipe) -> ResolvedPlan:
     from dist_ft.models.spec_cache import fast_model_spec
 
     return resolve_plan(recipe, fast_model_spec(recipe.model))
-
-
-def plan_to_json(plan: ResolvedPlan, with_params: bool = False) -> dict[str, Any]:
-    """The ``--json`` document (a superset of the documented shape)."""
-    spec = plan.spec
-    doc: dict[str, Any] = {
-        "digest": plan.digest,
-        "model": plan.model,
-        "num_params": spec.num_params,
-        "blocks": list(spec.blocks.blocks),
-        "stages": [],
-    }
-    for s in plan.stages:
-        groups = []
-        for g in s.groups:
-            entry: dict[str, Any] = {
-                "name": g.name,
-                "lr": g.lr,
-                "lr_scale": g.lr_scale,
-                "weight_decay": g.weight_decay,
-                "num_params": g.num_params,
-                "num_tensors": len(g.params),
-            }
-            if with_params:
-                entry["params"] = list(g.params)
-            groups.append(entry)
-        doc["stages"].append({
-            "name": s.name,
-            "index": s.index,
-            "start": s.start,
-            "bn_policy": s.bn_policy,
-            "lr_scale": s.lr_scale,
-            "trainable_params": s.trainable_params,
-            "frozen_params": s.frozen_params,
-            "trainable_tensors": len(s.trainable),
-            "frozen_bn_modules": list(s.bn_eval),
-            "pruned_groups": list(s.pruned_groups),
-            "groups": groups,
-        })
-    if with_params:
-        where = [{p: g.name for g in s.groups for p in g.params} for s in plan.stages]
-        doc["params"] = [
-            {
-                "name": p.name,
-                "shape": list(p.shape),
-                "block": spec.blocks.block_of[p.name],
-                "stages": [w.get(p.name) for w in where],
-            }
-            for p in spec.params
-        ]
-    return doc
 
 
 def _count(n: int) -> str:

@@ -14,7 +14,7 @@ import re
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_ft.models.registry import family_of
+from dist_ft.config.architectures import family_of
 
 
 def enable_activation_checkpointing(model: nn.Module, name: str) -> list[str]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import get_model
 
+from dist_ft.config.architectures import family_of
 from dist_ft.config.schema import ModelConfig
-from dist_ft.models.registry import family_of
 from dist_ft.models.weights import build_imagenet_model, load_state_dict_file
 
 

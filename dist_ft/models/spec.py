@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dist_ft.config.architectures import family_of
 from dist_ft.config.schema import ModelConfig
 from dist_ft.models.blocks import resolve_block_map
 from dist_ft.models.factory import build_model
-from dist_ft.models.registry import family_of
-from dist_ft.plan.spec import ModelSpec, NormModule, ParamInfo
+from dist_ft.models.structure import ModelSpec, NormModule, ParamInfo
 
 _NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
 

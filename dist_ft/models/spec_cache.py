@@ -20,10 +20,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from dist_ft.config.architectures import ARCHITECTURES, family_of
 from dist_ft.config.schema import ModelConfig
 from dist_ft.models.blocks import resolve_block_map
-from dist_ft.models.registry import ARCHITECTURES, family_of
-from dist_ft.plan.spec import ModelSpec, NormModule, ParamInfo
+from dist_ft.models.structure import ModelSpec, NormModule, ParamInfo
 
 SPECS_FILE = Path(__file__).with_name("specs.json.gz")
 

@@ -1,9 +1,9 @@
 """Freeze plans and parameter groups, resolved on parameter names and shapes (no torch)."""
 
+from dist_ft.models.structure import ModelSpec, NormModule, ParamInfo
 from dist_ft.plan.digest import diff_records, plan_records, records_digest
 from dist_ft.plan.groups import ResolvedGroup
 from dist_ft.plan.resolve import ResolvedPlan, ResolvedStage, resolve_plan
-from dist_ft.plan.spec import ModelSpec, NormModule, ParamInfo
 
 __all__ = [
     "ModelSpec",

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dist_ft.models.structure import ModelSpec
     from dist_ft.plan.resolve import ResolvedStage
-    from dist_ft.plan.spec import ModelSpec
 
 _FIELDS = ("shape", "trainable", "group", "lr", "weight_decay", "bn")
 

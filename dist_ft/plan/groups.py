@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_ft.config.schema import OptimConfig
-from dist_ft.plan.spec import ModelSpec
+from dist_ft.models.structure import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.schema import Recipe
+from dist_ft.models.structure import ModelSpec
 from dist_ft.plan.digest import plan_records, records_digest
 from dist_ft.plan.groups import ResolvedGroup, resolve_groups
 from dist_ft.plan.rules import RuleError, match_rule
-from dist_ft.plan.spec import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 from dist_ft.config.schema import Rule
 from dist_ft.models.blocks import HEAD, STEM
-from dist_ft.plan.spec import ModelSpec
+from dist_ft.models.structure import ModelSpec
 
 
 class RuleError(ValueError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from dist_ft.config.architectures import ARCHITECTURES, family_of
 from dist_ft.config.schema import ModelConfig
 from dist_ft.models.blocks import HEAD, STEM, resolve_block_map
-from dist_ft.models.registry import ARCHITECTURES, family_of
 from dist_ft.models.spec import model_spec
 from dist_ft.models.spec_cache import shipped_spec, spec_to_json, torchvision_version
 

@@ -1,6 +1,6 @@
 """What the plan engine knows of a model: parameter names and shapes, norm layers, blocks.
 
-Built once from a (meta-device) model by :func:`dist_ft.models.describe_model`; everything in
+Built once from a (meta-device) model by :func:`dist_ft.models.spec.describe_model`; everything in
 ``dist_ft.plan`` works on this description alone, so it needs no weights and no process group.
 """
 
