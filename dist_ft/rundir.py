@@ -42,11 +42,14 @@ def new_run_id() -> str:
 def write_json_atomic(path: str | Path, data: Any, text: str | None = None) -> None:
     """Write ``data`` as JSON (or ``text`` as is) to ``path`` through a temp file + rename.
 
-    A reader never sees a half-written file; a crash leaves the previous version.
+    A reader never sees a half-written file; a crash leaves the previous version. NaN and
+    infinities become null (:func:`dist_ft.jsonio.dumps`).
     """
+    from dist_ft.jsonio import dumps
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    body = text if text is not None else json.dumps(data, indent=2, allow_nan=False)
+    body = text if text is not None else dumps(data)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(body)
@@ -179,9 +182,7 @@ class RunDir:
 
     def write_status(self, status: dict[str, Any]) -> None:
         """Replace ``status.json`` atomically (NaN and infinities become null)."""
-        from dist_ft.jsonio import dumps
-
-        write_json_atomic(self.status, None, text=dumps(status))
+        write_json_atomic(self.status, status)
 
     def run_id(self) -> str | None:
         """The id of the run recorded here (``status.json``), or None."""

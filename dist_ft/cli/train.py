@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dist_ft import exitcodes
 from dist_ft.config import load_recipe
@@ -15,9 +16,13 @@ examples:
       configs/chestxray14_smoke.yaml trainer.zero_stage=3
   srun --nodes 2 --ntasks-per-node 4 dist-ft train RECIPE --resume auto   # one task per process
   dist-ft train configs/chestxray14_smoke.yaml --resume auto         # continue the last run
+  dist-ft train RECIPE --resume auto --accept-change trainer.epochs trainer.epochs=20  # train on
+  dist-ft train RECIPE --overwrite                  # a new run where one was (old one moved aside)
 
-exit codes: 0 finished, 1 failed, 2 bad recipe or arguments, 3 stopped on SIGUSR2/SIGTERM
-after writing a checkpoint (after SIGUSR2 under Slurm the job has requeued itself)
+exit codes: 0 finished, 1 failed (also: another trainer holds output_dir), 2 bad recipe or
+arguments (also: output_dir holds a run and neither --resume nor --overwrite was given, or the
+checkpoint does not fit the recipe), 3 stopped on SIGUSR2/SIGTERM/SIGINT after writing a
+checkpoint (after SIGUSR2 under Slurm the job has requeued itself)
 """
 
 
@@ -33,8 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--resume", metavar="auto|PATH",
-                   help="'auto': the newest finished checkpoint in output_dir (fresh start if "
-                   "none); or a checkpoint folder")
+                   help="'auto': the newest intact checkpoint in output_dir (step 0 if none); "
+                   "or a checkpoint folder. Without it, output_dir must not hold a run yet")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds one: the old run is moved "
+                   "to OUTPUT_DIR.replaced-TIME, never mixed or deleted")
+    p.add_argument("--accept-change", action="append", default=[], metavar="KEY",
+                   help="on resume, accept that this recipe key (or section, e.g. schedule) "
+                   "differs from the checkpoint's; recorded in status.json. Repeatable")
     p.add_argument("--sweep", metavar="SWEEP.yaml",
                    help="train one task of a sweep (with --sweep-index): its overrides are "
                    "added and it writes to OUTPUT_DIR/TASK_NAME, as `dist-ft submit --sweep` "
@@ -46,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; recipe errors exit 2 before any process group starts."""
+    from dist_ft.train.lifecycle import RunUsageError
     from dist_ft.train.preemption import Preempted
     from dist_ft.train.trainer import run_training
 
@@ -66,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
         overrides += [*task.overrides, f"output_dir={Path(base.output_dir) / task.name}"]
     recipe = load_recipe(args.config, overrides)
     try:
-        run_training(recipe, args.resume)
+        run_training(recipe, args.resume, overwrite=args.overwrite,
+                     accept_changes=args.accept_change)
     except Preempted as stop:
         print(f"dist-ft train: {stop}")
         return exitcodes.STOPPED
+    except RunUsageError as exc:
+        print(f"dist-ft train: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     return exitcodes.OK

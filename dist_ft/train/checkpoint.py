@@ -1,63 +1,38 @@
 """Atomic checkpoints: written under a ``.partial`` name, renamed when every rank is done.
 
 ``OUTPUT_DIR/checkpoints/step_00000120/`` holds Accelerate's state (model, optimizer — sharded
-under ZeRO —, RNG states), ``trainer_state.json`` (counters, stage, data position, schedule)
-and one ``rank{r}.pt`` per rank (the augmentation generator). A ``COMPLETE`` marker written
-last makes it eligible for ``--resume auto``; a crash mid-write leaves only a ``.partial``
-folder that is never picked and is replaced on the next save.
+under ZeRO —, RNG states), ``trainer_state.json`` (counters, stage, data position, schedule,
+the run id and the run's contract, see :mod:`dist_ft.train.resume`) and one ``rank{r}.pt`` per
+rank (the augmentation generator). A ``COMPLETE`` marker written last makes it eligible for
+``--resume auto``; a crash mid-write leaves only a ``.partial`` folder that is never picked and
+is replaced on the next save. Names and layout come from :class:`dist_ft.rundir.RunDir`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-COMPLETE = "COMPLETE"
-STATE = "trainer_state.json"
+from dist_ft.rundir import COMPLETE, TRAINER_STATE, RunDir, write_json_atomic
+
+log = logging.getLogger("dist_ft.train")
 
 
-def checkpoints_root(output_dir: str | Path) -> Path:
-    """``OUTPUT_DIR/checkpoints``."""
-    return Path(output_dir) / "checkpoints"
+def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dict[str, Any],
+                    rank_state: dict[str, Any], keep_last: int) -> Path:
+    """Write a checkpoint from every rank, atomically; prune this run's to the last ``keep_last``.
 
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / COMPLETE).is_file()
-             and not p.name.endswith(".partial")]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest finished checkpoint, or None."""
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int,
-                    trainer_state: dict[str, Any], rank_state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write a checkpoint from every rank, atomically; prune to the last ``keep_last``."""
-    final = checkpoints_root(output_dir) / f"step_{step:08d}"
-    partial = final.with_name(final.name + ".partial")
+    Only checkpoints carrying the same ``run_id`` as ``trainer_state`` are ever pruned.
+    """
+    final, partial = run.checkpoint(step), run.partial(step)
     if accelerator.is_main_process:
         if partial.exists():
             shutil.rmtree(partial)
@@ -67,12 +42,14 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int,
     torch.save(rank_state, partial / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(partial / STATE, trainer_state)
+        write_json_atomic(partial / TRAINER_STATE, trainer_state)
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
-        _write_json(final / COMPLETE, {"step": step})
-        for old in complete_checkpoints(output_dir)[:-keep_last]:
+        write_json_atomic(final / COMPLETE, {"step": step})
+        run_id = trainer_state.get("run_id")
+        mine = [c for c in run.complete_checkpoints() if RunDir.checkpoint_run_id(c) == run_id]
+        for old in mine[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -98,32 +75,91 @@ def _deepspeed_classes() -> list[Any]:
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
 
 
-def check_pickles(path: str | Path) -> None:
-    """Open every pickle-based file of a checkpoint with ``torch.load(weights_only=True)``.
+class CheckpointDamaged(RuntimeError):
+    """A checkpoint file is empty, truncated or unreadable; the message names the file."""
 
-    Accelerate reads its files with ``weights_only=True``, but DeepSpeed reads its own with
-    ``weights_only=False``. A file that passes here holds only tensors, containers, numpy
-    arrays and the allowlisted DeepSpeed classes, so that later read runs no foreign code.
-    Memory-mapped: tensors are not read, only the pickles are parsed.
+    def __init__(self, file: Path, why: str) -> None:
+        self.file, self.why = file, why
+        super().__init__(f"{file}: damaged checkpoint file ({why})")
+
+
+def _check_safetensors(file: Path) -> None:
+    # Header: 8-byte little-endian length, then that much JSON naming each tensor's offsets.
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointDamaged(file, f"{size} bytes, shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise CheckpointDamaged(file, f"header of {length} bytes in a {size}-byte file")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError as exc:
+            raise CheckpointDamaged(file, f"unreadable safetensors header: {exc}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + length + end != size:
+        raise CheckpointDamaged(file, f"truncated: {size} bytes, the header needs "
+                                      f"{8 + length + end}")
+
+
+def _check_pickle(file: Path, allowed: list[Any]) -> None:
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        # The weights-only unpickler names what it refused ("Unsupported global: GLOBAL x");
+        # anything else (EOF, a bad zip, a foreign format) is damage, not a security matter.
+        refused = next((x for x in lines if "GLOBAL" in x), None)
+        if refused is not None:
+            raise UnsafeCheckpointError(
+                f"{file}: refused to load ({refused}); a checkpoint written by dist-ft holds "
+                "only tensors and plain data. Not resuming from it") from None
+        raise CheckpointDamaged(file, f"unreadable: {(lines or [repr(exc)])[0][:200]}") from None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file of a finished checkpoint before anything loads it.
+
+    ``trainer_state.json`` must parse; no file may be empty; safetensors files must be as
+    long as their header says; every pickle-based file is opened with
+    ``torch.load(weights_only=True)`` (memory-mapped: the pickles are parsed, tensors are
+    not read). Accelerate reads its files with ``weights_only=True`` but DeepSpeed reads its
+    own with ``weights_only=False``: a file that passes here holds only tensors, containers,
+    numpy arrays and the allowlisted DeepSpeed classes, so that later read runs no foreign
+    code.
 
     Raises:
-        UnsafeCheckpointError: naming the file and the object it refused.
+        CheckpointDamaged: a file is empty, truncated or unreadable (names it).
+        UnsafeCheckpointError: a pickle references code outside the allowlist (names it).
     """
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
+    path = Path(path)
+    state = path / TRAINER_STATE
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(state, "missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(state, f"not valid JSON: {exc}") from None
     allowed = [*TORCH_SAFE_GLOBALS, *_deepspeed_classes()]
-    for file in sorted(Path(path).rglob("*")):
-        if file.suffix not in PICKLE_SUFFIXES or not file.is_file():
+    for file in sorted(path.rglob("*")):
+        if not file.is_file():
             continue
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # the unpickler's refusal, or a corrupt/foreign file
-            reason = next((x.strip() for x in str(exc).splitlines() if "GLOBAL" in x),
-                          str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
-            raise UnsafeCheckpointError(
-                f"{file}: refused to load ({reason}); a checkpoint written by dist-ft holds "
-                "only tensors and plain data. Not resuming from it") from None
+        if file.stat().st_size == 0 and file.name != COMPLETE:
+            raise CheckpointDamaged(file, "0 bytes")
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+        elif file.suffix in PICKLE_SUFFIXES:
+            _check_pickle(file, allowed)
+
+
+def resume_candidates(run: RunDir) -> list[Path]:
+    """This folder's finished checkpoints, newest first (``--resume auto`` tries them in turn)."""
+    return run.complete_checkpoints()[::-1]
 
 
 class OutputDirError(RuntimeError):
@@ -179,7 +215,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path}: not a finished checkpoint (no {COMPLETE} marker)")
-    return json.loads((path / STATE).read_text())
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 def load_rank_state(path: str | Path, rank: int) -> dict[str, Any]:

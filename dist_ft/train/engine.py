@@ -1,8 +1,10 @@
 """Backend-specific mechanics behind one interface: DDP or DeepSpeed ZeRO-1/2/3.
 
-What differs between backends, and only that, lives here: where the optimizer state of a
-parameter is, how to read full (unsharded) weights, gradients and moments, and how to seed a
-freshly built optimizer with carried-over moments and step counts.
+What differs between backends, and only that, lives here: how a micro-batch's backward and
+an optimizer step run (:class:`StepBackend`: ``backward``, ``clip``, ``step``, ``grad_norm``),
+where the optimizer state of a parameter is, how to read full (unsharded) weights, gradients
+and moments, and how to seed a freshly built optimizer with carried-over moments and step
+counts. The training loop calls these and never asks which backend it runs on.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_ft.train.stages import step_tensor
+
+def step_tensor(steps: int, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+    """An Adam ``step`` count as torch keeps it for ``group``: on the parameter's device for
+    fused or capturable groups, else a CPU scalar."""
+    if group.get("fused") or group.get("capturable"):
+        return torch.tensor(float(steps), dtype=torch.float32, device=param.device)
+    return torch.tensor(float(steps))
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -199,3 +207,98 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
             safe_set_full_optimizer_state(param, carried[k], k)
         seeded += 1
     return seeded
+
+
+class StepBackend:
+    """Backward and optimizer step under DDP / one process (Accelerate's wrappers).
+
+    Args:
+        accelerator: the run's Accelerator.
+        model: the prepared model.
+        optimizer: the prepared optimizer.
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, optimizer: Any) -> None:
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self._norm: torch.Tensor | None = None
+
+    @property
+    def replicated(self) -> bool:
+        """Whether every rank holds the full weights (all but ZeRO-3)."""
+        return zero_stage(self.accelerator) != 3
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch (gradients accumulate until the step boundary)."""
+        self.accelerator.backward(loss)
+
+    def clip(self, max_norm: float | None) -> None:
+        """Clip the gradients at a step boundary (kept as a tensor: no device sync)."""
+        if max_norm:
+            self._norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def step(self, skip: bool = False) -> None:
+        """Apply the update (Accelerate skips it between boundaries) or drop it; zero grads."""
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def grad_norm(self) -> float | None:
+        """The last clipped step's global gradient norm, if known."""
+        return None if self._norm is None else float(self._norm)
+
+
+class DeepSpeedStepBackend(StepBackend):
+    """Backward and step through the DeepSpeed engine (ZeRO-1/2/3).
+
+    Accelerate's ``backward`` would also run ``engine.step()``; they are split so the loop can
+    look at gradients between them. DeepSpeed clips from its own config
+    (``gradient_clipping``) and itself drops an update whose gradient norm is not finite (its
+    overflow path, every ZeRO stage): a requested skip is checked, not assumed.
+    """
+
+    def __init__(self, accelerator: Any, model: nn.Module, optimizer: Any) -> None:
+        super().__init__(accelerator, model, optimizer)
+        self.engine = accelerator.deepspeed_engine_wrapped.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed's backward (scaling and accumulation are the engine's)."""
+        self.engine.backward(loss)
+
+    def clip(self, max_norm: float | None) -> None:
+        """Nothing to do: the engine clips inside its step."""
+
+    def step(self, skip: bool = False) -> None:
+        """The engine's step; with ``skip``, check that DeepSpeed really dropped the update.
+
+        Raises:
+            RuntimeError: asked to skip, but the engine applied the update.
+        """
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        if skip and self.engine.skipped_steps == skipped_before:
+            raise RuntimeError("the loss was not finite but DeepSpeed applied the update "
+                               "(finite gradients?); stopping rather than go on")
+
+    def grad_norm(self) -> float | None:
+        """The engine's global gradient norm of the last step."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+
+def step_backend(accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:
+    """The :class:`StepBackend` for the Accelerator's distributed type."""
+    cls = DeepSpeedStepBackend if is_deepspeed(accelerator) else StepBackend
+    return cls(accelerator, model, optimizer)
+
+
+def module_for_new_stage(accelerator: Any, model: nn.Module,
+                         rebuild: Any) -> nn.Module:
+    """The plain module to re-prepare for a new trainable set.
+
+    DDP re-wraps the same module. DeepSpeed has no ``add_param_group``, so a new engine is
+    built, from a fresh module holding the gathered full weights (ZeRO-3 holds only shards):
+    ``rebuild(state_dict)`` makes it.
+    """
+    if is_deepspeed(accelerator):
+        return rebuild(full_state_dict(accelerator, model))
+    return unwrap(accelerator, model)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,8 @@ from dist_ft.data.datasets import build_dataset
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.transforms import BatchNormalize, BatchResize
 from dist_ft.models.factory import build_model
+from dist_ft.models.weights import load_weights_strict
+from dist_ft.rundir import write_json_atomic
 from dist_ft.train.metrics import classification_metrics
 
 # Per-class AUROC on ChestX-ray14 as published (CheXNet paper, Rajpurkar et al. 2017, Table 1).
@@ -35,11 +40,101 @@ PUBLISHED: dict[str, dict[str, float]] = {
 }
 
 
+class OutputPathError(ValueError):
+    """An output would replace or land inside an input, or cannot be written there."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:  # hard links and bind mounts: different paths, one file
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def recipe_inputs(recipe: Recipe) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The files and folders a recipe's data section reads, by their recipe key."""
+    files: dict[str, Path] = {}
+    folders: dict[str, Path] = {}
+    if recipe.data.root:
+        folders["data.root"] = Path(recipe.data.root)
+    if recipe.data.cache:
+        folders["data.cache"] = Path(recipe.data.cache)
+    if recipe.data.csv is not None:
+        files["data.csv.file"] = Path(recipe.data.csv.file)
+    return files, folders
+
+
+def check_outputs(outputs: Sequence[Path], files: dict[str, Path], folders: dict[str, Path],
+                  option: str) -> None:
+    """Refuse, before any work, outputs that would destroy an input or cannot be written.
+
+    Args:
+        outputs: every file the command will write.
+        files: input files by role (``weights``, ``recipe``, ``data.csv.file`` ...).
+        folders: input folders by role (``data.root``, ``data.cache``): nothing is written
+            inside them.
+        option: the command-line option that sets the outputs (named in the fix).
+
+    Raises:
+        OutputPathError: naming the output, the input and the fix.
+    """
+    for out in outputs:
+        target = out.expanduser().resolve()
+        for role, path in files.items():
+            if _same_file(target, path.expanduser().resolve()):
+                raise OutputPathError(
+                    f"output {out} is the input {role} {path}: writing it would destroy what "
+                    f"is read; pass another {option}")
+        for role, path in folders.items():
+            folder = path.expanduser().resolve()
+            if target == folder or folder in target.parents:
+                raise OutputPathError(
+                    f"output {out} is inside the input folder {role} {path}: dist-ft never "
+                    f"writes into its inputs; pass another {option}")
+        if target.is_dir():
+            raise OutputPathError(f"output {out} is a folder; pass a file path as {option}")
+        existing = next(p for p in target.parents if p.exists())
+        if not existing.is_dir():
+            raise OutputPathError(f"cannot write {out}: {existing} is a file, not a folder; "
+                                  f"pass another {option}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputPathError(f"cannot write {out}: {existing} is not writable; "
+                                  f"pass another {option}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``, renamed onto it when the block succeeds.
+
+    A failure leaves ``path`` as it was (absent or the previous version), never half written.
+    The temporary name keeps the suffix: exporters and plotters pick formats by it.
+    """
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_trained(recipe: Recipe, weights: str | Path) -> torch.nn.Module:
+    """The recipe's model with ``weights`` loaded strictly (eval mode).
+
+    Raises:
+        dist_ft.models.weights.WeightsError: a tensor missing, extra or of another shape.
+    """
+    model = build_model(ModelConfig(name=recipe.model.name, num_classes=recipe.model.num_classes))
+    load_weights_strict(model, weights, name=recipe.model.name,
+                        num_classes=recipe.model.num_classes)
+    return model.eval()
+
+
 def predict(recipe: Recipe, weights: str | Path, split: str,
             batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """Scores (probabilities) and targets of ``split`` for the model in ``weights``."""
-    model = build_model(ModelConfig(name=recipe.model.name, num_classes=recipe.model.num_classes,
-                                    pretrained=str(weights))).eval()
+    model = load_trained(recipe, weights)
     dataset = build_dataset(recipe.data, split)
     loader = DataLoader(dataset, batch_size=batch_size or recipe.data.batch_size,
                         num_workers=recipe.data.num_workers)
@@ -97,18 +192,37 @@ def plot_roc(scores: np.ndarray, targets: np.ndarray, classes: list[str], path: 
     plt.close(fig)
 
 
-def evaluate_weights(recipe: Recipe, weights: str | Path, split: str,
-                     out: str | Path) -> dict[str, Any]:
-    """Write ``eval_{split}.json``, ``eval_{split}.md`` and (multi-label) ``roc_{split}.png``."""
+def eval_outputs(out: str | Path, split: str) -> list[Path]:
+    """The files ``evaluate_weights`` writes into ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    return [out / f"eval_{split}.json", out / f"eval_{split}.md", out / f"roc_{split}.png"]
+
+
+def evaluate_weights(recipe: Recipe, weights: str | Path, split: str, out: str | Path,
+                     protect: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Write ``eval_{split}.json``, ``eval_{split}.md`` and (multi-label) ``roc_{split}.png``.
+
+    Each file is written atomically; the outputs are checked against the inputs (weights,
+    data, and ``protect``, e.g. ``{"recipe": path}``) before anything is computed.
+
+    Raises:
+        OutputPathError: an output would replace or land inside an input.
+        dist_ft.models.weights.WeightsError: the weights do not fit the recipe's model.
+    """
+    out, weights = Path(out), Path(weights)
+    files, folders = recipe_inputs(recipe)
+    files = {"weights": weights, **files, **(protect or {})}
+    json_path, md_path, roc_path = eval_outputs(out, split)
+    check_outputs([json_path, md_path, roc_path], files, folders, "--out")
     scores, targets, dataset = predict(recipe, weights, split)
     metrics = classification_metrics(scores, targets, dataset.multilabel, dataset.classes)
     metrics.update(split=split, images=len(scores), weights=str(weights))
     from dist_ft.jsonio import dumps
 
-    (out / f"eval_{split}.json").write_text(dumps(metrics))
-    (out / f"eval_{split}.md").write_text(markdown_table(metrics, split, len(scores)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, None, text=dumps(metrics))
+    write_json_atomic(md_path, None, text=markdown_table(metrics, split, len(scores)))
     if dataset.multilabel:
-        plot_roc(scores, targets, dataset.classes, out / f"roc_{split}.png")
+        with atomic_output(roc_path) as tmp:
+            plot_roc(scores, targets, dataset.classes, tmp)
     return metrics

@@ -2,7 +2,9 @@
 
 Every export is verified: the exported model runs on random batches of two sizes and must
 match the PyTorch model within ``tolerance`` (max absolute difference of the logits), else
-the file is removed and an error raised. ``quantize="dynamic"`` adds an int8 variant (weights
+an error is raised and nothing is written. Files are written under a temporary name and
+renamed when verified; an output that would replace or land inside an input is refused
+before any work. ``quantize="dynamic"`` adds an int8 variant (weights
 of Linear layers, activations quantized on the fly: a CPU-inference option) and reports its
 size and, when the recipe's data is at hand, its AUROC change on the validation split.
 """
@@ -19,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_ft.config.schema import ModelConfig, Recipe
-from dist_ft.models.factory import build_model
+from dist_ft.config.schema import Recipe
+from dist_ft.train.evaluate import atomic_output, check_outputs, load_trained, recipe_inputs
 
 
 class ExportError(RuntimeError):
@@ -63,64 +65,85 @@ def _max_error(model: nn.Module, run: Any, size: int) -> float:
     return worst
 
 
+def export_paths(weights: str | Path, fmt: str, out: str | Path | None = None,
+                 quantize: str | None = None) -> list[Path]:
+    """The files ``export_model`` writes: the export, then the int8 variant if any."""
+    default = "model.torchscript.pt" if fmt == "torchscript" else "model.onnx"
+    path = Path(out) if out else Path(weights).with_name(default)
+    return [path] + ([path.with_name(f"{path.stem}.int8{path.suffix}")] if quantize else [])
+
+
 def export_model(recipe: Recipe, weights: str | Path, fmt: str, out: str | Path | None = None,
-                 quantize: str | None = None, tolerance: float = 1e-4) -> dict[str, Any]:
+                 quantize: str | None = None, tolerance: float = 1e-4,
+                 protect: dict[str, Path] | None = None) -> dict[str, Any]:
     """Export ``weights`` (a state_dict file of ``recipe.model``) and verify it.
+
+    Args:
+        protect: more input files never to overwrite, by role (e.g. ``{"recipe": path}``);
+            the weights and the recipe's data are always protected.
 
     Returns:
         A report: paths, sizes, max errors and (with ``quantize``) the int8 AUROC change.
 
     Raises:
+        OutputPathError: an output would replace or land inside an input (before any work).
+        WeightsError: the weights do not fit the recipe's model (any tensor).
         ExportError: the export deviates from PyTorch beyond ``tolerance``.
     """
     if fmt not in ("torchscript", "onnx"):
         raise ValueError(f"format must be torchscript or onnx, got {fmt!r}")
     weights = Path(weights)
-    default = "model.torchscript.pt" if fmt == "torchscript" else "model.onnx"
-    path = Path(out) if out else weights.with_name(default)
-    cfg = ModelConfig(name=recipe.model.name, num_classes=recipe.model.num_classes,
-                      pretrained=str(weights))
-    model = build_model(cfg).eval()
+    outputs = export_paths(weights, fmt, out, quantize)
+    files, folders = recipe_inputs(recipe)
+    check_outputs(outputs, {"weights": weights, **files, **(protect or {})}, folders, "--out")
+    path = outputs[0]
+    model = load_trained(recipe, weights)
     size = recipe.data.image_size
     example = torch.zeros(1, 3, size, size)
-    _write(fmt, model, example, path)
-    error = _max_error(model, _runner(fmt, path), size)
-    if not error <= tolerance:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{fmt} export differs from PyTorch by {error:.3g} > {tolerance:g}")
+    # Written and verified under a temporary name: a failed export leaves no file behind and
+    # the previous export (if any) in place.
+    with atomic_output(path) as tmp:
+        _write(fmt, model, example, tmp)
+        error = _max_error(model, _runner(fmt, tmp), size)
+        if not error <= tolerance:
+            raise ExportError(f"{fmt} export differs from PyTorch by {error:.3g} > "
+                              f"{tolerance:g}; nothing written to {path}")
     report: dict[str, Any] = {"format": fmt, "path": str(path), "bytes": path.stat().st_size,
                               "max_abs_error": error, "input_size": size}
     if quantize == "dynamic":
-        report["int8"] = _quantized(recipe, model, fmt, path, example)
+        report["int8"] = _quantized(recipe, model, fmt, path, outputs[1], example)
     return report
 
 
-def _quantized(recipe: Recipe, model: nn.Module, fmt: str, path: Path,
+def _quantized(recipe: Recipe, model: nn.Module, fmt: str, path: Path, qpath: Path,
                example: torch.Tensor) -> dict[str, Any]:
-    qpath = path.with_name(f"{path.stem}.int8{path.suffix}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if fmt == "onnx":
-            import onnx
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+    with atomic_output(qpath) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if fmt == "onnx":
+                import onnx
+                from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            # The exporter's stored intermediate shapes trip onnxruntime's shape inference
-            # during quantization ("Inferred shape and existing shape differ"): drop them.
-            graph_model = onnx.load(str(path))
-            del graph_model.graph.value_info[:]
-            stripped = qpath.with_name(qpath.name + ".src")
-            onnx.save(graph_model, str(stripped))
-            try:
-                quantize_dynamic(str(stripped), str(qpath), weight_type=QuantType.QInt8)
-            finally:
-                stripped.unlink(missing_ok=True)
-        else:
-            qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-            torch.jit.trace(qmodel, example).save(str(qpath))
-    report: dict[str, Any] = {"path": str(qpath), "bytes": qpath.stat().st_size,
-                              "max_abs_error": _max_error(model, _runner(fmt, qpath),
-                                                          recipe.data.image_size)}
-    report["auroc"] = _auroc_change(recipe, model, _runner(fmt, qpath))
+                # The exporter's stored intermediate shapes trip onnxruntime's shape
+                # inference during quantization ("Inferred shape and existing shape
+                # differ"): drop them.
+                graph_model = onnx.load(str(path))
+                del graph_model.graph.value_info[:]
+                stripped = tmp.with_name(tmp.name + ".src")
+                onnx.save(graph_model, str(stripped))
+                try:
+                    quantize_dynamic(str(stripped), str(tmp), weight_type=QuantType.QInt8)
+                finally:
+                    stripped.unlink(missing_ok=True)
+            else:
+                qmodel = torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
+                                                                dtype=torch.qint8)
+                torch.jit.trace(qmodel, example).save(str(tmp))
+        run = _runner(fmt, tmp)
+        report: dict[str, Any] = {"path": str(qpath), "bytes": tmp.stat().st_size,
+                                  "max_abs_error": _max_error(model, run,
+                                                              recipe.data.image_size)}
+        report["auroc"] = _auroc_change(recipe, model, run)
     return report
 
 

@@ -1,27 +1,32 @@
-"""Stop requests: SIGUSR2 (submitit's and Slurm's warning before preemption or the time limit)
-and SIGTERM (Slurm's kill, ``scontrol requeue``, ``scancel``) end a run cleanly.
+"""Stop requests: SIGUSR2 (submitit's and Slurm's warning before preemption or the time limit),
+SIGTERM (Slurm's kill, ``scontrol requeue``, ``scancel``) and SIGINT (Ctrl-C) end a run cleanly.
 
 The handler only records the signal: no I/O, no collectives inside it. At every optimizer-step
 boundary the loop calls :meth:`StopSignals.agreed`, one tiny all-reduce over a CPU (gloo)
 group, so every rank learns at the same step that some rank was signalled; then every rank
-takes part in one checkpoint and the run stops (and, after SIGUSR2, requeues itself).
+takes part in one checkpoint and the run stops (and, after SIGUSR2, requeues itself through
+:func:`requeue_job`). A second SIGINT aborts at once (``KeyboardInterrupt``): the run is then
+marked failed, and no checkpoint it was writing looks complete.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import threading
 from types import FrameType
 from typing import Any
 
 import torch
 
-from dist_ft.train.consistency import cpu_group
+from dist_ft.cluster import requeue_command
+from dist_ft.train.consistency import cpu_group, gather_objects
 
 log = logging.getLogger("dist_ft.train")
 
-WATCHED = (signal.SIGUSR2, signal.SIGTERM)
+WATCHED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
@@ -44,7 +49,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """Records SIGUSR2/SIGTERM on this rank; :meth:`agreed` tells which any rank received."""
+    """Records SIGUSR2/SIGTERM/SIGINT on this rank; :meth:`agreed` tells which any rank got."""
 
     def __init__(self) -> None:
         self.received: set[int] = set()
@@ -62,6 +67,8 @@ class StopSignals:
             self._group = cpu_group()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and signum in self.received:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now
         self.received.add(signum)
 
     def restore(self) -> None:
@@ -77,3 +84,23 @@ class StopSignals:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return [s.name for s, f in zip(WATCHED, flags.tolist(), strict=True) if f]
+
+
+def requeue_job(signals: list[str], max_requeues: int, main: bool) -> tuple[bool, str]:
+    """After a stop: ask Slurm to run this job again if SIGUSR2 came (main process runs
+    ``scontrol requeue``); every rank learns the outcome (a collective call).
+
+    Returns:
+        Whether the job was requeued, and what happened, in words.
+    """
+    if "SIGUSR2" not in signals:
+        who = "the user interrupted it" if signals == ["SIGINT"] else "Slurm or the user is " \
+            "ending the job"
+        return False, f"not requeued ({'+'.join(signals)}: {who})"
+    requeued = False
+    argv, note = requeue_command(os.environ, max_requeues)
+    if argv is not None and main:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        requeued = done.returncode == 0
+        note = note if requeued else f"{' '.join(argv)} failed: {done.stderr.strip()}"
+    return bool(gather_objects(requeued)[0]), note

@@ -1,4 +1,4 @@
-"""Apply a resolved freeze stage to a model: trainable flags, BatchNorm modes, optimizer groups.
+"""Freeze stages: trainable flags, BatchNorm modes, optimizer groups, and switching stages.
 
 Optimizer groups are the plan's groups, further split by *training history*: parameters that
 started training in different stages go to different groups (``head@last_block``). Under ZeRO
@@ -8,16 +8,22 @@ parameters the bias correction of old ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dist_ft.config.schema import OptimConfig
+from dist_ft.config.schema import OptimConfig, Recipe
 from dist_ft.plan import ResolvedPlan, ResolvedStage
+from dist_ft.train.progress import Progress
+
+log = logging.getLogger("dist_ft.train")
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,94 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module,
     return cls(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs)
 
 
-def step_tensor(steps: int, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
-    """An Adam ``step`` count as torch keeps it for ``group``: on the parameter's device for
-    fused or capturable groups, else a CPU scalar."""
-    if group.get("fused") or group.get("capturable"):
-        return torch.tensor(float(steps), dtype=torch.float32, device=param.device)
-    return torch.tensor(float(steps))
-
-
 def state_keys(cfg: OptimConfig) -> tuple[str, ...]:
     """Per-element optimizer state the optimizer keeps (carried across stage boundaries)."""
     return ("momentum_buffer",) if cfg.name == "sgd" else ("exp_avg", "exp_avg_sq")
+
+
+class StageSwitcher:
+    """Makes a freeze stage current: trainable set, groups, optimizer, wrapper or engine.
+
+    At a boundary the moments of parameters that were already training are carried into the
+    new optimizer (with their groups' step counts); the plan digest is re-checked on every
+    rank. Backend differences (re-wrap vs a new DeepSpeed engine) are
+    :func:`dist_ft.train.engine.module_for_new_stage`'s.
+
+    Args:
+        accelerator: the run's Accelerator.
+        recipe: the run's recipe.
+        plan: the resolved plan.
+        rebuild: makes a fresh, ready-to-train module from a full state dict.
+        stage_weights: folder for ``trainer.save_stage_weights`` (main process writes).
+    """
+
+    def __init__(self, accelerator: Any, recipe: Recipe, plan: ResolvedPlan,
+                 rebuild: Callable[[dict[str, torch.Tensor]], nn.Module],
+                 stage_weights: Path) -> None:
+        self.accelerator, self.recipe, self.plan = accelerator, recipe, plan
+        self.rebuild, self.stage_weights = rebuild, stage_weights
+        self.keys = state_keys(recipe.optim)
+
+    def enter(self, index: int, model: Any, optimizer: Any, progress: Progress,
+              carry: bool, snapshot: bool = True) -> tuple[Any, Any]:
+        """Enter stage ``index``; ``model`` is the base module before the first stage.
+
+        Returns:
+            The prepared model and optimizer.
+        """
+        from dist_ft.train import engine
+        from dist_ft.train.consistency import check_plan_consistency
+
+        acc, save = self.accelerator, self.recipe.trainer.save_stage_weights
+        started = time.perf_counter()
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        if optimizer is None:
+            module = model
+        else:
+            if save:
+                self.save_weights(f"stage{progress.stage}_end", model, optimizer, moments=True)
+            if carry:
+                moments = engine.snapshot_moments(acc, model, optimizer, self.keys)
+            module = engine.module_for_new_stage(acc, model, self.rebuild)
+            acc.free_memory()
+            model = optimizer = None
+        stage = self.plan.stages[index]
+        apply_trainable(module, stage)
+        groups = optimizer_groups(self.plan, index)
+        model, optimizer = acc.prepare(module, build_optimizer(self.recipe.optim, module, groups))
+        progress.stage = index
+        progress.stage_start.setdefault(str(index), progress.step)
+        steps = [progress.step - progress.stage_start[str(g.since)] for g in groups]
+        seeded = engine.seed_moments(acc, model, optimizer, self.keys, moments, steps) \
+            if moments else 0
+        check_plan_consistency(acc, self.plan, f"entering stage {index} ({stage.name})")
+        if save and snapshot:
+            self.save_weights(f"stage{index}_start", model, optimizer, moments=bool(moments))
+        log.info("stage %d '%s' at step %d: %s trainable params in %d groups, %d BN layers "
+                 "frozen, moments carried for %d tensors, rebuilt in %.2f s; optimizer state "
+                 "on this rank: %d elements", index, stage.name, progress.step,
+                 f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded,
+                 time.perf_counter() - started,
+                 engine.optimizer_state_elements(acc, model, self.keys))
+        return model, optimizer
+
+    def save_weights(self, label: str, model: Any, optimizer: Any,
+                     moments: bool = False) -> None:
+        """Full weights (and optimizer moments) at a stage boundary, for inspection and tests
+        (a collective call)."""
+        from safetensors.torch import save_file
+
+        from dist_ft.train import engine
+
+        state = engine.full_state_dict(self.accelerator, model)
+        carried = {}
+        if moments:
+            found = engine.snapshot_moments(self.accelerator, model, optimizer, self.keys)
+            carried = {f"{k}/{n}": v for n, kv in found.items() for k, v in kv.items()}
+        if self.accelerator.is_main_process:
+            self.stage_weights.mkdir(exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      str(self.stage_weights / f"{label}.safetensors"))
+            if carried:
+                save_file({k: v.contiguous() for k, v in carried.items()},
+                          str(self.stage_weights / f"{label}.moments.safetensors"))

@@ -1,22 +1,23 @@
-"""The training recipe: set-up, stages, the loop, evaluation, checkpoints, final weights.
+"""The training loop: set-up, epochs and stages, evaluation, checkpoints, final weights.
 
-Reads top to bottom: :meth:`Trainer.setup` builds everything and checks rank consistency,
-:meth:`Trainer.train` runs epochs and enters freeze stages at their boundaries,
-:meth:`Trainer.evaluate` computes exact metrics over the whole validation split, and
-:meth:`Trainer.finish` writes ``final/model.safetensors``. Only the main process prints and
-writes TensorBoard; every rank logs to ``OUTPUT_DIR/logs/rank{r}.log``.
+Reads top to bottom: :meth:`Trainer.setup` builds the processes, the model and plan, claims
+the run folder (lock; fresh start, resume or overwrite), builds the data, the schedule and
+the reporting; :meth:`Trainer.train` runs epochs and enters freeze stages at their
+boundaries; :meth:`Trainer.evaluate` computes exact metrics over the whole validation split;
+:meth:`Trainer.finish` writes ``final/model.safetensors``. The services it calls each own one
+rule: the run folder (:mod:`dist_ft.rundir`, :mod:`dist_ft.train.lifecycle`), backend
+mechanics (:mod:`dist_ft.train.engine`), stage switching (:mod:`dist_ft.train.stages`),
+reporting (:mod:`dist_ft.train.reporting`), checkpoints and what an exact resume needs
+(:mod:`dist_ft.train.checkpoint`, :mod:`dist_ft.train.resume`), stops and requeues
+(:mod:`dist_ft.train.preemption`).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
-import math
-import os
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dist_ft.cluster import requeue_command
 from dist_ft.config.load import recipe_to_dict
 from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.cache import CacheError, CacheReader
@@ -34,16 +34,18 @@ from dist_ft.data.datasets import build_dataset
 from dist_ft.data.images import ImageError
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
-from dist_ft.jsonio import dumps
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
 from dist_ft.plan import ResolvedPlan, resolve_plan
+from dist_ft.plan.render import plan_to_json, plan_to_text
+from dist_ft.rundir import RunDir, write_json_atomic
+from dist_ft.runlock import RunLock, RunLockedError
 from dist_ft.train import engine
 from dist_ft.train.checkpoint import (
-    check_output_dir,
-    check_pickles,
+    CheckpointDamaged,
+    OutputDirError,
+    UnsafeCheckpointError,
     checkpoint_bytes,
-    latest_checkpoint,
     load_rank_state,
     read_trainer_state,
     save_checkpoint,
@@ -54,18 +56,16 @@ from dist_ft.train.consistency import (
     gather_objects,
     ranks_flagging,
 )
+from dist_ft.train.lifecycle import Claim, RunUsageError, claim_run_folder
 from dist_ft.train.losses import build_loss
 from dist_ft.train.metrics import classification_metrics
-from dist_ft.train.preemption import Preempted, StopSignals
+from dist_ft.train.preemption import Preempted, StopSignals, requeue_job
+from dist_ft.train.progress import Progress
+from dist_ft.train.reporting import Reporter, setup_logging
+from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
 from dist_ft.train.runtime import build_accelerator, lost_peer, process_resources
 from dist_ft.train.schedule import LrSchedule
-from dist_ft.train.stages import (
-    apply_trainable,
-    build_optimizer,
-    optimizer_groups,
-    set_bn_modes,
-    state_keys,
-)
+from dist_ft.train.stages import StageSwitcher, set_bn_modes
 
 log = logging.getLogger("dist_ft.train")
 
@@ -74,37 +74,23 @@ class TrainingError(RuntimeError):
     """The run cannot start or continue; the message says why and what to change."""
 
 
-@dataclass
-class Progress:
-    """Counters that a checkpoint saves and a resume restores."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0  # current epoch (0-based)
-    micro_in_epoch: int = 0  # micro-batches this rank consumed in the current epoch
-    stage: int = 0
-    stage_start: dict[str, int] = field(default_factory=lambda: {"0": 0})
-    best_score: float | None = None
-    evals_without_gain: int = 0
-    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss
-    nonfinite_in_row: int = 0
-    last_metrics: dict[str, Any] = field(default_factory=dict)
+# Errors the main process may meet while claiming the run folder; every rank raises alike.
+_CLAIM_ERRORS = (RunUsageError, RunLockedError, OutputDirError, CheckpointDamaged,
+                 UnsafeCheckpointError)
 
 
-def _setup_logging(output_dir: Path, rank: int, main: bool) -> None:
-    logs = output_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger("dist_ft")
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(file_handler)
-    if main:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("dist-ft: %(message)s"))
-        root.addHandler(console)
-    root.propagate = False
+def split_digest(*datasets: Any) -> str:
+    """A digest of the images (by file name) and labels of each split, in order."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        if hasattr(dataset, "paths"):
+            names = [Path(p).name for p in dataset.paths]
+        else:  # a cache: its rows of the image index
+            names = [str(n) for n in np.asarray(dataset.reader.images)[dataset.rows]]
+        digest.update("\n".join(names).encode())
+        digest.update(np.ascontiguousarray(dataset.targets).tobytes())
+        digest.update(b"\0")
+    return "sha256:" + digest.hexdigest()
 
 
 class Trainer:
@@ -112,19 +98,24 @@ class Trainer:
 
     Args:
         recipe: the validated recipe.
-        resume: ``"auto"`` (latest finished checkpoint in ``output_dir``, if any), a
-            checkpoint folder, or None (start fresh).
+        resume: ``"auto"`` (newest intact checkpoint in ``output_dir``, if any), a checkpoint
+            folder, or None (a fresh start, refused where a run already is).
+        overwrite: start anew where a run already is, moving it aside.
+        accept_changes: recipe keys (or sections) a resume may find changed.
     """
 
-    def __init__(self, recipe: Recipe, resume: str | None = None) -> None:
-        self.recipe = recipe
-        self.resume = resume
-        self.output_dir = Path(recipe.output_dir)
+    def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False,
+                 accept_changes: Sequence[str] = ()) -> None:
+        self.recipe, self.resume = recipe, resume
+        self.overwrite, self.accept_changes = overwrite, tuple(accept_changes)
+        self.run = RunDir(recipe.output_dir)
         self.progress = Progress()
         self.model: Any = None
         self.optimizer: Any = None
-        self.writer: Any = None
-        self.rank_writer: Any = None
+        self.backend: engine.StepBackend | None = None
+        self.reporter: Reporter | None = None
+        self.lock: RunLock | None = None
+        self.claimed = False  # the run folder is ours: failures may be written into it
         self.grad_check_pending = False
         # Finite training losses since the last evaluation; tensors, so no per-step device sync.
         self.loss_sum: torch.Tensor | float = 0.0
@@ -135,12 +126,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Build the accelerator, model, plan, data, loss and logging; check consistency."""
-        recipe = self.recipe
-        self.acc = acc = build_accelerator(recipe)
+        """Build everything, claim the run folder, and resume or enter the first stage."""
+        self._setup_processes()
+        self._setup_model()
+        claim = self._setup_run_folder()
+        self._setup_data()
+        self._setup_schedule()
+        if claim.checkpoint is not None:
+            self._load(claim.checkpoint)
+        else:
+            self._enter_stage(0, carry=False)
+        self._setup_reporting(claim)
+
+    def _setup_processes(self) -> None:
+        self.acc = acc = build_accelerator(self.recipe)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
-        self.stops.install()  # record SIGUSR2/SIGTERM from here on; acted on between steps
+        self.stops.install()  # record SIGUSR2/SIGTERM/SIGINT from here on; acted on at steps
         dist = torch.distributed
         if dist.is_initialized() and dist.get_world_size() > 1 and not (
                 engine.is_deepspeed(acc) or acc.distributed_type.name.startswith("MULTI_")):
@@ -148,26 +150,48 @@ class Trainer:
                                 f"{acc.distributed_type}: ranks would train separately")
         from accelerate.utils import set_seed
 
-        set_seed(recipe.trainer.seed)
-        module = self._checkpointed(build_model(recipe.model))
-        self.spec = describe_model(module, recipe.model.name)
-        if self.main:
-            check_output_dir(self.output_dir, checkpoint_bytes(self.spec.num_params))
-        acc.wait_for_everyone()
-        _setup_logging(self.output_dir, self.rank, self.main)
-        self.plan: ResolvedPlan = resolve_plan(recipe, self.spec)
-        check_plan_consistency(acc, self.plan, "at start")
-        self.base_module = module
+        set_seed(self.recipe.trainer.seed)
 
-        data = recipe.data
+    def _setup_model(self) -> None:
+        self.base_module = self._checkpointed(build_model(self.recipe.model))
+        self.spec = describe_model(self.base_module, self.recipe.model.name)
+        self.plan: ResolvedPlan = resolve_plan(self.recipe, self.spec)
+        check_plan_consistency(self.acc, self.plan, "at start")
+        self.stages = StageSwitcher(self.acc, self.recipe, self.plan, self._fresh_module,
+                                    self.run.stage_weights)
+
+    def _setup_run_folder(self) -> Claim:
+        """The main process locks and claims the folder; every rank learns the outcome."""
+        claim, problem = None, None
+        if self.main:
+            try:
+                claim, self.lock = claim_run_folder(self.run, self.resume, self.overwrite,
+                                                    checkpoint_bytes(self.spec.num_params))
+            except _CLAIM_ERRORS as exc:
+                gather_objects((None, (isinstance(exc, RunUsageError), str(exc))))
+                raise
+        claim, problem = gather_objects((claim, problem))[0]
+        if problem is not None:
+            usage, message = problem
+            raise (RunUsageError if usage else TrainingError)(message)
+        self.claimed = True
+        self.run_id = claim.run_id
+        setup_logging(self.run, self.rank, self.main)
+        self.reporter = Reporter(self.run, claim.run_id, self.rank, self.world, self.main,
+                                 self.recipe.logging.per_rank)
+        for note in claim.notes:
+            log.warning("%s", note)
+        return claim
+
+    def _setup_data(self) -> None:
+        recipe, data, acc = self.recipe, self.recipe.data, self.acc
         if data.cache is not None and data.verify_cache:
             self._verify_cache(data.cache)
         self.train_set = build_dataset(data, "train")
         self.val_set = build_dataset(data, "val")
         for dataset in (self.train_set, self.val_set):
             if hasattr(dataset, "bad_image_log"):  # images read from files, skippable
-                dataset.bad_image_log = self.output_dir / "logs" / \
-                    f"bad_images.rank{self.rank}.jsonl"
+                dataset.bad_image_log = self.run.bad_images(self.rank)
         classes = len(self.train_set.classes)
         if classes != recipe.model.num_classes:
             raise TrainingError(
@@ -194,37 +218,39 @@ class Trainer:
         self.resize = BatchResize(data.image_size)
         self.normalize = BatchNormalize().to(acc.device)
         self.generator = torch.Generator().manual_seed(recipe.trainer.seed * 1000 + self.rank)
+        self.contract = run_contract(recipe_to_dict(recipe), self.plan.digest,
+                                     split_digest(self.train_set, self.val_set), self.world,
+                                     engine.zero_stage(acc))
 
+    def _setup_schedule(self) -> None:
+        trainer = self.recipe.trainer
         micro_per_epoch = len(self.train_loader)
-        self.steps_per_epoch = max(1, micro_per_epoch // recipe.trainer.grad_accum_steps)
-        total = recipe.trainer.epochs * self.steps_per_epoch
-        self.total_steps = min(total, recipe.trainer.max_steps or total)
-        self.schedule = LrSchedule(recipe.schedule, self.total_steps, self.steps_per_epoch)
+        self.steps_per_epoch = max(1, micro_per_epoch // trainer.grad_accum_steps)
+        total = trainer.epochs * self.steps_per_epoch
+        self.total_steps = min(total, trainer.max_steps or total)
+        self.schedule = LrSchedule(self.recipe.schedule, self.total_steps, self.steps_per_epoch)
 
-        checkpoint = self._resume_path()
-        if checkpoint is not None:
-            self._load(checkpoint)
-        else:
-            self._enter_stage(0, carry=False)
+    def _setup_reporting(self, claim: Claim) -> None:
+        recipe, p = self.recipe, self.progress
         if self.main:
-            self._write_run_files()
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self._purge_step())
-            self.writer.add_text("recipe", "```yaml\n" + yaml.safe_dump(
-                recipe_to_dict(recipe), sort_keys=False) + "\n```", self.progress.step)
-            self.writer.add_text("plan", self._plan_text(), self.progress.step)
-        if recipe.logging.per_rank:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.rank_writer = SummaryWriter(str(self.output_dir / "tb" / f"rank{self.rank}"),
-                                             purge_step=self._purge_step())
-        self.write_status("running")
-        log.info("rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
-                 "%d steps of %d images", self.rank, self.world, acc.device,
-                 recipe.trainer.backend, engine.zero_stage(acc), len(self.train_set),
+            write_json_atomic(self.run.recipe, None, text=yaml.safe_dump(
+                recipe_to_dict(recipe), sort_keys=False))
+            write_json_atomic(self.run.plan, plan_to_json(self.plan))
+        # A checkpoint at step N was written after everything logged at step N, so a resumed
+        # run hides only what an interrupted segment logged after it (steps > N); a restart
+        # at step 0 of a run that logged before hides all of it.
+        purge = p.step + 1 if claim.checkpoint is not None else \
+            (0 if self.resume is not None and self.run.tb.exists() else None)
+        texts = {"recipe": "```yaml\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+                 + "\n```", "plan": plan_to_text(self.plan), "run": f"run id {self.run_id}"}
+        assert self.reporter is not None
+        self.reporter.open(p, self.total_steps, texts, purge)
+        self.reporter.status("running", p)
+        log.info("run %s, rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
+                 "%d steps of %d images", self.run_id, self.rank, self.world, self.acc.device,
+                 recipe.trainer.backend, engine.zero_stage(self.acc), len(self.train_set),
                  len(self.val_set), self.total_steps,
-                 data.batch_size * self.world * recipe.trainer.grad_accum_steps)
+                 recipe.data.batch_size * self.world * recipe.trainer.grad_accum_steps)
 
     def _verify_cache(self, cache: str) -> None:
         """Checksums of every shard against the manifest, once (main process), before use.
@@ -246,28 +272,6 @@ class Trainer:
             raise CacheError(f"{problem}; rebuild it with dist-ft data prepare (or set "
                              "data.verify_cache=false to train without this check)")
 
-    def _purge_step(self) -> int | None:
-        # A checkpoint at step N was written after everything logged at step N, so a resumed
-        # run hides only what an interrupted segment logged after it (steps > N).
-        return self.progress.step + 1 if self.progress.step else None
-
-    def _plan_text(self) -> str:
-        lines = [f"digest {self.plan.digest}"]
-        for s in self.plan.stages:
-            start = ", ".join(f"{k} {v}" for k, v in s.start.items())
-            lines.append(f"stage {s.index} {s.name} from {start}: {s.trainable_params:,} "
-                         f"trainable, {len(s.bn_eval)} BN frozen")
-            lines += [f"  {g.name}: {g.num_params:,} params, lr {g.lr:.3g}, wd {g.weight_decay:g}"
-                      for g in s.groups]
-        return "\n".join(lines)
-
-    def _write_run_files(self) -> None:
-        (self.output_dir / "recipe.yaml").write_text(
-            yaml.safe_dump(recipe_to_dict(self.recipe), sort_keys=False))
-        from dist_ft.cli.plan import plan_to_json
-
-        (self.output_dir / "plan.json").write_text(json.dumps(plan_to_json(self.plan), indent=2))
-
     # ------------------------------------------------------------------ stages
     def _fresh_module(self, state: dict[str, torch.Tensor]) -> nn.Module:
         cfg = ModelConfig(name=self.recipe.model.name, num_classes=self.recipe.model.num_classes)
@@ -284,83 +288,31 @@ class Trainer:
         return module
 
     def _enter_stage(self, index: int, carry: bool, snapshot: bool = True) -> None:
-        """Make stage ``index`` current: trainable set, groups, optimizer, wrapper/engine."""
-        acc, recipe = self.acc, self.recipe
-        started = time.perf_counter()
-        keys = state_keys(recipe.optim)
-        moments: dict[str, dict[str, torch.Tensor]] = {}
-        if self.model is not None and self.recipe.trainer.save_stage_weights:
-            self._save_stage_weights(f"stage{self.progress.stage}_end", moments=True)
-        if self.model is None:
-            module = self.base_module
-        else:
-            if carry:
-                moments = engine.snapshot_moments(acc, self.model, self.optimizer, keys)
-            if engine.is_deepspeed(acc):
-                # A new engine for the new trainable set (DeepSpeed has no add_param_group);
-                # ZeRO-3 holds only shards, so rebuild the module from gathered weights.
-                module = self._fresh_module(engine.full_state_dict(acc, self.model))
-            else:
-                module = engine.unwrap(acc, self.model)
-            acc.free_memory()
-            self.model = self.optimizer = None
-        stage = self.plan.stages[index]
-        apply_trainable(module, stage)
-        groups = optimizer_groups(self.plan, index)
-        optimizer = build_optimizer(recipe.optim, module, groups)
-        self.model, self.optimizer = acc.prepare(module, optimizer)
-        self.progress.stage = index
-        self.progress.stage_start.setdefault(str(index), self.progress.step)
-        steps = [self.progress.step - self.progress.stage_start[str(g.since)] for g in groups]
-        seeded = engine.seed_moments(acc, self.model, self.optimizer, keys, moments, steps) \
-            if moments else 0
-        check_plan_consistency(acc, self.plan, f"entering stage {index} ({stage.name})")
-        if recipe.trainer.save_stage_weights and snapshot:
-            self._save_stage_weights(f"stage{index}_start", moments=bool(moments))
+        """Make stage ``index`` current (see :class:`StageSwitcher`)."""
+        model = self.base_module if self.model is None else self.model
+        self.model, self.optimizer = self.stages.enter(index, model, self.optimizer,
+                                                       self.progress, carry, snapshot)
+        self.backend = engine.step_backend(self.acc, self.model, self.optimizer)
         self.grad_check_pending = True
-        log.info("stage %d '%s' at step %d: %s trainable params in %d groups, %d BN layers "
-                 "frozen, moments carried for %d tensors, rebuilt in %.2f s; optimizer state "
-                 "on this rank: %d elements", index, stage.name, self.progress.step,
-                 f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded,
-                 time.perf_counter() - started,
-                 engine.optimizer_state_elements(acc, self.model, keys))
-
-    def _save_stage_weights(self, label: str, moments: bool = False) -> None:
-        """Full weights (and optimizer moments) at a stage boundary, for inspection and tests."""
-        from safetensors.torch import save_file
-
-        state = engine.full_state_dict(self.acc, self.model)
-        carried = {}
-        if moments:
-            keys = state_keys(self.recipe.optim)
-            found = engine.snapshot_moments(self.acc, self.model, self.optimizer, keys)
-            carried = {f"{k}/{n}": v for n, kv in found.items() for k, v in kv.items()}
-        if self.main:
-            folder = self.output_dir / "stage_weights"
-            folder.mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()},
-                      str(folder / f"{label}.safetensors"))
-            if carried:
-                save_file({k: v.contiguous() for k, v in carried.items()},
-                          str(folder / f"{label}.moments.safetensors"))
 
     def _stage_due(self) -> int:
         p = self.progress
         return self.plan.stage_at(epoch=p.epoch, step=p.step).index
 
+    def _train_mode(self) -> None:
+        self.model.train()
+        set_bn_modes(engine.unwrap(self.acc, self.model), self.plan.stages[self.progress.stage])
+
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         """Run until ``trainer.max_steps``/``trainer.epochs`` or early stopping."""
         acc, recipe, p = self.acc, self.recipe, self.progress
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=p.step, disable=not self.main,
-                   unit="step", dynamic_ncols=True)
+        assert self.reporter is not None and self.backend is not None
         stop = p.step >= self.total_steps
         while not stop:
             if self._stage_due() != p.stage:
                 self._enter_stage(self._stage_due(), carry=True)
-            self.train_sampler.set_epoch(p.epoch, start=p.micro_in_epoch * recipe.data.batch_size)
+            self.train_sampler.set_epoch(p.epoch, start=p.samples_in_epoch // self.world)
             self._train_mode()
             window_start, window_images = time.perf_counter(), 0
             for images, targets in self.train_loader:
@@ -369,18 +321,18 @@ class Trainer:
                 loss, finite = self._micro_step(images, targets)
                 self.loss_sum = self.loss_sum + torch.where(finite, loss, 0.0)
                 self.loss_count = self.loss_count + finite.long()
-                p.micro_in_epoch += 1
+                p.samples_in_epoch += len(images) * self.world
                 window_images += len(images) * self.world
                 if not acc.sync_gradients:
                     continue
                 p.step += 1
-                bar.update(1)
+                self.reporter.bar.update(1)
                 if p.step % recipe.logging.every_steps == 0 or p.step == 1:
                     # Windows are contiguous: logging's own cost counts in the next one.
                     now = time.perf_counter()
                     rate = window_images / max(1e-9, now - window_start)
                     window_start, window_images = now, 0
-                    self._log_step(loss, rate, bar)
+                    self._log_step(loss, rate)
                 every = recipe.trainer.checkpoint_every_steps
                 if every and p.step % every == 0 and p.step < self.total_steps:
                     self.save()
@@ -393,59 +345,17 @@ class Trainer:
                         self._stop_on_signal(signals)
             else:  # the epoch ran to its end
                 p.epoch += 1
-                p.micro_in_epoch = 0
+                p.samples_in_epoch = 0
                 if p.epoch % recipe.trainer.eval_every_epochs == 0 or p.step >= self.total_steps:
                     stop = self._end_of_epoch_eval()
-                if engine.zero_stage(acc) != 3:
+                if self.backend.replicated:
                     check_replicas(acc, engine.unwrap(acc, self.model), f"after epoch {p.epoch}")
                 if p.step < self.total_steps and not stop:
                     self.save()
             stop = stop or p.step >= self.total_steps
-        bar.close()
-        if not p.last_metrics or p.micro_in_epoch:
+        if not p.last_metrics or p.samples_in_epoch:
             self._end_of_epoch_eval()
         return p.last_metrics
-
-    def _stop_on_signal(self, signals: list[str]) -> None:
-        """Checkpoint on every rank, requeue after SIGUSR2 (rank 0), and raise Preempted."""
-        p = self.progress
-        log.warning("rank %d: %s received; checkpointing at step %d", self.rank,
-                    "+".join(signals), p.step)
-        latest = latest_checkpoint(self.output_dir)
-        path = latest if latest is not None and latest.name == f"step_{p.step:08d}" \
-            else self.save()
-        requeued, note = False, "not requeued (SIGTERM: Slurm or the user is ending the job)"
-        if "SIGUSR2" in signals:
-            argv, note = requeue_command(os.environ, self.recipe.launch.max_requeues)
-            if argv is not None and self.main:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-                requeued = done.returncode == 0
-                note = note if requeued else f"{' '.join(argv)} failed: {done.stderr.strip()}"
-            requeued = bool(gather_objects(requeued)[0])
-        self.write_status("stopped", signals=signals, checkpoint=str(path), note=note)
-        if self.writer is not None:
-            self.writer.flush()
-        raise Preempted(p.step, path, signals, requeued, note)
-
-    def write_status(self, state: str, **extra: Any) -> None:
-        """``OUTPUT_DIR/status.json`` (main process): state, step, total, time; atomic."""
-        if not self.main:
-            return
-        p = self.progress
-        status = {"state": state, "step": p.step,
-                  "total_steps": getattr(self, "total_steps", None),
-                  "epoch": p.epoch, "stage": p.stage, "time": time.time(),
-                  "job_id": os.environ.get("SLURM_JOB_ID"), **extra}
-        tmp = self.output_dir / "status.json.tmp"
-        try:
-            tmp.write_text(dumps(status))
-            tmp.replace(self.output_dir / "status.json")
-        except OSError as exc:  # status is advisory: never mask the run's own error
-            log.warning("cannot write %s: %s", tmp.with_name("status.json"), exc)
-
-    def _train_mode(self) -> None:
-        self.model.train()
-        set_bn_modes(engine.unwrap(self.acc, self.model), self.plan.stages[self.progress.stage])
 
     def _micro_step(self, images: torch.Tensor,
                     targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,7 +364,8 @@ class Trainer:
         Returns:
             The detached loss and whether it is finite (0-d tensors on the device).
         """
-        acc = self.acc
+        acc, backend = self.acc, self.backend
+        assert backend is not None
         images = images.to(acc.device, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
         x = self.normalize(self.augment(images, self.generator))
@@ -468,36 +379,16 @@ class Trainer:
             finite = torch.isfinite(loss.detach())
             self.window_finite = finite if self.window_finite is None \
                 else self.window_finite & finite
-            if engine.is_deepspeed(acc):
-                # Accelerate's backward would also run engine.step(); split them so the
-                # gradient check sees gradients (DeepSpeed clips from its own config).
-                ds = acc.deepspeed_engine_wrapped.engine
-                ds.backward(loss)
-                skip = boundary and self._nonfinite_step()
-                if boundary and self.grad_check_pending and not skip:
+            backend.backward(loss)
+            skip = boundary and self._nonfinite_step()
+            if boundary and not skip:
+                if self.grad_check_pending:
                     self._report_gradless()
-                # DeepSpeed itself drops an update whose gradient norm is not finite (its
-                # overflow path, every ZeRO stage): the skip is checked, not assumed.
-                skipped_before = ds.skipped_steps
-                ds.step()
-                if skip and ds.skipped_steps == skipped_before:
-                    raise TrainingError(
-                        f"step {self.progress.step + 1}: the loss was not finite but DeepSpeed "
-                        "applied the update (finite gradients?); stopping rather than go on")
-            else:
-                acc.backward(loss)
-                if boundary:
-                    if self._nonfinite_step():
-                        self.optimizer.zero_grad()
-                        return loss.detach(), finite
-                    if self.grad_check_pending:
-                        self._report_gradless()
-                    clip = self.recipe.trainer.grad_clip_norm
-                    if clip:
-                        # Kept as a tensor: float() here would sync the GPU every step.
-                        self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad()
+                backend.clip(self.recipe.trainer.grad_clip_norm)
+            try:
+                backend.step(skip)
+            except RuntimeError as exc:  # a skip DeepSpeed did not honour
+                raise TrainingError(f"step {self.progress.step + 1}: {exc}") from None
         return loss.detach(), finite
 
     def _nonfinite_step(self) -> bool:
@@ -518,7 +409,7 @@ class Trainer:
             p.nonfinite_in_row = 0
             return False
         step = p.step + 1
-        latest = latest_checkpoint(self.output_dir)
+        latest = self.run.latest_checkpoint()
         kept = f"last complete checkpoint: {latest}" if latest else "no checkpoint yet"
         if cfg.nonfinite_loss == "stop":
             raise TrainingError(
@@ -533,8 +424,8 @@ class Trainer:
                 f"{cfg.nonfinite_max_in_row}): stopped ({kept})")
         log.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank "
                     "(%d skipped in all)", step, ranks, p.skipped_steps)
-        if self.writer is not None:
-            self.writer.add_scalar("train/skipped_steps", p.skipped_steps, step)
+        assert self.reporter is not None
+        self.reporter.skipped(p)
         return True
 
     def _report_gradless(self) -> None:
@@ -551,30 +442,12 @@ class Trainer:
             log.warning("stage %d: %d trainable parameter(s) received no gradient: %s",
                         self.progress.stage, len(missing), ", ".join(missing[:10]))
 
-    def _log_step(self, loss: torch.Tensor, images_per_s: float, bar: Any) -> None:
-        if self.rank_writer is not None:  # this rank's own view, before the reduction
-            self.rank_writer.add_scalar("rank/loss", float(loss), self.progress.step)
-            self.rank_writer.add_scalar("rank/samples_per_s", images_per_s / self.world,
-                                        self.progress.step)
+    def _log_step(self, loss: torch.Tensor, rate: float) -> None:
+        assert self.reporter is not None and self.backend is not None
         mean_loss = float(self.acc.reduce(loss.float(), reduction="mean"))
-        if not self.main:
-            return
-        self.write_status("running")
-        step = self.progress.step
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        if math.isfinite(mean_loss):  # else a skipped step (trainer.nonfinite_loss=skip)
-            self.writer.add_scalar("train/loss", mean_loss, step)
-        self.writer.add_scalar("train/samples_per_s", images_per_s, step)
-        self.writer.add_scalar("train/stage", self.progress.stage, step)
-        for name, lr in lrs.items():
-            self.writer.add_scalar(f"lr/{name}", lr, step)
-        norm = getattr(self, "grad_norm", None)
-        if engine.is_deepspeed(self.acc):
-            norm = self.acc.deepspeed_engine_wrapped.engine.get_global_grad_norm()
-        if norm is not None and math.isfinite(float(norm)):
-            self.writer.add_scalar("train/grad_norm", float(norm), step)
-        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
-                        img_s=f"{images_per_s:.0f}", stage=self.progress.stage)
+        self.reporter.step(self.progress, float(loss), mean_loss, rate, lrs,
+                           self.backend.grad_norm() if self.main else None)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
@@ -615,19 +488,20 @@ class Trainer:
         metrics = self.evaluate()
         metrics.update(epoch=p.epoch, step=p.step)
         trained = isinstance(self.loss_count, torch.Tensor)  # alike on every rank
+        gap = None
         if trained:  # mean over all ranks' finite micro-batch losses since the last evaluation
             totals = torch.stack([torch.as_tensor(self.loss_sum, dtype=torch.float32),
                                   torch.as_tensor(self.loss_count, dtype=torch.float32)])
             total, count = self.acc.reduce(totals.to(self.acc.device), reduction="sum").tolist()
             self.loss_sum, self.loss_count = 0.0, 0
-        if trained and count:
-            train_loss = total / count
-            metrics["train_loss"] = train_loss
-            self.gaps.append(metrics["val_loss"] - train_loss)
-            if len(self.gaps) >= 3 and self.gaps[-3] < self.gaps[-2] < self.gaps[-1]:
-                log.warning("train/validation gap widening for 2 evaluations: %s "
-                            "(overfitting? consider early stopping or a lower lr)",
-                            " -> ".join(f"{g:.4f}" for g in self.gaps[-3:]))
+            if count:
+                metrics["train_loss"] = total / count
+                gap = metrics["val_loss"] - metrics["train_loss"]
+                self.gaps.append(gap)
+                if len(self.gaps) >= 3 and self.gaps[-3] < self.gaps[-2] < self.gaps[-1]:
+                    log.warning("train/validation gap widening for 2 evaluations: %s "
+                                "(overfitting? consider early stopping or a lower lr)",
+                                " -> ".join(f"{g:.4f}" for g in self.gaps[-3:]))
         p.last_metrics = metrics
         score = metrics["score"]
         self.schedule.observe(score)
@@ -635,18 +509,8 @@ class Trainer:
             p.best_score, p.evals_without_gain = score, 0
         else:
             p.evals_without_gain += 1
-        if self.main:
-            if self.gaps:
-                self.writer.add_scalar("val/gap", self.gaps[-1], p.step)
-            for key in ("val_loss", "auroc_mean", "accuracy", "f1_macro"):
-                if key in metrics:
-                    self.writer.add_scalar(f"val/{key}", metrics[key], p.step)
-            for cls, value in metrics.get("auroc", {}).items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(f"val_auroc/{cls}", value, p.step)
-            self.writer.flush()
-            log.info("epoch %d step %d: val loss %.4f, score %.4f", p.epoch, p.step,
-                     metrics["val_loss"], score)
+        assert self.reporter is not None
+        self.reporter.evaluation(p, metrics, gap)
         patience = cfg.early_stopping_patience
         if patience and p.evals_without_gain >= patience:
             log.info("early stopping: no gain in %d evaluations", patience)
@@ -654,31 +518,14 @@ class Trainer:
         return False
 
     # ------------------------------------------------------------------ checkpoints
-    def _resume_path(self) -> Path | None:
-        if self.resume is None:
-            return None
-        if self.resume == "auto":
-            return latest_checkpoint(self.output_dir)
-        path = Path(self.resume)
-        if not path.is_dir():
-            raise TrainingError(f"--resume {path}: no such checkpoint folder")
-        return path
-
     def save(self) -> Path:
         """Write a checkpoint of the current state (every rank takes part)."""
-        p = self.progress
         engine.average_bn_stats(self.acc, self.model)
-        state = {
-            "step": p.step, "epoch": p.epoch, "micro_in_epoch": p.micro_in_epoch,
-            "stage": p.stage, "stage_start": p.stage_start, "best_score": p.best_score,
-            "evals_without_gain": p.evals_without_gain, "last_metrics": p.last_metrics,
-            "skipped_steps": p.skipped_steps, "nonfinite_in_row": p.nonfinite_in_row,
-            "schedule": self.schedule.state_dict(), "world_size": self.world,
-            "digest": self.plan.digest, "backend": self.recipe.trainer.backend,
-            "zero_stage": engine.zero_stage(self.acc),
-        }
+        state = {"run_id": self.run_id, "progress": self.progress.state_dict(),
+                 "schedule": self.schedule.state_dict(), "contract": self.contract,
+                 "world_size": self.world}
         rank_state = {"generator": self.generator.get_state()}
-        path = save_checkpoint(self.acc, self.output_dir, p.step, state, rank_state,
+        path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
                                self.recipe.trainer.keep_last)
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
@@ -686,68 +533,101 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
+        """Resume from a verified checkpoint after checking that it fits this run.
+
+        Raises:
+            RunUsageError: the run differs from the checkpoint in a way not accepted.
+        """
         state = read_trainer_state(path)
-        problems = []
-        if state["digest"] != self.plan.digest:
-            problems.append("the plan differs from the checkpoint's (recipe changed?)")
-        if state["world_size"] != self.world and engine.is_deepspeed(self.acc):
-            problems.append(f"saved with {state['world_size']} processes, now {self.world}: "
-                            "ZeRO checkpoints resume on the same number of processes")
-        if state["backend"] != self.recipe.trainer.backend:
-            problems.append(f"saved under {state['backend']}, recipe says "
-                            f"{self.recipe.trainer.backend}")
-        if problems:
-            raise TrainingError(f"cannot resume from {path}: " + "; ".join(problems))
+        if "progress" not in state:
+            raise RunUsageError(f"{path} was written by an older dist-ft, before run ids and "
+                                "exact-resume checks: start a new run from its weights instead")
+        try:
+            changes = check_resume(state.get("contract", {}), self.contract,
+                                   self.accept_changes, str(path))
+        except ResumeMismatch as exc:
+            raise RunUsageError(str(exc)) from None
+        if changes:
+            accepted = [{"key": c.key, "was": c.saved, "now": c.now} for c in changes]
+            assert self.reporter is not None
+            self.reporter.status_extra["accepted_changes"] = accepted
+            for change in changes:
+                log.warning("resume: accepted change %s", change)
         p = self.progress
-        p.step, p.epoch, p.stage = state["step"], state["epoch"], state["stage"]
-        p.micro_in_epoch = state["micro_in_epoch"] * state["world_size"] // self.world
-        p.stage_start = {str(k): v for k, v in state["stage_start"].items()}
-        p.best_score, p.evals_without_gain = state["best_score"], state["evals_without_gain"]
-        p.last_metrics = state["last_metrics"]
-        p.skipped_steps = state.get("skipped_steps", 0)
-        p.nonfinite_in_row = state.get("nonfinite_in_row", 0)
+        p.load_state_dict(state["progress"])
         self.schedule.load_state_dict(state["schedule"])
         self._enter_stage(p.stage, carry=False, snapshot=False)
-        check_pickles(path)  # before DeepSpeed unpickles its files with weights_only=False
         self.acc.load_state(str(path))
-        rank_file = path / f"rank{self.rank}.pt"
-        if rank_file.is_file():
+        if (path / f"rank{self.rank}.pt").is_file():
             self.generator.set_state(load_rank_state(path, self.rank)["generator"])
         log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,
                  p.stage)
+
+    def _stop_on_signal(self, signals: list[str]) -> None:
+        """Checkpoint on every rank, requeue after SIGUSR2, and raise Preempted."""
+        p = self.progress
+        log.warning("rank %d: %s received; checkpointing at step %d", self.rank,
+                    "+".join(signals), p.step)
+        latest = self.run.latest_checkpoint()
+        ours = latest is not None and RunDir.checkpoint_step(latest) == p.step \
+            and RunDir.checkpoint_run_id(latest) == self.run_id
+        path = latest if ours else self.save()
+        requeued, note = requeue_job(signals, self.recipe.launch.max_requeues, self.main)
+        assert self.reporter is not None
+        self.reporter.status("stopped", p, signals=signals, checkpoint=str(path), note=note)
+        self.reporter.flush()
+        raise Preempted(p.step, path, signals, requeued, note)
 
     # ------------------------------------------------------------------ end
     def finish(self) -> Path:
         """Write ``final/model.safetensors`` (consolidated fp32, torchvision names)."""
         from safetensors.torch import save_file
 
+        assert self.reporter is not None
         if self.recipe.trainer.save_stage_weights:
-            self._save_stage_weights(f"stage{self.progress.stage}_end")
+            self.stages.save_weights(f"stage{self.progress.stage}_end", self.model,
+                                     self.optimizer)
         state = engine.full_state_dict(self.acc, self.model)
         sums = gather_objects([float(v.double().sum()) for v in state.values()])
         if any(s != sums[0] for s in sums):
             raise TrainingError("final weights differ between ranks")
         log.info("final weights identical on %d rank(s)", self.world)
-        final = self.output_dir / "final"
         if self.main:
-            final.mkdir(parents=True, exist_ok=True)
-            tmp = final / "model.safetensors.tmp"
+            self.run.final.mkdir(parents=True, exist_ok=True)
+            tmp = self.run.final_weights.with_name(self.run.final_weights.name + ".tmp")
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                      metadata={"model": self.recipe.model.name, "digest": self.plan.digest})
-            tmp.replace(final / "model.safetensors")
-            (final / "metrics.json").write_text(dumps(self.progress.last_metrics))
-            self.write_status("finished", score=self.progress.last_metrics.get("score"))
-            if self.writer is not None:
-                self.writer.close()
-        if self.rank_writer is not None:
-            self.rank_writer.close()
+                      metadata={"model": self.recipe.model.name, "digest": self.plan.digest,
+                                "run_id": self.run_id})
+            tmp.replace(self.run.final_weights)
+            write_json_atomic(self.run.final_metrics, self.progress.last_metrics)
+            self.reporter.status("finished", self.progress,
+                                 score=self.progress.last_metrics.get("score"))
+        self.reporter.close()
         self.acc.wait_for_everyone()
-        return final / "model.safetensors"
+        return self.run.final_weights
+
+    def explain(self, exc: BaseException) -> BaseException:
+        """The error to report for ``exc``: lost ranks and bad data get their own wording."""
+        if isinstance(exc, KeyboardInterrupt):
+            latest = self.run.latest_checkpoint()
+            return TrainingError(f"interrupted (Ctrl-C twice) at step {self.progress.step}; "
+                                 "continue with --resume auto"
+                                 + (f": from {latest}" if latest else ""))
+        if lost_peer(exc):
+            return TrainingError(_lost_peer_message(self, exc))
+        if isinstance(exc, ImageError | CacheError):
+            return TrainingError(_data_error_message(exc))
+        return exc
 
     def close(self) -> None:
-        """Release the process group (avoids exit-time aborts seen with gloo + DeepSpeed)."""
+        """Release the handlers, the lock and the process group."""
         self.stops.restore()
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.lock is not None:
+            self.lock.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Avoids exit-time aborts seen with gloo + DeepSpeed.
             torch.distributed.destroy_process_group()
 
 
@@ -763,27 +643,29 @@ def _data_error_message(exc: Exception) -> str:
 
 
 def _lost_peer_message(trainer: Trainer, exc: BaseException) -> str:
-    latest = latest_checkpoint(trainer.output_dir)
+    latest = trainer.run.latest_checkpoint()
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"rank {getattr(trainer, 'rank', '?')} lost contact with the other ranks at step "
             f"{trainer.progress.step}: another rank died, was killed or hung for longer than "
             f"trainer.collective_timeout_min={trainer.recipe.trainer.collective_timeout_min:g} "
-            f"(see {trainer.output_dir / 'logs'}/rank*.log). Continue with --resume auto: "
+            f"(see {trainer.run.logs}/rank*.log). Continue with --resume auto: "
             f"{'from ' + str(latest) if latest else 'no checkpoint yet, so from the start'}. "
             f"[{first[:300]}]")
 
 
-def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
+def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = False,
+                 accept_changes: Sequence[str] = ()) -> dict[str, Any]:
     """Set up, train and finish one run on this process; what ``dist-ft train`` runs.
 
     Returns:
         The final validation metrics plus ``weights`` (the final file's path) and ``step``.
 
     Raises:
-        Preempted: a SIGUSR2/SIGTERM stopped the run after a complete checkpoint.
+        Preempted: a SIGUSR2/SIGTERM/SIGINT stopped the run after a complete checkpoint.
+        RunUsageError: the run folder or the resume does not allow this start (exit 2).
         TrainingError: the run cannot start or continue.
     """
-    trainer = Trainer(recipe, resume=resume)
+    trainer = Trainer(recipe, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
     try:
         trainer.setup()
         metrics = trainer.train()
@@ -791,19 +673,17 @@ def run_training(recipe: Recipe, resume: str | None = None) -> dict[str, Any]:
         if trainer.main:
             score = metrics.get("auroc_mean", metrics.get("accuracy"))
             print(f"done: {trainer.progress.step} steps, validation score {score:.4f}; "
-                  f"weights {final}; TensorBoard: tensorboard --logdir {trainer.output_dir / 'tb'}",
+                  f"weights {final}; TensorBoard: tensorboard --logdir {trainer.run.tb}",
                   flush=True)
     except Preempted:
         raise
-    except Exception as exc:
-        error: Exception = exc
-        if lost_peer(exc):
-            error = TrainingError(_lost_peer_message(trainer, exc))
-        elif isinstance(exc, ImageError | CacheError):
-            error = TrainingError(_data_error_message(exc))
+    except BaseException as exc:
+        error = trainer.explain(exc)
         log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error)
-        if getattr(trainer, "main", False):
-            trainer.write_status("failed", error=f"{type(error).__name__}: {error}")
+        # Only a folder this run claimed gets its failure: never another run's status.json.
+        if trainer.claimed and trainer.reporter is not None:
+            trainer.reporter.status("failed", trainer.progress,
+                                    error=f"{type(error).__name__}: {error}")
         if error is exc:
             raise
         raise error from exc

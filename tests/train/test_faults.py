@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from dist_ft.train.checkpoint import UnsafeCheckpointError, check_pickles
+from dist_ft.train.checkpoint import UnsafeCheckpointError, verify_checkpoint
 from tests.conftest import CONFIGS, REPO, CliResult, plain_env
 
 SMOKE = CONFIGS / "chestxray14_smoke.yaml"
@@ -207,12 +207,13 @@ def test_pickled_code_in_a_checkpoint_is_refused_before_deepspeed_reads_it(
 
     folder = tmp_path / "step_00000004"
     (folder / "pytorch_model").mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
     # What DeepSpeed writes passes: tensors and its plain data classes.
     torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0),
                                          "zero_stage": ZeroStageEnum.gradients,
                                          "fp32": torch.ones(3)}},
                folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    check_pickles(folder)
+    verify_checkpoint(folder)
 
     class Evil:
         def __reduce__(self) -> tuple:
@@ -221,7 +222,7 @@ def test_pickled_code_in_a_checkpoint_is_refused_before_deepspeed_reads_it(
     evil = folder / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": Evil()}, evil)
     with pytest.raises(UnsafeCheckpointError, match=rf"{evil}: refused to load .*GLOBAL"):
-        check_pickles(folder)
+        verify_checkpoint(folder)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from dist_ft.train.checkpoint import complete_checkpoints, latest_checkpoint
+from dist_ft.rundir import RunDir
 from tests.conftest import CONFIGS, LAUNCH_VARS, REPO
 from tests.launch.conftest import small_run
 from tests.train.test_preemption_mp import rank_pids
@@ -142,7 +142,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_for_resume(
     assert proc.returncode != 0
     assert partial.is_dir() and not (partial / "COMPLETE").exists()  # killed mid-write
     assert not rank_pids(out), "a rank outlived the launcher"
-    previous = latest_checkpoint(out)  # step 3 or 5 (epochs end every 4-5 steps here)
+    previous = RunDir(out).latest_checkpoint()  # step 3 or 5 (epochs end every 4-5 steps here)
     assert previous is not None and previous.name in ("step_00000003", "step_00000005")
     step = int(previous.name.split("_")[1])
 
@@ -165,9 +165,9 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path / "model.safetensors")
-    from dist_ft.train.checkpoint import check_pickles
+    from dist_ft.train.checkpoint import verify_checkpoint
 
-    check_pickles(path)
+    verify_checkpoint(path)
     states = torch.load(path / "pytorch_model" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)
     return states["module"]
@@ -208,7 +208,7 @@ def test_skip_drops_a_nan_step_on_every_rank_and_stops_after_m_in_a_row(
     assert not all(torch.equal(skipped[k], after[k]) for k in before)  # step 4 updated
     assert all(torch.isfinite(v).all() for v in after.values())
     assert scalars(out, "train/skipped_steps") == {3: 1.0, 6: 2.0}
-    assert latest_checkpoint(out).name == "step_00000006"
+    assert RunDir(out).latest_checkpoint().name == "step_00000006"
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
 
 
@@ -224,7 +224,7 @@ def test_stop_is_the_default_and_names_the_step_keeping_the_last_checkpoint(
     expected = (f"non-finite loss at step 3 on rank(s) [0]: stopped before the update (last "
                 f"complete checkpoint: {out}/checkpoints/step_00000002)")
     assert expected in stderr
-    assert [c.name for c in complete_checkpoints(out)] == ["step_00000002"]
+    assert [c.name for c in RunDir(out).complete_checkpoints()] == ["step_00000002"]
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and expected in status["error"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_ft.train.checkpoint import latest_checkpoint
+from dist_ft.rundir import RunDir
 from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.multiprocess
@@ -73,5 +73,5 @@ def test_sigusr2_to_rank_1_checkpoints_on_both_ranks_and_exits_3(tmp_path: Path)
     status = json.loads((out / "status.json").read_text())
     assert (status["state"], status["step"], status["note"]) == ("stopped", step,
                                                                   "not a Slurm job")
-    assert latest_checkpoint(out).name == f"step_{step:08d}"
+    assert RunDir(out).latest_checkpoint().name == f"step_{step:08d}"
     assert 3 <= step < 500

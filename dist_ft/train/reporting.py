@@ -1,0 +1,151 @@
+"""What a run tells the outside: per-rank log files, the console, TensorBoard, ``status.json``.
+
+Only the main process prints, shows a progress bar, writes TensorBoard's run-level scalars and
+``status.json``; every rank logs to ``logs/rank{r}.log`` (and, with ``logging.per_rank``, to
+``tb/rank{r}/``). Paths come from :class:`dist_ft.rundir.RunDir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from dist_ft.rundir import RunDir
+from dist_ft.train.progress import Progress
+
+log = logging.getLogger("dist_ft.train")
+
+
+def setup_logging(run: RunDir, rank: int, main: bool) -> None:
+    """Send ``dist_ft`` logs to ``logs/rank{r}.log`` (every rank) and stderr (main only)."""
+    run.logs.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("dist_ft")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(run.rank_log(rank))
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(file_handler)
+    if main:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("dist-ft: %(message)s"))
+        root.addHandler(console)
+    root.propagate = False
+
+
+class Reporter:
+    """TensorBoard writers, the progress bar and ``status.json`` of one rank.
+
+    Args:
+        run: the run folder.
+        run_id: the run's identity (in ``status.json`` and TensorBoard's text).
+        rank, world: this process and the number of processes.
+        main: whether this is the main process.
+        per_rank: also write this rank's own scalars under ``tb/rank{r}/``.
+    """
+
+    def __init__(self, run: RunDir, run_id: str, rank: int, world: int, main: bool,
+                 per_rank: bool) -> None:
+        self.run, self.run_id = run, run_id
+        self.rank, self.world, self.main, self.per_rank = rank, world, main, per_rank
+        self.writer: Any = None
+        self.rank_writer: Any = None
+        self.bar: Any = None
+        self.total_steps: int | None = None
+        self.status_extra: dict[str, Any] = {}  # kept in every later status.json
+
+    def open(self, progress: Progress, total_steps: int, texts: dict[str, str],
+             purge_step: int | None) -> None:
+        """Open the writers (hiding steps after ``purge_step``) and the progress bar."""
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.total_steps = total_steps
+        if self.main:
+            self.writer = SummaryWriter(str(self.run.tb), purge_step=purge_step)
+            for tag, text in texts.items():
+                self.writer.add_text(tag, text, progress.step)
+        if self.per_rank:
+            self.rank_writer = SummaryWriter(str(self.run.rank_tb(self.rank)),
+                                             purge_step=purge_step)
+        self.bar = tqdm(total=total_steps, initial=progress.step, disable=not self.main,
+                        unit="step", dynamic_ncols=True)
+
+    def status(self, state: str, progress: Progress, **extra: Any) -> None:
+        """``status.json`` (main process): state, step, total, run id, time; atomic.
+
+        Advisory: a failure to write it is logged and never masks the run's own error.
+        """
+        if not self.main:
+            return
+        status = {"state": state, "run_id": self.run_id, "step": progress.step,
+                  "total_steps": self.total_steps, "epoch": progress.epoch,
+                  "stage": progress.stage, "time": time.time(),
+                  "job_id": os.environ.get("SLURM_JOB_ID"), **self.status_extra, **extra}
+        try:
+            self.run.write_status(status)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.run.status, exc)
+
+    def step(self, progress: Progress, rank_loss: float, mean_loss: float, rate: float,
+             lrs: dict[str, float], grad_norm: float | None) -> None:
+        """One logging window: loss, speed, stage, every group's lr, the gradient norm."""
+        step = progress.step
+        if self.rank_writer is not None:  # this rank's own view, before the reduction
+            self.rank_writer.add_scalar("rank/loss", rank_loss, step)
+            self.rank_writer.add_scalar("rank/samples_per_s", rate / self.world, step)
+        if not self.main:
+            return
+        self.status("running", progress)
+        if math.isfinite(mean_loss):  # else a skipped step (trainer.nonfinite_loss=skip)
+            self.writer.add_scalar("train/loss", mean_loss, step)
+        self.writer.add_scalar("train/samples_per_s", rate, step)
+        self.writer.add_scalar("train/stage", progress.stage, step)
+        for name, lr in lrs.items():
+            self.writer.add_scalar(f"lr/{name}", lr, step)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
+                             img_s=f"{rate:.0f}", stage=progress.stage)
+
+    def skipped(self, progress: Progress) -> None:
+        """The running count of steps dropped for a non-finite loss."""
+        if self.writer is not None:
+            self.writer.add_scalar("train/skipped_steps", progress.skipped_steps, progress.step)
+
+    def evaluation(self, progress: Progress, metrics: dict[str, Any], gap: float | None) -> None:
+        """Validation loss, scores and per-class AUROC of one evaluation."""
+        if not self.main:
+            return
+        step = progress.step
+        if gap is not None:
+            self.writer.add_scalar("val/gap", gap, step)
+        for key in ("val_loss", "auroc_mean", "accuracy", "f1_macro"):
+            if key in metrics:
+                self.writer.add_scalar(f"val/{key}", metrics[key], step)
+        for cls, value in metrics.get("auroc", {}).items():
+            if math.isfinite(value):
+                self.writer.add_scalar(f"val_auroc/{cls}", value, step)
+        self.writer.flush()
+        log.info("epoch %d step %d: val loss %.4f, score %.4f", progress.epoch, step,
+                 metrics["val_loss"], metrics["score"])
+
+    def flush(self) -> None:
+        """Flush TensorBoard (before a stop)."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Close the bar and the writers."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        for writer in (self.writer, self.rank_writer):
+            if writer is not None:
+                writer.close()
+        self.writer = self.rank_writer = None

@@ -1,0 +1,106 @@
+"""What makes an exact resume: the run's contract, saved in each checkpoint and checked.
+
+A checkpoint stores the resolved recipe and the facts derived from it (plan digest, a digest
+of the split's image lists, world size). Resuming compares them with the run as it is now and
+names every difference. Keys that only change how a run is operated (logging, checkpoint
+cadence, timeouts, loader workers, ``output_dir``) are not compared. Differences in
+:data:`FIXED` keys make the saved state unusable and are always refused; any other difference
+is refused unless the user accepts it by name (``--accept-change KEY``, or a whole section
+such as ``schedule``), and accepted changes are recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Operational keys: a resume may change them freely.
+IGNORED_PREFIXES = ("output_dir", "model.pretrained", "logging.", "launch.", "data.num_workers",
+                    "data.verify_cache", "data.on_bad_image", "trainer.checkpoint_every_steps",
+                    "trainer.keep_last", "trainer.collective_timeout_min", "trainer.nonfinite_loss",
+                    "trainer.nonfinite_max_in_row", "trainer.save_stage_weights")
+# The saved weights, optimizer state or engine cannot be loaded into a run that changed these.
+FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "plan_digest", "optim.name",
+                  "trainer.backend", "trainer.zero_stage", "world_size")
+DERIVED = ("plan_digest", "split_digest", "world_size")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _matches(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p.rstrip(".") or key.startswith(p if p.endswith(".") else p + ".")
+               for p in prefixes)
+
+
+def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
+                 world_size: int, zero_stage: int) -> dict[str, Any]:
+    """The flat key -> value map a checkpoint records and a resume compares."""
+    contract = {k: v for k, v in _flatten(recipe).items()
+                if not _matches(k, IGNORED_PREFIXES)}
+    contract.update(plan_digest=plan_digest, split_digest=split_digest)
+    # DDP checkpoints load on any number of processes; ZeRO's optimizer shards do not.
+    contract["world_size"] = world_size if zero_stage else None
+    return contract
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between a checkpoint's contract and the run's."""
+
+    key: str
+    saved: Any
+    now: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: checkpoint {self.saved!r}, now {self.now!r}"
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[Change]:
+    """Every key whose value differs (a key missing on one side counts as None)."""
+    keys = sorted(set(saved) | set(now))
+    return [Change(k, saved.get(k), now.get(k)) for k in keys
+            if saved.get(k) != now.get(k) and not _matches(k, IGNORED_PREFIXES)]
+
+
+class ResumeMismatch(ValueError):
+    """The run differs from its checkpoint in ways not accepted; the message lists each."""
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], accepted: Iterable[str],
+                 checkpoint: str) -> list[Change]:
+    """Compare contracts; return the accepted changes.
+
+    Args:
+        saved: the checkpoint's contract (:func:`run_contract`).
+        now: this run's contract.
+        accepted: keys or section prefixes the user accepts changing (``optim.lr``,
+            ``schedule``, ``trainer.epochs``).
+        checkpoint: the checkpoint's path, for messages.
+
+    Raises:
+        ResumeMismatch: a fixed key differs, or a difference was not accepted.
+    """
+    accepted = list(accepted)
+    changes = differences(saved, now)
+    fixed = [c for c in changes if _matches(c.key, FIXED_PREFIXES)]
+    refused = [c for c in changes if c not in fixed and not _matches(c.key, accepted)]
+    if fixed or refused:
+        lines = [f"cannot resume from {checkpoint}: the run differs from the checkpoint"]
+        lines += [f"  - {c} (cannot change on resume: the saved state would not fit)"
+                  for c in fixed]
+        lines += [f"  - {c}" for c in refused]
+        fixes = []
+        if refused:
+            keys = " ".join(f"--accept-change {c.key}" for c in refused)
+            fixes.append(f"to continue with the new values deliberately, add {keys}")
+        fixes.append("to start over, use another output_dir or --overwrite")
+        raise ResumeMismatch("\n".join(lines) + "\n" + "; ".join(fixes))
+    return changes
