@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--workers", type=int, default=1)
     prep.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
     prep.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
+    prep.add_argument("--rebuild", action="store_true",
+                      help="replace a cache of other data or settings at --out (else refused)")
     split_args(prep)
     prep.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     prep.set_defaults(run=run_prepare)
@@ -133,7 +135,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         args.root, args.out, size=args.size, shard_size=args.shard_size, workers=args.workers,
         on_bad_image=args.on_bad_image, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, split_seed=args.split_seed,
-        progress=not args.json and sys.stderr.isatty(),
+        progress=not args.json and sys.stderr.isatty(), rebuild=args.rebuild,
     )
     summary = {k: manifest[k] for k in ("num_images", "num_valid", "size", "splits", "bytes")}
     summary["skipped"] = len(manifest["skipped"])

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from dist_ft import exitcodes
 from dist_ft.config import ConfigError, load_recipe
+from dist_ft.rundir import RunDir
 
 EXAMPLES = """\
 examples:
@@ -33,16 +35,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the table (or JSON)."""
-    from dist_ft.train.evaluate import evaluate_weights
+    from dist_ft.train.evaluate import OutputPathError, evaluate_weights
 
-    config = args.config or args.weights.resolve().parent.parent / "recipe.yaml"
+    # The run folder is the one above final/ (or best/) that holds the weights.
+    config = args.config or RunDir(args.weights.resolve().parent.parent).recipe
     if not config.is_file():
         raise ConfigError([f"no recipe at {config}; pass --config RECIPE"])
     overrides = list(args.overrides) + ([f"data.root={args.data}", "data.cache=null"]
                                         if args.data else [])
     recipe = load_recipe(config, overrides)
     out = args.out or args.weights.parent
-    metrics = evaluate_weights(recipe, args.weights, args.split, out)
+    try:
+        metrics = evaluate_weights(recipe, args.weights, args.split, out,
+                                   protect={"recipe": config})
+    except OutputPathError as exc:  # a usage error: nothing was read or written
+        print(f"dist-ft eval: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     if args.json:
         from dist_ft.jsonio import dumps
 

@@ -7,7 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from dist_ft import exitcodes
 from dist_ft.config import ConfigError, load_recipe
+from dist_ft.rundir import RunDir
 
 EXAMPLES = """\
 examples:
@@ -35,14 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, verify, report."""
+    from dist_ft.train.evaluate import OutputPathError
     from dist_ft.train.export import export_model
 
-    config = args.config or args.weights.resolve().parent.parent / "recipe.yaml"
+    # The run folder is the one above final/ (or best/) that holds the weights.
+    config = args.config or RunDir(args.weights.resolve().parent.parent).recipe
     if not config.is_file():
         raise ConfigError([f"no recipe at {config}; pass --config RECIPE"])
     recipe = load_recipe(config, args.overrides)
-    report = export_model(recipe, args.weights, args.format, args.out, args.quantize,
-                          args.tolerance)
+    try:
+        report = export_model(recipe, args.weights, args.format, args.out, args.quantize,
+                              args.tolerance, protect={"recipe": config})
+    except OutputPathError as exc:  # a usage error: nothing was read or written
+        print(f"dist-ft export: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=float)
         sys.stdout.write("\n")

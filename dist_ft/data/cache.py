@@ -5,11 +5,18 @@ Layout of a cache folder::
     index.npz          images, labels, split, patients, valid  (one row per image, row order)
     shard_00000.npy    uint8 [n, S, S]: rows 0 .. shard_size-1   (np.load(..., mmap_mode="r"))
     shard_00000.json   count, sha256, bytes, skipped images       (written after the .npy)
+    settings.json      the cache's identity, written first (see below)
     manifest.json      everything above, summed up; written last
 
 Each shard is written to a temporary name and renamed when complete, then its ``.json``
 appears: an interrupted ``prepare`` resumes with the shards that lack one. Readers never load
 a shard into RAM; the OS pages in the rows a batch touches.
+
+The identity (``settings.json``, repeated in the manifest) is what the shards depend on: the
+data root, the sha256 of each metadata and list file read, image and shard size, split
+settings, and the cache and dist-ft versions. ``prepare`` reuses shards only under the same
+identity; any difference is refused (or, with ``rebuild``, the old cache files are removed
+first), so a cache never mixes images of one dataset with labels of another.
 """
 
 from __future__ import annotations
@@ -25,14 +32,19 @@ from typing import Any
 
 import numpy as np
 
+from dist_ft import __version__
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError, find_images, load_gray_resized
 from dist_ft.data.metadata import find_metadata, read_metadata
-from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, resolve_splits
+from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, TEST_LIST, TRAIN_VAL_LIST, resolve_splits
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
+SETTINGS = "settings.json"
+# Every file name prepare writes: what --rebuild may remove, nothing else.
+_OWN_FILES = (MANIFEST, INDEX, "index.tmp.npz", "valid.npy", "shard_*.npy", "shard_*.json",
+              "shard_*.npy.tmp", "shard_*.json.tmp", "manifest.json.tmp", "settings.json.tmp")
 
 
 class CacheError(RuntimeError):
@@ -58,6 +70,74 @@ def _sha256(path: Path) -> str:
 
 def _shard_name(k: int) -> str:
     return f"shard_{k:05d}"
+
+
+def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: <cache's value> in the cache, <new value> now`` for every differing field."""
+    a, b = _flatten(old), _flatten(new)
+
+    def show(value: Any, key: str) -> str:
+        # A digest prefix is enough to tell two files apart in a message.
+        digest = key.startswith("sha256.") and isinstance(value, str) and len(value) == 64
+        return f"{value[:12]}..." if digest else str(value)
+
+    return [f"{k}: {show(a.get(k, '(not recorded)'), k)} in the cache, "
+            f"{show(b.get(k, '(absent)'), k)} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _clear_cache(out: Path) -> None:
+    # The manifest goes first (a reader stops trusting the folder) and settings.json last: a
+    # rebuild interrupted half-way still refuses to reuse what is left without --rebuild.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for pattern in _OWN_FILES:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+    (out / SETTINGS).unlink(missing_ok=True)
+
+
+def _check_identity(out: Path, settings: dict[str, Any], rebuild: bool) -> None:
+    """Refuse (or with ``rebuild`` clear) a cache folder holding another identity's files."""
+    settings_path = out / SETTINGS
+    if settings_path.is_file():
+        try:
+            old = json.loads(settings_path.read_text())
+        except ValueError:
+            old = None
+        if not isinstance(old, dict):
+            old = {SETTINGS: "unreadable"}
+        changes = _identity_changes(old, settings) if old != settings else []
+    elif any(any(out.glob(p)) for p in _OWN_FILES):
+        changes = [f"{SETTINGS}: missing beside existing cache files (unknown data)"]
+    else:
+        changes = []
+    if not changes:
+        return
+    if rebuild:
+        _clear_cache(out)
+        return
+    raise CacheError(
+        f"{out} holds a cache of other data or settings ({'; '.join(changes)}); its shards "
+        "cannot be reused (images would get other images' labels or sizes). Pass --rebuild "
+        "to replace it, or pick another --out"
+    )
+
+
+def _split_settings(root: Path, val_fraction: float, test_fraction: float,
+                    seed: int) -> dict[str, Any]:
+    return {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+            # With the official test list, test_fraction is unused (see resolve_splits).
+            "test_list": (root / TEST_LIST).is_file()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +166,8 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
             arr[i] = load_gray_resized(path, job.size)
         except ImageError as exc:
             if not job.skip_bad:
+                del arr
+                tmp.unlink(missing_ok=True)  # a shard stopped by a bad image leaves no file
                 raise
             arr[i] = 0
             skipped.append({"image": name, "reason": str(exc)})
@@ -117,6 +199,7 @@ def prepare_cache(
     split_seed: int = 0,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    rebuild: bool = False,
 ) -> dict[str, Any]:
     """Build (or finish) the cache of a ChestX-ray14 folder.
 
@@ -131,12 +214,16 @@ def prepare_cache(
         val_fraction, test_fraction, split_seed: the split settings (see ``splits.py``).
         progress: show a progress bar with ETA.
         on_shard: called with each finished shard's index (tests use it to interrupt).
+        rebuild: when ``out`` holds a cache of another identity, remove its files (only
+            those ``prepare`` writes) and start over instead of refusing.
 
     Returns:
         The manifest.
 
     Raises:
-        CacheError: ``out`` holds a cache made with other settings or sources.
+        CacheError: ``out`` holds a cache of another identity (data root, metadata or list
+            files, sizes, split settings, versions) and ``rebuild`` is off; names each
+            difference.
         ImageError: a bad image with ``on_bad_image='error'``.
     """
     if on_bad_image not in ("error", "skip"):
@@ -156,26 +243,24 @@ def prepare_cache(
             f"(images/ or images_*/images/), first {missing[0]!r}; "
             "use on_bad_image=skip to cache the rest"
         )
+    # The files whose content decides rows, labels and splits: the ones actually read.
+    sources = [meta_path] + [root / n for n in (TEST_LIST, TRAIN_VAL_LIST) if (root / n).is_file()]
     settings = {
         "version": CACHE_VERSION,
+        "dist_ft_version": __version__,
+        "root": str(root.resolve()),
         "size": size,
         "shard_size": shard_size,
         "num_images": len(meta),
         "metadata": meta_path.name,
-        "split": {"val_fraction": val_fraction, "test_fraction": test_fraction,
-                  "seed": split_seed},
+        "sha256": {p.name: _sha256(p) for p in sources},
+        "split": _split_settings(root, val_fraction, test_fraction, split_seed),
     }
+    if out.is_dir():
+        _check_identity(out, settings, rebuild)
     out.mkdir(parents=True, exist_ok=True)
-    settings_path = out / "settings.json"
-    if settings_path.exists():
-        old = json.loads(settings_path.read_text())
-        if old != settings:
-            changed = sorted(k for k in settings if old.get(k) != settings[k])
-            raise CacheError(
-                f"{out} holds a cache made with other settings ({', '.join(changed)}); "
-                "pick another --out or delete it"
-            )
-    else:
+    settings_path = out / SETTINGS
+    if not settings_path.exists():
         _atomic_write_text(settings_path, json.dumps(settings, indent=2))
     index_tmp = out / "index.tmp.npz"
     np.savez(
@@ -295,6 +380,36 @@ class CacheReader:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def check_split(self, val_fraction: float, test_fraction: float, seed: int) -> None:
+        """Refuse a recipe whose split settings differ from those the cache was split with.
+
+        The cache stores each row's split; training with ``data.val_fraction: 0.3`` on a cache
+        split at 0.1 would silently validate on other images than the recipe says.
+
+        Raises:
+            CacheError: naming each differing ``data.*`` key with both values, and the fixes.
+        """
+        split = self.manifest.get("split") or {}
+        keys = [("val_fraction", "data.val_fraction", "--val-fraction", val_fraction),
+                ("seed", "data.split_seed", "--split-seed", seed)]
+        if not split.get("test_list"):  # with the official test list it is unused
+            keys.append(("test_fraction", "data.test_fraction", "--test-fraction",
+                         test_fraction))
+        differ = [(key, flag, split.get(name), value) for name, key, flag, value in keys
+                  if split.get(name) != value]
+        if not differ:
+            return
+        root = self.manifest.get("root", "ROOT")
+        found = "; ".join(f"{key} is {value} in the recipe but {cached} in the cache"
+                          for key, _, cached, value in differ)
+        flags = " ".join(f"{flag} {value}" for _, flag, _, value in differ)
+        sets = " ".join(f"{key}={cached}" for key, _, cached, _ in differ)
+        raise CacheError(
+            f"data.cache {self.path} was split with other settings: {found}. Rebuild the "
+            f"cache (dist-ft data prepare {root} --out {self.path} --rebuild {flags}) or set "
+            f"{sets} in the recipe"
+        )
 
     def rows(self, split: int | None = None) -> np.ndarray:
         """Indices of the valid rows, of one split if given."""

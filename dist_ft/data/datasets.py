@@ -138,6 +138,7 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
     want = _split_index(split)
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache)
+        reader.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         rows = reader.rows(want)
         views = wanted_views(cfg)
         if views is not None:

@@ -74,17 +74,18 @@ def _unwrap_state_dict(obj: Any, source: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, what: str = "model.pretrained") -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or ``.pt``/``.pth`` state_dict safely (no pickle execution).
 
-    Wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes are removed.
+    Wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes are removed. ``what``
+    names the file's role in error messages.
 
     Raises:
         WeightsError: missing, unreadable or not a state_dict.
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"model.pretrained: no such file {path}")
+        raise WeightsError(f"{what}: no such file {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -93,12 +94,67 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code, truncated download ...
-        raise WeightsError(f"model.pretrained: cannot read {path}: {exc}") from exc
+        raise WeightsError(f"{what}: cannot read {path}: {exc}") from exc
     return _unwrap_state_dict(obj, path)
+
+
+def load_weights_strict(model: nn.Module, path: str | Path, *, name: str,
+                        num_classes: int) -> None:
+    """Load trained weights into ``model``: every tensor present, none extra, same shapes.
+
+    For ``eval`` and ``export``: weights are the result under test, so a head of another size
+    is an error, never silently replaced by a random one (that is only for
+    ``model.pretrained`` in training, see :func:`load_state_dict_file`).
+
+    Args:
+        model: the model the recipe describes (``name``, ``num_classes``), freshly built.
+        path: the ``.safetensors`` / ``.pt`` state_dict.
+        name: the recipe's ``model.name`` (for the message).
+        num_classes: the recipe's ``model.num_classes`` (for the message).
+
+    Raises:
+        WeightsError: naming every missing, unexpected or differently-shaped tensor (the
+            first few of each), both shapes, and the likely cause.
+    """
+    state = read_state_dict(path, what="weights")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or bad):
+        model.load_state_dict(state, strict=True)
+        return
+    problems = []
+    if bad:
+        problems.append(f"{len(bad)} tensor(s) of another shape: " + "; ".join(
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad[:4]))
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+    # A head trained for another class count differs only in the leading (output) dimension
+    # of the last tensors; anything else points at another architecture.
+    head_like = [k for k in bad if own[k].ndim and state[k].ndim == own[k].ndim
+                 and own[k].shape[0] == num_classes and state[k].shape[1:] == own[k].shape[1:]]
+    counts = {int(state[k].shape[0]) for k in head_like}
+    if head_like == bad and not missing and not unexpected and len(counts) == 1:
+        trained = counts.pop()
+        cause = (f"Likely cause: the weights have {trained} classes but the recipe's "
+                 f"model.num_classes is {num_classes}: pass the --config of the run that "
+                 f"trained them, or set model.num_classes={trained}")
+    else:
+        cause = (f"Likely cause: the weights are not of the recipe's model.name={name} with "
+                 f"model.num_classes={num_classes}: pass the --config of the run that "
+                 "trained them")
+    raise WeightsError(f"weights {path} do not fit the model: " + "; ".join(problems)
+                       + f". {cause}")
 
 
 def load_state_dict_file(model: nn.Module, path: str | Path, head: str) -> list[str]:
     """Load a state_dict file into ``model``; the classifier may be absent or of another size.
+
+    For ``model.pretrained`` in training only (fine-tuning from another task's weights);
+    ``eval`` and ``export`` use :func:`load_weights_strict`.
 
     Every non-classifier tensor must be present with the right shape. When the file's
     classifier is missing or shaped for another number of classes, the model keeps its

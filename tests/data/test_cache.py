@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dist_ft import __version__
+from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheError, CacheReader, prepare_cache
+from dist_ft.data.datasets import build_dataset
 from dist_ft.data.images import ImageError, find_images, load_gray_resized
 from dist_ft.data.metadata import find_metadata, read_metadata
 from dist_ft.data.splits import TEST
-from tests.conftest import CliResult
+from dist_ft.data.synth import write_synthetic
+from tests.conftest import CONFIGS, REPO, CliResult, plain_env
 
 
 def test_cache_holds_each_image_resized_with_labels_and_splits(
@@ -61,7 +68,8 @@ def test_interrupted_prepare_resumes_without_redoing_shards(
 
 def test_other_settings_are_refused(tiny_cxr14: Path, tmp_path: Path) -> None:
     prepare_cache(tiny_cxr14, tmp_path / "c", size=32, progress=False)
-    with pytest.raises(CacheError, match=r"other settings \(size\)"):
+    with pytest.raises(CacheError,
+                       match=r"other data or settings \(size: 32 in the cache, 48 now\)"):
         prepare_cache(tiny_cxr14, tmp_path / "c", size=48, progress=False)
 
 
@@ -124,3 +132,111 @@ def test_prepare_cli(run_cli: Callable[..., CliResult], tiny_cxr14: Path, tmp_pa
     summary = json.loads(result.out)
     assert summary["num_images"] == 40 and summary["shards"] == 4 and summary["skipped"] == 0
     assert (tmp_path / "c" / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------- identity
+def _other_release(tmp_path: Path) -> Path:
+    """Another 40-image release: same layout, file names and shard sizes, other content."""
+    root = tmp_path / "other"
+    write_synthetic(root, images=40, size=64, seed=4, per_folder=25)
+    return root
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_manifest_records_the_cache_identity(tiny_cxr14: Path, tmp_path: Path) -> None:
+    manifest = prepare_cache(tiny_cxr14, tmp_path / "c", size=32, val_fraction=0.25,
+                             split_seed=7, progress=False)
+    assert manifest["root"] == str(tiny_cxr14.resolve())
+    assert manifest["dist_ft_version"] == __version__ and manifest["size"] == 32
+    assert set(manifest["sha256"]) == {"Data_Entry_2017.csv", "test_list.txt",
+                                       "train_val_list.txt"}
+    csv = (tiny_cxr14 / "Data_Entry_2017.csv").read_bytes()
+    assert manifest["sha256"]["Data_Entry_2017.csv"] == hashlib.sha256(csv).hexdigest()
+    assert manifest["split"] == {"val_fraction": 0.25, "test_fraction": 0.2, "seed": 7,
+                                 "test_list": True}
+
+
+def test_prepare_of_other_data_into_a_cache_is_refused_then_rebuilt(
+    run_cli: Callable[..., CliResult], tiny_cxr14: Path, tmp_path: Path
+) -> None:
+    other, out = _other_release(tmp_path), tmp_path / "c"
+    assert run_cli("data", "prepare", str(tiny_cxr14), "--out", str(out), "--size", "32",
+                   "--json").code == 0
+    before = _files(out)
+    result = run_cli("data", "prepare", str(other), "--out", str(out), "--size", "32")
+    assert result.code == 1
+    assert f"dist-ft data: error: {out} holds a cache of other data or settings (root: " \
+        f"{tiny_cxr14.resolve()} in the cache, {other.resolve()} now; " in result.err
+    assert "sha256.Data_Entry_2017.csv: " in result.err
+    assert "Pass --rebuild to replace it, or pick another --out" in result.err
+    assert _files(out) == before  # nothing of the old cache touched
+    result = run_cli("data", "prepare", str(other), "--out", str(out), "--size", "32",
+                     "--rebuild", "--json")
+    assert result.code == 0, result.err
+    # Every row now carries the other release's label: no old shard was reused.
+    reader = CacheReader(out, verify=True)
+    meta = read_metadata(find_metadata(other))
+    labels = dict(zip(meta.images, meta.labels, strict=True))
+    found = find_images(other)
+    for row in range(len(reader)):
+        name = str(reader.images[row])
+        assert np.array_equal(reader.labels[row], labels[name]), name
+        assert np.array_equal(reader.image(row), load_gray_resized(found[name], 32)), name
+    # The same identity again: every shard is reused, nothing redone.
+    redone: list[int] = []
+    prepare_cache(other, out, size=32, progress=False, on_shard=redone.append)
+    assert redone == []
+
+
+def test_cache_files_without_settings_are_not_reused(tiny_cxr14: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    prepare_cache(tiny_cxr14, out, size=32, progress=False)
+    (out / "settings.json").unlink()
+    with pytest.raises(CacheError, match=r"settings\.json: missing beside existing cache "
+                       r"files \(unknown data\).*Pass --rebuild"):
+        prepare_cache(tiny_cxr14, out, size=32, progress=False)
+    stray = out / "notes.txt"
+    stray.write_text("mine")
+    redone: list[int] = []
+    prepare_cache(tiny_cxr14, out, size=32, progress=False, rebuild=True,
+                  on_shard=redone.append)
+    assert redone == [0] and stray.read_text() == "mine"  # rebuild removes only cache files
+
+
+def test_a_recipe_split_other_than_the_caches_is_refused(tiny_cxr14: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    prepare_cache(tiny_cxr14, out, size=32, val_fraction=0.3, progress=False)
+    assert len(build_dataset(DataConfig(cache=str(out), val_fraction=0.3), "val")) > 0
+    # The release has test_list.txt: test_fraction is unused, so it may differ.
+    build_dataset(DataConfig(cache=str(out), val_fraction=0.3, test_fraction=0.1), "val")
+    with pytest.raises(CacheError) as info:
+        build_dataset(DataConfig(cache=str(out), val_fraction=0.1, split_seed=5), "train")
+    assert str(info.value) == (
+        f"data.cache {out} was split with other settings: data.val_fraction is 0.1 in the "
+        "recipe but 0.3 in the cache; data.split_seed is 5 in the recipe but 0 in the cache. "
+        f"Rebuild the cache (dist-ft data prepare {tiny_cxr14.resolve()} --out {out} --rebuild "
+        "--val-fraction 0.1 --split-seed 5) or set data.val_fraction=0.3 data.split_seed=0 in "
+        "the recipe")
+
+
+def test_training_from_a_cache_of_other_split_settings_fails_before_training(
+    tiny_cxr14: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "c"
+    prepare_cache(tiny_cxr14, out, size=32, progress=False)  # val_fraction 0.1
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_ft", "train", str(CONFIGS / "chestxray14_smoke.yaml"),
+         f"data.cache={out}", "data.root=null", "data.image_size=32", "data.load_size=32",
+         "trainer.backend=ddp", f"output_dir={tmp_path}/run"],  # the recipe: val_fraction 0.2
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
+    assert result.returncode == 1
+    line = next(x for x in result.stderr.splitlines() if x.startswith("dist-ft train: error:"))
+    assert line.startswith(f"dist-ft train: error: data.cache {out} was split with other "
+                           "settings: data.val_fraction is 0.2 in the recipe but 0.1 in the "
+                           "cache."), line
+    assert line.endswith("or set data.val_fraction=0.1 in the recipe")
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
