@@ -46,9 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Aggregate and write the outputs."""
+    from dist_ft import exitcodes
     from dist_ft.jsonio import dumps
-    from dist_ft.logs.report import aggregate_runs
+    from dist_ft.logs.report import aggregate_runs, check_output_place
 
+    try:  # a bad --out is a usage error: refused before anything is read or written
+        check_output_place(args.runs, args.out)
+    except ValueError as exc:
+        print(f"dist-ft aggregate: error: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
     stats = [s.strip() for s in args.stats.split(",") if s.strip()]
     doc = aggregate_runs(args.runs, args.out, args.group_by, args.tags, stats, args.align,
                          args.plot, verify_crc=not args.no_verify)

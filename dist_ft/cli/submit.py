@@ -42,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="GPUs = processes per node; 0 for one CPU process per node")
     p.add_argument("--cpus-per-task", type=int, help="CPU cores per process")
     p.add_argument("--partition")
-    p.add_argument("--time", help="time limit, [D-]HH:MM:SS")
+    p.add_argument("--time", help="time limit in a Slurm format: MM, MM:SS, HH:MM:SS, D-HH, "
+                   "D-HH:MM or D-HH:MM:SS")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--constraint")

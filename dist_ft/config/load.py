@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 import typing
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dist_ft.config.errors import ConfigError
-from dist_ft.config.schema import Recipe
+from dist_ft.config.schema import PathValue, Recipe
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -164,8 +165,80 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}{shown}"
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """The text of a recipe or sweep file, which must be UTF-8 (YAML's encoding).
+
+    Raises:
+        ConfigError: the file cannot be read, or is not UTF-8 text (names the first bad byte,
+            its line and column, and the fix).
+    """
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {what}: {exc.strerror or exc}"], source) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([
+            f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line}, column {column} "
+            f"(offset {exc.start}) is not valid UTF-8; a {what} is a YAML text file: save it "
+            "as UTF-8 (e.g. iconv -f latin1 -t utf-8), or check that this is the right file"],
+            source) from None
+
+
+def _absolute(text: str) -> str:
+    """``~`` expanded, then absolute against the working directory, ``..`` folded, symlinks
+    kept (lexical, so applying it twice changes nothing)."""
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise ValueError(f"{text!r}: cannot expand {expanded.split('/', 1)[0]!r} (no such user, "
+                         "or HOME is unset); write the full path")
+    return os.path.abspath(expanded)
+
+
+def _resolve_paths(section: BaseModel, loc: tuple[str | int, ...],
+                   problems: list[str]) -> BaseModel:
+    """``section`` with every :class:`PathValue` field made absolute, recursively."""
+    update: dict[str, Any] = {}
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        marker = next((m for m in info.metadata if isinstance(m, PathValue)), None)
+        if marker is None:
+            marker = next((m for m in _annotated_metadata(info.annotation)
+                           if isinstance(m, PathValue)), None)
+        if marker is not None and isinstance(value, str) and value not in marker.keywords:
+            try:
+                absolute = _absolute(value)
+            except ValueError as exc:
+                problems.append(f"{format_loc((*loc, name))}: {exc}")
+                continue
+            if absolute != value:
+                update[name] = absolute
+        elif isinstance(value, BaseModel):
+            resolved = _resolve_paths(value, (*loc, name), problems)
+            if resolved is not value:
+                update[name] = resolved
+    return section.model_copy(update=update) if update else section
+
+
+def _annotated_metadata(annotation: Any) -> list[Any]:
+    """Metadata of ``Annotated`` types inside an Optional (``Annotated[str, M] | None``)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return list(typing.get_args(annotation)[1:])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _annotated_metadata(arg)]
+    return []
+
+
 def validate_recipe(data: Any, source: str | None = None) -> Recipe:
     """Validate a plain mapping as a :class:`Recipe`, collecting every problem.
+
+    Path fields (``output_dir``, ``data.root``, ``data.cache``, ``data.csv.file``,
+    ``model.pretrained`` unless a keyword) come back absolute: ``~`` expanded, relative paths
+    taken from the working directory. An already resolved recipe comes back unchanged.
 
     Raises:
         ConfigError: one line per problem, each naming the full key path.
@@ -173,9 +246,15 @@ def validate_recipe(data: Any, source: str | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_describe(e) for e in exc.errors()], source) from None
+    problems: list[str] = []
+    resolved = _resolve_paths(recipe, (), problems)
+    if problems:
+        raise ConfigError(problems, source)
+    assert isinstance(resolved, Recipe)
+    return resolved
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -187,17 +266,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
             ``plan.stages[1].lr_scale=0.5``; values are parsed as YAML.
 
     Raises:
-        ConfigError: the file is missing or not YAML, an override is malformed, or the recipe
-            fails validation; every problem is listed with its key path.
+        ConfigError: the file is missing, not UTF-8 or not YAML, an override is malformed, or
+            the recipe fails validation; every problem is listed with its key path.
 
     >>> recipe = load_recipe("configs/chestxray14_densenet121.yaml", ["optim.lr=3e-4"])
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read recipe: {exc.strerror or exc}"], source) from None
-    data = parse_yaml(text, source)
+    data = parse_yaml(read_text_file(path, "recipe"), source)
     if data is None:
         data = {}
     if not isinstance(data, dict):

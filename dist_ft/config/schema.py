@@ -11,15 +11,57 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from dist_ft.config.architectures import ARCHITECTURES
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+def _not_bool(value: Any) -> Any:
+    """Refuse booleans where a number is expected: pydantic's lax mode reads True as 1, and
+    YAML reads ``yes``/``no``/``on``/``off`` as booleans, so ``epochs: yes`` would train 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not the boolean {str(value).lower()} (YAML reads "
+                         "true/false/yes/no/on/off as booleans); write a number")
+    return value
+
+
+# Every number in a recipe goes through these: no booleans; floats also accept ints.
+# Floats are finite by the Section config (allow_inf_nan=False).
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegFloat = Annotated[Float, Field(ge=0)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+NonNegInt = Annotated[Int, Field(ge=0)]
+Fraction = Annotated[Float, Field(ge=0, lt=1)]
+# Images are decoded and resized to this side per sample; beyond it one batch of one image
+# takes gigabytes, which is a typo (an extra digit), not a setting.
+MAX_IMAGE_SIZE = 8192
+
+
+class PathValue:
+    """Marks a ``str`` field as a filesystem path: ``config.load`` makes it absolute (``~``
+    expanded, relative to the working directory) once, when the recipe is loaded.
+
+    Args:
+        keywords: values that are not paths (``model.pretrained: none | imagenet``).
+    """
+
+    def __init__(self, keywords: tuple[str, ...] = ()) -> None:
+        self.keywords = keywords
+
+    def __repr__(self) -> str:
+        return f"PathValue(keywords={self.keywords!r})"
+
+
+PRETRAINED_KEYWORDS = ("none", "imagenet")
 
 BnPolicy = Literal["freeze", "train"]
 RULE_KEYWORDS = ("head", "stem", "all")
@@ -29,7 +71,10 @@ _RULE_KINDS = ("keyword", "glob", "regex", "blocks", "last_blocks", "from_block"
 class Section(BaseModel):
     """Base of every recipe section: immutable, unknown keys rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan=False: every float of a recipe is a finite hyperparameter; .inf or nan
+    # would reach the optimizer or the schedule and only fail (or silently diverge) later.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 class Rule(Section):
@@ -97,7 +142,7 @@ class ModelConfig(Section):
     """``model``: which torchvision architecture, its weights and its output size."""
 
     name: str
-    pretrained: str = Field(
+    pretrained: Annotated[str, PathValue(PRETRAINED_KEYWORDS)] = Field(
         default="none", description="none | imagenet | PATH to a .pt/.safetensors state_dict"
     )
     num_classes: PositiveInt = 14
@@ -126,13 +171,13 @@ class ModelConfig(Section):
 class AugmentConfig(Section):
     """``data.augment``: per-sample augmentation of training images."""
 
-    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (
+    crop_scale: tuple[Annotated[Float, Field(gt=0, le=1)], Annotated[Float, Field(gt=0, le=1)]] = (
         0.7,
         1.0,
     )
-    ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.75, 4 / 3)
+    ratio: tuple[Annotated[Float, Field(gt=0)], Annotated[Float, Field(gt=0)]] = (0.75, 4 / 3)
     hflip: bool = True
-    rotation_deg: Annotated[float, Field(ge=0, le=45)] = 5.0
+    rotation_deg: Annotated[Float, Field(ge=0, le=45)] = 5.0
 
 
 class CsvConfig(Section):
@@ -144,7 +189,7 @@ class CsvConfig(Section):
     by ``data.val_fraction`` and ``data.test_fraction``.
     """
 
-    file: str
+    file: Annotated[str, PathValue()]
     path_column: str = "path"
     label_columns: list[str] | None = None
     label_column: str | None = None
@@ -163,15 +208,15 @@ class DataConfig(Section):
     """``data``: where images come from and how they are batched (per process)."""
 
     format: Literal["chestxray14", "imagefolder", "csv"] = "chestxray14"
-    root: str | None = None
-    cache: str | None = None
-    image_size: Annotated[int, Field(ge=16)] = 224
-    load_size: Annotated[int, Field(ge=16)] | None = None
+    root: Annotated[str, PathValue()] | None = None
+    cache: Annotated[str, PathValue()] | None = None
+    image_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
+    load_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
     batch_size: PositiveInt = 32
     num_workers: NonNegInt = 4
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
-    split_seed: int = 0
+    split_seed: Int = 0
     views: list[Annotated[str, Field(min_length=1)]] | None = None
     frontal_only: bool = False
     # An unreadable image: stop naming it, or train on (replaced by the next image, recorded
@@ -283,13 +328,13 @@ class OptimConfig(Section):
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: PositiveFloat = 1e-3
     weight_decay: NonNegFloat = 0.01
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+    betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (
         0.9,
         0.999,
     )
     eps: PositiveFloat = 1e-8
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    layer_decay: Annotated[float, Field(gt=0, le=1)] | None = None
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    layer_decay: Annotated[Float, Field(gt=0, le=1)] | None = None
     no_decay_1d: bool = True
     groups: list[GroupConfig] = Field(default_factory=list)
     # auto: torch's fused Adam(W) kernel (one pass over memory per step: several times the
@@ -312,9 +357,9 @@ class ScheduleConfig(Section):
 
     name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
     warmup_steps: NonNegInt = 0
-    min_lr_scale: Annotated[float, Field(ge=0, le=1)] = 0.0
+    min_lr_scale: Annotated[Float, Field(ge=0, le=1)] = 0.0
     step_epochs: PositiveInt = 10
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
     plateau_patience: NonNegInt = 2
 
 
@@ -324,12 +369,12 @@ class TrainerConfig(Section):
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     backend: Literal["ddp", "deepspeed"] = "deepspeed"
-    zero_stage: Literal[1, 2, 3] = 2
+    zero_stage: Annotated[Literal[1, 2, 3], BeforeValidator(_not_bool)] = 2
     precision: Literal["no", "fp16", "bf16"] = "no"
     grad_accum_steps: PositiveInt = 1
     grad_clip_norm: PositiveFloat | None = 1.0
     loss: Literal["bce", "bce_pos_weight", "focal", "ce"] = "bce"
-    seed: int = 0
+    seed: Int = 0
     eval_every_epochs: PositiveInt = 1
     checkpoint_every_steps: PositiveInt | None = None
     keep_last: PositiveInt = 3
@@ -360,6 +405,44 @@ _SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:&|*!\[\]()-]+")
 _SLURM_MEM = re.compile(r"\d+[KMGT]?")
 
 
+SLURM_TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_SLURM_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                         r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)")
+
+
+def slurm_time_seconds(text: str) -> int:
+    """A Slurm time limit in seconds, from any of its formats (``sbatch --time``): MM, MM:SS,
+    HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+
+    Raises:
+        ValueError: not one of those formats, a field out of range (minutes or seconds past
+            59, hours past 23 after a day count) or no time at all; the message says which.
+    """
+    match = _SLURM_TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"must be a Slurm time limit ({SLURM_TIME_FORMATS}), e.g. 04:00:00 "
+                         f"or 2-00:00:00; got {text!r}")
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        days, hours, minutes, seconds = g["days"], g["dh"], g.get("dm", 0), g.get("ds", 0)
+        limits = {"hours": (hours, 23), "minutes": (minutes, 59), "seconds": (seconds, 59)}
+    elif "c" in g:  # HH:MM:SS
+        days, hours, minutes, seconds = 0, g["a"], g["b"], g["c"]
+        limits = {"minutes": (minutes, 59), "seconds": (seconds, 59)}
+    else:  # MM or MM:SS
+        days, hours, minutes, seconds = 0, 0, g["a"], g.get("b", 0)
+        limits = {"seconds": (seconds, 59)}
+    for name, (value, top) in limits.items():
+        if value > top:
+            raise ValueError(f"{text!r} is not a Slurm time limit: {name} {value} is past {top} "
+                             f"(formats: {SLURM_TIME_FORMATS})")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total == 0:
+        # Slurm reads 0 as "no limit"; submitit needs a real one.
+        raise ValueError(f"{text!r} is no time at all; give a limit such as 04:00:00")
+    return total
+
+
 class LaunchConfig(Section):
     """``launch``: SLURM resources used by ``dist-ft submit`` (its flags override these)."""
 
@@ -376,13 +459,15 @@ class LaunchConfig(Section):
     max_requeues: NonNegInt = 3  # self-requeues after SIGUSR2 (preemption or time limit)
     signal_delay_s: PositiveInt = 120  # SIGUSR2 this long before the time limit
 
-    @field_validator("time")
+    @field_validator("time", mode="before")
     @classmethod
-    def _slurm_time(cls, value: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", value):
-            raise ValueError(
-                f"must be [DAYS-]HH:MM:SS as SLURM takes it, e.g. 04:00:00; got {value!r}"
-            )
+    def _slurm_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 12:00:00 as the number 43200 (base 60).
+            raise ValueError(f"got the number {value}: quote the time limit, e.g. '12:00:00' "
+                             "(YAML reads unquoted 12:00:00 as 43200 and 30 as a number)")
+        if isinstance(value, str):
+            slurm_time_seconds(value)
         return value
 
     @field_validator("partition", "account", "qos")
@@ -419,4 +504,4 @@ class Recipe(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    output_dir: Annotated[str, Field(min_length=1)] = "runs/default"
+    output_dir: Annotated[str, Field(min_length=1), PathValue()] = "runs/default"

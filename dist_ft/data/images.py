@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image, UnidentifiedImageError
 
 
 class ImageError(ValueError):
-    """An image is missing, empty, truncated or not decodable; the message names the file."""
+    """An image is missing, empty, truncated, not decodable or over PIL's decompression-bomb
+    pixel limit; the message names the file."""
 
 
 def find_images(root: str | Path) -> dict[str, Path]:
@@ -43,8 +45,19 @@ def _open(path: Path) -> Image.Image:
     if size == 0:
         raise ImageError(f"{path}: image file is empty (0 bytes)")
     try:
-        img = Image.open(path)
+        # PIL only warns between 1x and 2x its pixel limit and raises an Exception subclass
+        # above; both become one ImageError, so on_bad_image=skip treats a bomb like any bad
+        # file. (The filter is process-wide: images are decoded in processes, not threads.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
         img.load()  # decode now, so a truncated file fails here, named
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"{path}: not decoded, too many pixels for PIL (Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS}): {exc} Replace the file, or skip bad images "
+            "(data.on_bad_image=skip; dist-ft data prepare --on-bad-image skip)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
     return img

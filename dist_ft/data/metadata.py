@@ -27,6 +27,7 @@ METADATA_NAMES = (
 )
 REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
 _SEX = ("Patient Gender", "Patient Sex")
+_MAX_PATIENT_ID = int(np.iinfo(np.int64).max)
 
 
 class MetadataError(ValueError):
@@ -108,8 +109,9 @@ def read_metadata(path: str | Path) -> Metadata:
     """Read a ``Data_Entry_2017*.csv`` file (plain or ``.gz``, either dialect).
 
     Raises:
-        MetadataError: unreadable file, a required column missing, a malformed patient id, an
-            unknown finding or a duplicated image index; the message names file, line and item.
+        MetadataError: unreadable file, a required column missing, a malformed or out-of-range
+            patient id, an unknown finding or a duplicated image index; the message names
+            file, line and item.
     """
     path = Path(path)
     try:
@@ -162,11 +164,19 @@ def read_metadata(path: str | Path) -> Metadata:
         except UnknownFindingError as exc:
             raise MetadataError(f"{path}:{line}: {image}: {exc}") from None
         try:
-            patients[k] = int(row[i_pat])
+            patient = int(row[i_pat])
         except ValueError:
             raise MetadataError(
                 f"{path}:{line}: {image}: Patient ID {row[i_pat]!r} is not an integer"
             ) from None
+        # Ids are stored as int64 (the release's run 1..30805); a wider one would overflow.
+        if not 0 <= patient <= _MAX_PATIENT_ID:
+            raise MetadataError(
+                f"{path}:{line}: {image}: Patient ID {row[i_pat].strip()!r} is out of range: "
+                f"ids are whole numbers from 0 to {_MAX_PATIENT_ID} (the release's run from 1 to "
+                "30805); correct that row"
+            )
+        patients[k] = patient
         if i_view is not None and i_view < len(row):
             views[k] = row[i_view].strip()
         if i_age is not None and i_age < len(row):

@@ -27,7 +27,7 @@ from typing import Any
 from dist_ft.cluster import rendezvous_port, slurm_process_group_env
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
-from dist_ft.config.schema import LaunchConfig, Recipe
+from dist_ft.config.schema import LaunchConfig, Recipe, slurm_time_seconds
 from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name
 
 MANIFEST = "submission.json"
@@ -129,6 +129,9 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
     Raises:
         ConfigError: every problem found, naming the flag, key or task.
     """
+    if parallelism is not None and parallelism < 1:
+        raise ConfigError([f"--parallelism {parallelism}: must be 1 or more (at most this many "
+                           "array tasks run at once); leave it out to run them all at once"])
     flags = {k: v for k, v in (launch_flags or {}).items() if v is not None}
     flag_overrides = [f"launch.{k}={format_value(v)}" for k, v in flags.items()]
     base_overrides = tuple(overrides)
@@ -136,7 +139,7 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
         base: Recipe = load_recipe(config, [*base_overrides, *flag_overrides])
     except ConfigError as exc:
         raise ConfigError([_flag_name(p, flags) for p in exc.problems], exc.source) from None
-    root = Path(base.output_dir).expanduser().resolve()
+    root = Path(base.output_dir)  # absolute already: load_recipe resolves every path field
     _check_path("output_dir", root)
     launch = base.launch
     if launch.cluster == "local" and launch.gpus_per_node and launch.nodes > 1:
@@ -147,8 +150,7 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
     problems: list[str] = []
     if swept is None:
         _check_plan(base)
-        recipe = base.model_copy(update={"output_dir": str(root)})
-        tasks.append(PlannedTask(0, safe_name(root.name), (), str(root), recipe_to_dict(recipe)))
+        tasks.append(PlannedTask(0, safe_name(root.name), (), str(root), recipe_to_dict(base)))
     else:
         for item in swept.tasks:
             out = root / item.name
@@ -178,10 +180,9 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 def time_minutes(slurm_time: str) -> int:
-    """``[D-]HH:MM:SS`` -> whole minutes (rounded up), as submitit's ``timeout_min`` takes."""
-    days, _, clock = slurm_time.rpartition("-")
-    h, m, s = (int(x) for x in clock.split(":"))
-    return int(days or 0) * 24 * 60 + h * 60 + m + math.ceil(s / 60)
+    """A Slurm time limit (any of its formats, see :func:`slurm_time_seconds`) -> whole
+    minutes (rounded up), as submitit's ``timeout_min`` takes."""
+    return math.ceil(slurm_time_seconds(slurm_time) / 60)
 
 
 def executor_parameters(sub: Submission) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from dist_ft.config.errors import ConfigError
-from dist_ft.config.load import parse_yaml
+from dist_ft.config.load import parse_yaml, read_text_file
 
 SWEEP_KEYS = ("grid", "runs", "parallelism")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
@@ -105,7 +105,7 @@ def expand_sweep(data: Any, source: str = "<sweep>") -> Sweep:
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         problems.append("runs: must be a list of mappings (override key: value, optional name)")
         runs = [{}]
-    if parallelism is not None and (not isinstance(parallelism, int) or parallelism < 1):
+    if parallelism is not None and (type(parallelism) is not int or parallelism < 1):
         problems.append(f"parallelism: must be a positive integer (got {parallelism!r})")
     if not grid and runs == [{}]:
         problems.append("nothing to sweep: give a grid, runs, or both")
@@ -131,11 +131,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """Read and expand a sweep file.
 
     Raises:
-        ConfigError: unreadable, not YAML, or malformed (see :func:`expand_sweep`).
+        ConfigError: unreadable, not UTF-8, not YAML, or malformed (see :func:`expand_sweep`).
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read sweep: {exc.strerror or exc}"], source) from None
-    return expand_sweep(parse_yaml(text, source), source)
+    return expand_sweep(parse_yaml(read_text_file(path, "sweep"), source), source)

@@ -13,7 +13,9 @@ hides too:
 - a tag whose steps go back (a restarted writer without purge) drops its own earlier points
   from that step on; the same step logged twice keeps the later value.
 A truncated last record (a writer killed mid-write) ends that file's data and is reported;
-a record whose checksum fails is reported and ends the file too (its framing is lost).
+a record whose checksum fails (or that is no ``Event``) is reported and ends the file too (its
+framing is lost). A file with no readable record at all (empty, random bytes, another format)
+is reported as corrupt, naming the file and why; :attr:`FileScalars.readable` is then false.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class FileScalars:
     problems: list[str] = field(default_factory=list)
     records: int = 0
 
+    @property
+    def readable(self) -> bool:
+        """Whether at least one record could be read (an empty or corrupt file has none)."""
+        return self.records > 0
+
 
 def _tensor_scalar(value: Any) -> float | None:
     """A ``tensorboard.summary``/``tf.summary`` v2 scalar (a 0-d tensor, scalars plugin)."""
@@ -76,6 +83,7 @@ def _tensor_scalar(value: Any) -> float | None:
 def read_event_file(path: str | Path, verify_crc: bool = True) -> FileScalars:
     """Every scalar point of one event file (see the module doc for damaged files)."""
     import google_crc32c
+    from google.protobuf.message import DecodeError
     from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
     path = Path(path)
@@ -85,6 +93,7 @@ def read_event_file(path: str | Path, verify_crc: bool = True) -> FileScalars:
     steps: list[int] = []
     values: list[float] = []
     problems: list[str] = []
+    damage: str | None = None  # why reading stopped early
     wall_time = float("inf")
     purge: int | None = None
     offset, size, records = 0, len(data), 0
@@ -94,27 +103,38 @@ def read_event_file(path: str | Path, verify_crc: bool = True) -> FileScalars:
     add_tag, add_step, add_value = tag_ids.append, steps.append, values.append
     while offset < size:
         if offset + 12 > size:
-            problems.append(f"{path}: truncated record header at byte {offset} "
-                            f"({size - offset} trailing bytes ignored)")
+            damage = (f"truncated record header at byte {offset} "
+                      f"({size - offset} trailing bytes ignored)")
             break
         length, length_crc = unpack_header(data, offset)
         body_start = offset + 12
         end = body_start + length + 4
+        # The length's own checksum first: a garbage length is corruption, not truncation.
+        if verify_crc:
+            a = crc32c(data[offset:offset + 8])
+            if (((a >> 15) | (a << 17)) + _DELTA) & _MASK != length_crc:
+                damage = (f"checksum mismatch in the record header at byte {offset} (length "
+                          f"field); the rest of the file is ignored")
+                break
         if end > size:
-            problems.append(f"{path}: truncated last record at byte {offset} (needs {length} "
-                            f"bytes, {size - body_start} left; a writer killed mid-write?)")
+            damage = (f"truncated last record at byte {offset} (needs {length} bytes, "
+                      f"{size - body_start} left; a writer killed mid-write?)")
             break
         body = data[body_start:body_start + length]
         if verify_crc:
-            a, b = crc32c(data[offset:offset + 8]), crc32c(body)
-            if ((((a >> 15) | (a << 17)) + _DELTA) & _MASK != length_crc
-                    or (((b >> 15) | (b << 17)) + _DELTA) & _MASK != unpack_crc(data, end - 4)[0]):
-                problems.append(f"{path}: checksum mismatch in the record at byte {offset}; "
-                                "the rest of the file is ignored")
+            b = crc32c(body)
+            if (((b >> 15) | (b << 17)) + _DELTA) & _MASK != unpack_crc(data, end - 4)[0]:
+                damage = (f"checksum mismatch in the record at byte {offset}; the rest of the "
+                          "file is ignored")
                 break
+        try:
+            event = parse(body)
+        except DecodeError as exc:  # only reachable without checksums (--no-verify)
+            damage = (f"the record at byte {offset} is not a TensorBoard Event ({exc}); the "
+                      "rest of the file is ignored")
+            break
         offset = end
         records += 1
-        event = parse(body)
         summary_values = event.summary.value
         if not summary_values:
             if records == 1 or wall_time == float("inf"):
@@ -139,6 +159,12 @@ def read_event_file(path: str | Path, verify_crc: bool = True) -> FileScalars:
             add_tag(tag_id)
             add_step(step)
             add_value(scalar)
+    if records == 0:
+        why = (damage or "empty file (0 bytes): a writer that never flushed, or not a log"
+               ).removesuffix("; the rest of the file is ignored")
+        problems.append(f"{path}: corrupt event file, nothing readable: {why}")
+    elif damage is not None:
+        problems.append(f"{path}: {damage}")
     return FileScalars(
         path=path, tags=list(tags), tag_index=np.asarray(tag_ids, dtype=np.int32),
         steps=np.asarray(steps, dtype=np.int64), values=np.asarray(values, dtype=np.float64),
@@ -162,6 +188,7 @@ class RunScalars:
     files: list[Path]
     problems: list[str]
     points_read: int
+    unreadable: list[Path] = field(default_factory=list)  # files with no readable record
 
 
 def _keep_last(tag_index: np.ndarray, steps: np.ndarray, values: np.ndarray,
@@ -209,7 +236,8 @@ def read_run(directory: str | Path, verify_crc: bool = True) -> RunScalars:
             merged[tag] = Series(np.concatenate([old.steps[keep], series.steps]),
                                  np.concatenate([old.values[keep], series.values]))
     merged = {t: s for t, s in merged.items() if len(s.steps)}
-    return RunScalars(directory, merged, [f.path for f in files], problems, points)
+    return RunScalars(directory, merged, [f.path for f in files], problems, points,
+                      [f.path for f in files if not f.readable])
 
 
 def find_event_dirs(root: str | Path) -> list[Path]:

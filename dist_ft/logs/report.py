@@ -10,9 +10,56 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_ft.logs.aggregate import STATS, aggregate
+from dist_ft.logs.aggregate import STATS, Member, aggregate
+from dist_ft.logs.events import find_event_dirs
 from dist_ft.logs.outputs import write_csv, write_event_dirs, write_plots, write_summary
-from dist_ft.logs.runs import MARKER, load_members
+from dist_ft.logs.runs import MARKER, inside_output, load_members
+
+
+def check_output_place(runs: Sequence[str | Path], out: str | Path) -> None:
+    """Refuse an output folder that is one of the inputs or holds one.
+
+    Aggregating marks OUT (:data:`~dist_ft.logs.runs.MARKER`) so that it is never read back
+    as a run; that mark would hide an input at or below OUT from every later aggregation, and
+    OUT's ``tb/`` would mix with the run's own. OUT inside an input (``runs/sweep/agg``, a
+    sweep's ``ROOT/aggregate``) is fine: the mark keeps it out of the inputs.
+
+    Raises:
+        ValueError: naming OUT and the input it would cover, and what to do instead.
+    """
+    target = Path(out).expanduser().resolve()
+    for run in runs:
+        source = Path(run).expanduser().resolve()
+        if source == target:
+            raise ValueError(
+                f"--out {out} is the input {run} ({source}): the outputs would mix with its files "
+                "and the mark that keeps outputs from being read back would hide it from later "
+                f"aggregations; choose another folder, e.g. --out {target / 'aggregate'}")
+        if target in source.parents:
+            raise ValueError(
+                f"--out {out} ({target}) holds the input {run} ({source}): the mark that keeps "
+                "outputs from being read back would hide that input from later aggregations; "
+                "choose a folder that is not above an input")
+        if target.is_dir() and source in target.parents:
+            # OUT inside an input: fine unless it already holds that input's own logs.
+            held = [d for d in find_event_dirs(target) if not inside_output(d, source)]
+            if held:
+                raise ValueError(
+                    f"--out {out} ({target}) holds event files of the input {run}, e.g. in "
+                    f"{held[0]}: marking it as an output would hide those logs from later "
+                    "aggregations; choose a new folder (e.g. --out "
+                    f"{source / 'aggregate'})")
+
+
+def _nothing_readable(members: list[Member]) -> str | None:
+    """Why no scalar was read at all when that is for empty or corrupt event files (None when
+    some point was read, or no file was damaged: then the tags are what failed to match)."""
+    if any(m.run.points_read for m in members) or not any(m.run.unreadable for m in members):
+        return None
+    listed = "\n  ".join(p for m in members for p in m.run.problems)
+    return (f"no scalar could be read from any event file; damaged files:\n  {listed}\n"
+            "remove or replace them (a writer killed before its first flush leaves an empty "
+            "file; a file copied in from elsewhere may not be an event file)")
 
 
 def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
@@ -27,19 +74,24 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
 
     Raises:
         FileNotFoundError: a run folder is missing or holds no event file.
-        ValueError: an unknown statistic or alignment, a group key a run lacks, or no tag
-            matched.
+        ValueError: OUT is (or holds) an input, every event file is empty or corrupt (each
+            named, with why), an unknown statistic or alignment, a group key a run lacks, or
+            no tag matched. Nothing is written then.
     """
     started = time.perf_counter()
+    out = Path(out)
+    check_output_place(runs, out)
     members, root = load_members(list(runs), verify_crc=verify_crc)
     read_s = time.perf_counter() - started
+    unreadable = _nothing_readable(members)
+    if unreadable:
+        raise ValueError(unreadable)
     results = aggregate(members, list(group_by), list(tags) if tags else None, list(stats),
                         align, root)
     aggregated_s = time.perf_counter() - started
     if not results:
         raise ValueError("no scalar matched: check --tags "
                          f"({', '.join(tags or ['*'])}) against the runs' tags")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("dist-ft aggregate output: not a run\n")
     rows = write_csv(results, out / "scalars.csv")

@@ -21,7 +21,9 @@ RECIPE = "recipe.yaml"
 MARKER = ".dist-ft-aggregate"  # in every aggregation output: never read back as a run
 
 
-def _inside_output(event_dir: Path, root: Path) -> bool:
+def inside_output(event_dir: Path, root: Path) -> bool:
+    """Whether ``event_dir`` lies in an aggregation output (a :data:`MARKER` folder) at or
+    below ``root``."""
     for folder in (event_dir, *event_dir.parents):
         if (folder / MARKER).is_file():
             return True
@@ -59,7 +61,7 @@ def load_members(roots: list[str | Path], workers: int | None = None,
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such folder")
-        dirs = [d for d in find_event_dirs(root) if not _inside_output(d, root)]
+        dirs = [d for d in find_event_dirs(root) if not inside_output(d, root)]
         if not dirs:
             raise FileNotFoundError(f"{root}: no TensorBoard event files (events.out.tfevents.*) "
                                     "below it")

@@ -122,3 +122,29 @@ def test_corrupt_gzip_and_absent_metadata(tmp_path: Path) -> None:
         read_metadata(bad)
     with pytest.raises(MetadataError, match="no ChestX-ray14 metadata file"):
         find_metadata(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999999", "9223372036854775808", "-1"])
+def test_a_patient_id_out_of_range_is_named_in_the_real_file(tmp_path: Path, run_cli,
+                                                             pid: str) -> None:
+    # The 2017 release as shipped (CRLF, trailing commas, zero-padded ids), one id replaced.
+    lines = gzip.decompress((REAL_CXR14 / "Data_Entry_2017.csv.gz").read_bytes()).split(b"\r\n")
+    fields = lines[2].split(b",")
+    assert fields[3] == b"00000001"  # Patient ID of 00000001_001.png
+    fields[3] = pid.encode()
+    lines[2] = b",".join(fields)
+    path = tmp_path / "Data_Entry_2017.csv.gz"
+    path.write_bytes(gzip.compress(b"\r\n".join(lines)))
+    message = (rf":3: 00000001_001\.png: Patient ID '{pid}' is out of range: ids are whole "
+               r"numbers from 0 to 9223372036854775807 .*correct that row")
+    with pytest.raises(MetadataError, match=message):
+        read_metadata(path)
+    result = run_cli("data", "stats", str(tmp_path))
+    assert result.code == 1 and f"{path}:3: 00000001_001.png: Patient ID '{pid}'" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_the_largest_int64_patient_id_is_kept(tmp_path: Path) -> None:
+    text = HEADER.format(sex="Patient Gender") + ROW.format(
+        img="a.png", labels="Mass", pid="9223372036854775807")
+    assert read_metadata(_write(tmp_path, text)).patients.tolist() == [2**63 - 1]

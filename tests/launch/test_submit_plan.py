@@ -62,6 +62,11 @@ def test_cpu_nodes_run_one_process_each(run_cli, tmp_path: Path) -> None:
     (["--qos", "$(id)"], "--qos (launch.qos)"),
     (["--constraint", "a100 `id`"], "--constraint (launch.constraint)"),
     (["--time", "25h"], "--time (launch.time)"),
+    (["--time", "99:99:99"], "--time (launch.time): '99:99:99' is not a Slurm time limit"),
+    (["--time", "1-24:00"], "--time (launch.time): '1-24:00' is not a Slurm time limit"),
+    (["--time", "0"], "--time (launch.time): '0' is no time at all"),
+    (["--parallelism", "-3"], "--parallelism -3: must be 1 or more"),
+    (["--parallelism", "0"], "--parallelism 0: must be 1 or more"),
     (["--mem", "4 G"], "--mem (launch.mem)"),
     (["--max-requeues", "-2"], "--max-requeues (launch.max_requeues)"),
     (["optim.lr=-1"], "optim.lr"),
@@ -139,6 +144,27 @@ def test_time_limits_convert_to_whole_minutes() -> None:
     assert time_minutes("00:30:00") == 30
     assert time_minutes("01:00:01") == 61
     assert time_minutes("2-03:04:00") == 2 * 1440 + 184
+    # Slurm's other formats: MM, MM:SS, D-HH, D-HH:MM
+    assert [time_minutes(t) for t in ("90", "90:30", "1-2", "1-2:30")] == [90, 91, 1560, 1590]
+
+
+def test_a_sweep_s_parallelism_must_be_a_positive_integer(run_cli, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  trainer.seed: [0, 1]\nparallelism: yes\n")
+    result = run_cli("submit", str(SMOKE), "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
+    assert result.code == 2 and "parallelism: must be a positive integer (got True)" in result.err
+
+
+def test_home_and_relative_output_dirs_resolve_once(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    sub = plan_submission(SMOKE, ["output_dir=~/runs/a"], {"cluster": "local"})
+    assert sub.root == tmp_path / "home" / "runs" / "a"
+    recipe = sub.tasks[0].recipe
+    assert recipe["output_dir"] == str(sub.root)
+    assert recipe["data"]["root"] == str(tmp_path / "data" / "cxr14_synth")
+    assert not (tmp_path / "~").exists()
 
 
 def test_a_freeze_plan_that_matches_nothing_fails_at_submission(run_cli, tmp_path: Path) -> None:
