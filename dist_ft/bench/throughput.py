@@ -22,6 +22,7 @@ import yaml
 from dist_ft.config import load_recipe
 from dist_ft.config.load import recipe_to_dict, validate_recipe
 from dist_ft.config.schema import Recipe
+from dist_ft.rundir import RunDir
 
 
 class BenchError(RuntimeError):
@@ -98,7 +99,7 @@ def dist_ft_windows(run_dir: Path, batch: int, world: int) -> list[tuple[int, fl
     """Windows of a ``dist-ft train`` run from its ``train/samples_per_s`` (first epoch)."""
     from dist_ft.logs.events import read_run
 
-    series = read_run(run_dir / "tb").series.get("train/samples_per_s")
+    series = read_run(RunDir(run_dir).tb).series.get("train/samples_per_s")
     if series is None:
         raise BenchError(f"{run_dir}/tb has no train/samples_per_s")
     windows, previous = [], 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dist_ft import exitcodes
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"dist-ft train: {stop}")
         return exitcodes.STOPPED
     except RunUsageError as exc:
-        print(f"dist-ft train: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises it; one says it
+            print(f"dist-ft train: {exc}", file=sys.stderr)
         return exitcodes.USAGE
     return exitcodes.OK

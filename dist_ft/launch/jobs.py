@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_ft.launch.submit import MANIFEST
+from dist_ft.rundir import RunDir, read_json
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -25,13 +26,6 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such file; `dist-ft submit` writes it in the "
                                 "run's output_dir (a sweep's folder)")
     return json.loads(path.read_text())
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _scheduler_states(manifest: dict[str, Any]) -> dict[str, str]:
@@ -55,9 +49,10 @@ def task_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     states = _scheduler_states(manifest)
     rows = []
     for task in manifest["tasks"]:
-        out = Path(task["output_dir"])
-        status = _read_json(out / "status.json") or {}
-        metrics = _read_json(out / "final" / "metrics.json")
+        run = RunDir(task["output_dir"])
+        out = run.root
+        status = run.read_status() or {}
+        metrics = read_json(run.final_metrics)
         rows.append({
             "index": task["index"], "name": task["name"], "job_id": task["job_id"],
             "overrides": task["overrides"], "output_dir": str(out),

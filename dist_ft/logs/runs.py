@@ -16,8 +16,8 @@ import yaml
 
 from dist_ft.logs.aggregate import Member, flatten
 from dist_ft.logs.events import RunScalars, find_event_dirs, read_run
+from dist_ft.rundir import RunDir
 
-RECIPE = "recipe.yaml"
 MARKER = ".dist-ft-aggregate"  # in every aggregation output: never read back as a run
 
 
@@ -35,7 +35,7 @@ def inside_output(event_dir: Path, root: Path) -> bool:
 def run_dir_of(event_dir: Path, root: Path) -> Path:
     """The run folder an event directory belongs to (``run/tb/rank1`` -> ``run``)."""
     for folder in (event_dir, *event_dir.parents):
-        if (folder / RECIPE).is_file():
+        if RunDir(folder).recipe.is_file():
             return folder
         if folder == root:
             break
@@ -78,7 +78,7 @@ def load_members(roots: list[str | Path], workers: int | None = None,
     for run, (event_dir, root) in zip(runs, found, strict=True):
         run_dir = run_dir_of(event_dir, root)
         if run_dir not in recipes:
-            recipe = run_dir / RECIPE
+            recipe = RunDir(run_dir).recipe
             recipes[run_dir] = flatten(yaml.safe_load(recipe.read_text()) or {}) \
                 if recipe.is_file() else {}
         members.append(Member(run=run, run_dir=run_dir, params=recipes[run_dir]))

@@ -78,12 +78,21 @@ def _pick_checkpoint(run: RunDir, resume: str, claim_notes: list[str]) -> Path |
             raise RunUsageError(f"--resume {path}: no such checkpoint folder")
         verify_checkpoint(path)  # damaged or unsafe: an error naming the file
         return path
-    for candidate in resume_candidates(run):
+    candidates = resume_candidates(run)
+    # This folder's run: status.json's id, else the newest checkpoint's. Checkpoints of any
+    # other run (copied in by hand) are never resumed from.
+    owner = run.run_id() or (RunDir.checkpoint_run_id(candidates[0]) if candidates else None)
+    for candidate in candidates:
         try:
             verify_checkpoint(candidate)
         except CheckpointDamaged as exc:
             claim_notes.append(f"--resume auto: skipping {candidate.name}: {exc}; trying the "
                                "checkpoint before it")
+            continue
+        other = RunDir.checkpoint_run_id(candidate)
+        if other != owner:
+            claim_notes.append(f"--resume auto: skipping {candidate.name}: written by run "
+                               f"{other}, not by this folder's run {owner}")
             continue
         return candidate
     return None

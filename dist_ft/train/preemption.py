@@ -68,7 +68,10 @@ class StopSignals:
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and signum in self.received:
-            raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now
+            # Ctrl-C twice: the user wants out now. Further ones are ignored so that the
+            # abort itself (marking the run failed, releasing the lock) is not cut short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            raise KeyboardInterrupt
         self.received.add(signum)
 
     def restore(self) -> None:

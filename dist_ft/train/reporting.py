@@ -113,10 +113,10 @@ class Reporter:
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
                              img_s=f"{rate:.0f}", stage=progress.stage)
 
-    def skipped(self, progress: Progress) -> None:
-        """The running count of steps dropped for a non-finite loss."""
+    def skipped(self, progress: Progress, step: int) -> None:
+        """The running count of steps dropped for a non-finite loss, at the dropped ``step``."""
         if self.writer is not None:
-            self.writer.add_scalar("train/skipped_steps", progress.skipped_steps, progress.step)
+            self.writer.add_scalar("train/skipped_steps", progress.skipped_steps, step)
 
     def evaluation(self, progress: Progress, metrics: dict[str, Any], gap: float | None) -> None:
         """Validation loss, scores and per-class AUROC of one evaluation."""

@@ -425,7 +425,7 @@ class Trainer:
         log.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank "
                     "(%d skipped in all)", step, ranks, p.skipped_steps)
         assert self.reporter is not None
-        self.reporter.skipped(p)
+        self.reporter.skipped(p, step)
         return True
 
     def _report_gradless(self) -> None:

@@ -148,7 +148,7 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_for_resume(
 
     resumed = launch(["train", str(SMOKE), *small_run(data, out, 8,
                                                      "trainer.checkpoint_every_steps=3"),
-                      "--resume", "auto"])
+                      "--resume", "auto", "--accept-change", "trainer.max_steps"])
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     log = (out / "logs" / "rank0.log").read_text()
