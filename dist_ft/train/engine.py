@@ -302,3 +302,14 @@ def module_for_new_stage(accelerator: Any, model: nn.Module,
     if is_deepspeed(accelerator):
         return rebuild(full_state_dict(accelerator, model))
     return unwrap(accelerator, model)
+
+
+def params_without_grad(accelerator: Any, model: nn.Module) -> list[str]:
+    """Trainable parameters whose full gradient is missing or all zero (after backward)."""
+    missing = []
+    for name, param in unwrap(accelerator, model).named_parameters():
+        if param.requires_grad:
+            grad = full_grad(accelerator, param)
+            if grad is None or not bool(torch.any(grad != 0)):
+                missing.append(name)
+    return missing

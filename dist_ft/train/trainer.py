@@ -54,11 +54,10 @@ from dist_ft.train.consistency import (
     check_plan_consistency,
     check_replicas,
     gather_objects,
-    ranks_flagging,
 )
 from dist_ft.train.lifecycle import Claim, RunUsageError, claim_run_folder
 from dist_ft.train.losses import build_loss
-from dist_ft.train.metrics import classification_metrics
+from dist_ft.train.nonfinite import NonFinitePolicy
 from dist_ft.train.preemption import Preempted, StopSignals, requeue_job
 from dist_ft.train.progress import Progress
 from dist_ft.train.reporting import Reporter, setup_logging
@@ -66,6 +65,7 @@ from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
 from dist_ft.train.runtime import build_accelerator, lost_peer, process_resources
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import StageSwitcher, set_bn_modes
+from dist_ft.train.validation import evaluate_exact
 
 log = logging.getLogger("dist_ft.train")
 
@@ -120,7 +120,7 @@ class Trainer:
         # Finite training losses since the last evaluation; tensors, so no per-step device sync.
         self.loss_sum: torch.Tensor | float = 0.0
         self.loss_count: torch.Tensor | int = 0
-        self.window_finite: torch.Tensor | None = None  # all losses of this step finite
+        self.nonfinite = NonFinitePolicy(recipe.trainer)
         self.gaps: list[float] = []
         self.stops = StopSignals()
 
@@ -376,11 +376,9 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
             loss = self.loss_fn(self.model(x), targets)
-            finite = torch.isfinite(loss.detach())
-            self.window_finite = finite if self.window_finite is None \
-                else self.window_finite & finite
+            finite = self.nonfinite.observe(loss)
             backend.backward(loss)
-            skip = boundary and self._nonfinite_step()
+            skip = boundary and self._skip_step()
             if boundary and not skip:
                 if self.grad_check_pending:
                     self._report_gradless()
@@ -391,53 +389,19 @@ class Trainer:
                 raise TrainingError(f"step {self.progress.step + 1}: {exc}") from None
         return loss.detach(), finite
 
-    def _nonfinite_step(self) -> bool:
-        """At a step boundary: True when any rank's loss in this step was NaN/inf.
-
-        Every rank takes part (one small all-reduce) and so decides alike: under
-        ``trainer.nonfinite_loss=stop`` all raise before the update, naming the step; under
-        ``skip`` all drop the update, until ``nonfinite_max_in_row`` steps in a row.
-
-        Raises:
-            TrainingError: the policy says stop.
-        """
-        finite = self.window_finite is None or bool(self.window_finite)  # one sync per step
-        self.window_finite = None
-        ranks = ranks_flagging(not finite)
-        p, cfg = self.progress, self.recipe.trainer
-        if not ranks:
-            p.nonfinite_in_row = 0
-            return False
-        step = p.step + 1
-        latest = self.run.latest_checkpoint()
-        kept = f"last complete checkpoint: {latest}" if latest else "no checkpoint yet"
-        if cfg.nonfinite_loss == "stop":
-            raise TrainingError(
-                f"non-finite loss at step {step} on rank(s) {ranks}: stopped before the update "
-                f"({kept}); lower optim.lr, check the data, or set trainer.nonfinite_loss=skip")
-        p.skipped_steps += 1
-        p.nonfinite_in_row += 1
-        if p.nonfinite_in_row >= cfg.nonfinite_max_in_row:
-            raise TrainingError(
-                f"non-finite loss in {p.nonfinite_in_row} steps in a row (steps "
-                f"{step - p.nonfinite_in_row + 1}-{step}, trainer.nonfinite_max_in_row="
-                f"{cfg.nonfinite_max_in_row}): stopped ({kept})")
-        log.warning("step %d: non-finite loss on rank(s) %s; update skipped on every rank "
-                    "(%d skipped in all)", step, ranks, p.skipped_steps)
-        assert self.reporter is not None
-        self.reporter.skipped(p, step)
-        return True
+    def _skip_step(self) -> bool:
+        """Whether this step's update is dropped (trainer.nonfinite_loss; a collective call)."""
+        step = self.progress.step + 1
+        skip = self.nonfinite.skip_step(self.progress, self.run.latest_checkpoint())
+        if skip:
+            assert self.reporter is not None
+            self.reporter.skipped(self.progress, step)
+        return skip
 
     def _report_gradless(self) -> None:
         """After the first backward of a stage: name trainable params that got no gradient."""
         self.grad_check_pending = False
-        module = engine.unwrap(self.acc, self.model)
-        missing = []
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                grad = engine.full_grad(self.acc, param)
-                if grad is None or not bool(torch.any(grad != 0)):
-                    missing.append(name)
+        missing = engine.params_without_grad(self.acc, self.model)
         if missing:
             log.warning("stage %d: %d trainable parameter(s) received no gradient: %s",
                         self.progress.stage, len(missing), ", ".join(missing[:10]))
@@ -452,35 +416,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         """Exact metrics over the whole validation split (each sample once, all ranks)."""
-        acc = self.acc
-        engine.average_bn_stats(acc, self.model)
-        self.model.eval()
-        batches = gather_objects(len(self.val_loader))
-        rounds = max(batches)  # ZeRO-3 forwards are collective: keep ranks in lockstep
-        scores, targets, loss_sum = [], [], 0.0
-        iterator = iter(self.val_loader)
-        filler = self.val_set[0][0].unsqueeze(0)  # for ranks that run out of batches first
-        with torch.no_grad():
-            for _ in range(rounds):
-                batch = next(iterator, None)
-                images = filler if batch is None else batch[0]
-                logits = self.model(self.normalize(self.resize(images.to(acc.device))))
-                if batch is None:
-                    continue
-                target = batch[1].to(acc.device)
-                loss_sum += float(self.loss_fn(logits, target)) * len(images)
-                probs = torch.sigmoid(logits) if self.val_set.multilabel else logits.softmax(-1)
-                scores.append(probs.float().cpu().numpy())
-                targets.append(target.cpu().numpy())
-        parts = gather_objects((np.concatenate(scores) if scores else None,
-                                np.concatenate(targets) if targets else None, loss_sum))
-        all_scores = np.concatenate([s for s, _, _ in parts if s is not None])
-        all_targets = np.concatenate([t for _, t, _ in parts if t is not None])
-        metrics = classification_metrics(all_scores, all_targets, self.val_set.multilabel,
-                                         self.val_set.classes)
-        metrics["val_loss"] = sum(x for _, _, x in parts) / len(all_scores)
-        metrics["val_samples"] = len(all_scores)
-        return metrics
+        return evaluate_exact(self.acc, self.model, self.val_loader, self.val_set,
+                              lambda images: self.normalize(self.resize(images)), self.loss_fn)
 
     def _end_of_epoch_eval(self) -> bool:
         """Evaluate, log, feed the schedule and early stopping; True to stop."""
