@@ -21,9 +21,8 @@ IGNORED_PREFIXES = ("output_dir", "model.pretrained", "logging.", "launch.", "da
                     "trainer.keep_last", "trainer.collective_timeout_min", "trainer.nonfinite_loss",
                     "trainer.nonfinite_max_in_row", "trainer.save_stage_weights")
 # The saved weights, optimizer state or engine cannot be loaded into a run that changed these.
-FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "plan_digest", "optim.name",
+FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "optim.name",
                   "trainer.backend", "trainer.zero_stage", "world_size")
-DERIVED = ("plan_digest", "split_digest", "world_size")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -45,7 +44,8 @@ def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
     """The flat key -> value map a checkpoint records and a resume compares."""
     contract = {k: v for k, v in _flatten(recipe).items()
                 if not _matches(k, IGNORED_PREFIXES)}
-    contract.update(plan_digest=plan_digest, split_digest=split_digest)
+    # Derived facts: the plan as resolved on this model, the images and labels of the split.
+    contract.update({"plan.digest": plan_digest, "data.split": split_digest})
     # DDP checkpoints load on any number of processes; ZeRO's optimizer shards do not.
     contract["world_size"] = world_size if zero_stage else None
     return contract

@@ -195,7 +195,7 @@ def test_a_resume_on_other_data_names_the_root_and_the_split(
     assert result.returncode == 2
     text = message(result)
     assert "data.root: checkpoint '" in text and f"now '{tiny_cxr14}'" in text
-    assert "split_digest: checkpoint 'sha256:" in text
+    assert "data.split: checkpoint 'sha256:" in text
 
 
 def test_an_accepted_change_resumes_and_is_recorded(run_copy: Path,

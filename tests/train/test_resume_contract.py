@@ -1,0 +1,60 @@
+"""What a resume compares: pure functions on the recorded contract."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
+
+RECIPE = {"output_dir": "/runs/a", "model": {"name": "resnet18", "num_classes": 14,
+                                             "pretrained": "imagenet"},
+          "optim": {"name": "adamw", "lr": 1e-3}, "data": {"root": "/data", "batch_size": 8,
+                                                           "num_workers": 4},
+          "trainer": {"epochs": 3, "keep_last": 3, "backend": "deepspeed", "zero_stage": 2},
+          "schedule": {"warmup_steps": 10}, "logging": {"every_steps": 10}}
+
+
+def contract(world: int = 2, zero: int = 2, split: str = "sha256:a", **changes: object) -> dict:
+    recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        recipe[section][name] = value
+    return run_contract(recipe, "sha256:plan", split, world, zero)
+
+
+def test_operational_keys_are_not_compared() -> None:
+    saved = contract()
+    now = contract(data__num_workers=0, trainer__keep_last=1, logging__every_steps=1,
+                   model__pretrained="none")
+    assert check_resume(saved, now, [], "ckpt") == []
+    assert "output_dir" not in saved and "data.num_workers" not in saved
+
+
+def test_fixed_keys_are_refused_even_when_accepted() -> None:
+    with pytest.raises(ResumeMismatch) as info:
+        check_resume(contract(), contract(optim__name="sgd", world=4), ["optim", "world_size"],
+                     "ckpt")
+    text = str(info.value)
+    assert "optim.name: checkpoint 'adamw', now 'sgd' (cannot change on resume" in text
+    assert "world_size: checkpoint 2, now 4 (cannot change" in text
+    assert "--accept-change" not in text
+
+
+def test_ddp_checkpoints_do_not_record_the_world_size() -> None:
+    assert check_resume(contract(world=2, zero=0), contract(world=1, zero=0), [], "c") == []
+
+
+def test_other_differences_need_an_explicit_acceptance_by_key_or_section() -> None:
+    saved, now = contract(), contract(trainer__epochs=5, schedule__warmup_steps=0,
+                                      split="sha256:b")
+    with pytest.raises(ResumeMismatch) as info:
+        check_resume(saved, now, ["trainer.epochs"], "ckpt")
+    text = str(info.value)
+    listed = [line for line in text.splitlines() if line.startswith("  - ")]
+    assert listed == ["  - data.split: checkpoint 'sha256:a', now 'sha256:b'",
+                      "  - schedule.warmup_steps: checkpoint 10, now 0"]  # epochs accepted
+    assert "--accept-change data.split --accept-change schedule.warmup_steps" in text
+    changes = check_resume(saved, now, ["trainer.epochs", "schedule", "data.split"], "ckpt")
+    assert [(c.key, c.saved, c.now) for c in changes] == [
+        ("data.split", "sha256:a", "sha256:b"), ("schedule.warmup_steps", 10, 0),
+        ("trainer.epochs", 3, 5)]
