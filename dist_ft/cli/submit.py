@@ -129,10 +129,9 @@ def run(args: argparse.Namespace) -> int:
             if aggregation["job_id"]:
                 aggregation["outcome"] = outcomes[-1]
             else:  # local: this process aggregates
-                from dist_ft.logs.report import aggregate_runs
+                from dist_ft.launch.submit import aggregation_task
 
-                doc = aggregate_runs([sub.root], aggregation["out"], aggregation["group_by"],
-                                     align="union")
+                doc = aggregation_task(sub)()
                 aggregation["outcome"] = {"ok": True, "result": {"rows": doc["rows"]}}
             ok = aggregation["outcome"]["ok"]
             code = code or (0 if ok else 1)

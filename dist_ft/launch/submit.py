@@ -332,11 +332,18 @@ def sweep_group_keys(sub: Submission) -> list[str]:
     return keys or ["all"]
 
 
+def aggregation_task(sub: Submission) -> Any:
+    """The sweep's aggregation: its run folders (not ROOT, so that ``ROOT/aggregate`` lies
+    beside them, never inside an input), grouped by the swept keys."""
+    from dist_ft.launch.task import AggregateTask
+
+    runs = tuple(str(task.output_dir) for task in sub.tasks)
+    return AggregateTask(runs, str(sub.root / AGGREGATE_DIR), tuple(sweep_group_keys(sub)))
+
+
 def _submit_aggregation(sub: Submission, after: str) -> Any:
     """A small job that aggregates the sweep's logs once every array task has ended."""
     import submitit
-
-    from dist_ft.launch.task import AggregateTask
 
     launch = sub.launch
     executor = submitit.AutoExecutor(folder=sub.root / SUBMITIT_DIR, cluster="slurm")
@@ -347,8 +354,7 @@ def _submit_aggregation(sub: Submission, after: str) -> Any:
                 "slurm_qos": launch.qos}
     params.update({k: v for k, v in optional.items() if v is not None})
     executor.update_parameters(**params)
-    return executor.submit(AggregateTask(str(sub.root), str(sub.root / AGGREGATE_DIR),
-                                         tuple(sweep_group_keys(sub))))
+    return executor.submit(aggregation_task(sub))
 
 
 def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:

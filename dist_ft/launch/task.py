@@ -51,16 +51,22 @@ class TrainTask:
 
 @dataclass(frozen=True)
 class AggregateTask:
-    """A picklable callable: aggregate a sweep's logs once its array has finished."""
+    """A picklable callable: aggregate a sweep's run folders once its array has finished."""
 
-    root: str
+    runs: tuple[str, ...]
     out: str
     group_by: tuple[str, ...]
 
     def __call__(self) -> dict[str, Any]:
         """Run the aggregation; returns where it wrote and what it found."""
+        from dist_ft.logs.events import find_event_dirs
         from dist_ft.logs.report import aggregate_runs
 
         forbid_world_writable()
-        doc = aggregate_runs([self.root], self.out, self.group_by, align="union")
-        return {k: doc[k] for k in ("out", "group_by", "members", "rows", "problems")}
+        # A task that failed before logging has no event files: aggregate the others.
+        logged = [r for r in self.runs if os.path.isdir(r) and find_event_dirs(r)]
+        doc = aggregate_runs(logged or list(self.runs), self.out, self.group_by, align="union")
+        problems = [*doc["problems"], *(f"{r}: no event files (the task logged nothing)"
+                                        for r in self.runs if r not in logged)]
+        return {**{k: doc[k] for k in ("out", "group_by", "members", "rows")},
+                "problems": problems}

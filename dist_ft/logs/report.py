@@ -11,44 +11,40 @@ from pathlib import Path
 from typing import Any
 
 from dist_ft.logs.aggregate import STATS, Member, aggregate
-from dist_ft.logs.events import find_event_dirs
 from dist_ft.logs.outputs import write_csv, write_event_dirs, write_plots, write_summary
-from dist_ft.logs.runs import MARKER, inside_output, load_members
+from dist_ft.logs.runs import MARKER, load_members
 
 
 def check_output_place(runs: Sequence[str | Path], out: str | Path) -> None:
-    """Refuse an output folder that is one of the inputs or holds one.
+    """Refuse an output folder that is one of the inputs, lies inside one, or holds one.
 
-    Aggregating marks OUT (:data:`~dist_ft.logs.runs.MARKER`) so that it is never read back
-    as a run; that mark would hide an input at or below OUT from every later aggregation, and
-    OUT's ``tb/`` would mix with the run's own. OUT inside an input (``runs/sweep/agg``, a
-    sweep's ``ROOT/aggregate``) is fine: the mark keeps it out of the inputs.
+    Outputs never go into inputs: an output inside an input would be read back as part of it
+    (its ``tb/`` looks like a run), and an output above an input would hide it. (Aggregating
+    still marks OUT, :data:`~dist_ft.logs.runs.MARKER`, so an output placed inside a run
+    folder by older versions is never read back.) A sweep's aggregation therefore reads the
+    sweep's run folders, and writes ``ROOT/aggregate`` beside them.
 
     Raises:
-        ValueError: naming OUT and the input it would cover, and what to do instead.
+        ValueError: naming OUT and the input, and what to do instead.
     """
     target = Path(out).expanduser().resolve()
     for run in runs:
         source = Path(run).expanduser().resolve()
         if source == target:
             raise ValueError(
-                f"--out {out} is the input {run} ({source}): the outputs would mix with its files "
-                "and the mark that keeps outputs from being read back would hide it from later "
-                f"aggregations; choose another folder, e.g. --out {target / 'aggregate'}")
+                f"--out {out} is the input {run} ({source}): the outputs would mix with its "
+                f"files; choose another folder, e.g. --out {source}-aggregate")
         if target in source.parents:
             raise ValueError(
-                f"--out {out} ({target}) holds the input {run} ({source}): the mark that keeps "
-                "outputs from being read back would hide that input from later aggregations; "
-                "choose a folder that is not above an input")
-        if target.is_dir() and source in target.parents:
-            # OUT inside an input: fine unless it already holds that input's own logs.
-            held = [d for d in find_event_dirs(target) if not inside_output(d, source)]
-            if held:
-                raise ValueError(
-                    f"--out {out} ({target}) holds event files of the input {run}, e.g. in "
-                    f"{held[0]}: marking it as an output would hide those logs from later "
-                    "aggregations; choose a new folder (e.g. --out "
-                    f"{source / 'aggregate'})")
+                f"--out {out} ({target}) holds the input {run} ({source}): marking it as an "
+                "output would hide that input from later aggregations; choose a folder that "
+                "is not above an input")
+        if source in target.parents:
+            raise ValueError(
+                f"--out {out} ({target}) is inside the input {run} ({source}): outputs never go "
+                f"into inputs; choose a folder outside it, e.g. --out {source}-aggregate "
+                f"(or aggregate the run folders inside it: dist-ft aggregate {run}/RUN ... "
+                f"--out {out})")
 
 
 def _nothing_readable(members: list[Member]) -> str | None:

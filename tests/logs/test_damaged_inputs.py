@@ -74,11 +74,11 @@ def test_a_corrupt_file_among_good_ones_is_a_warning(run_cli, tmp_path: Path) ->
     assert (out / "scalars.csv").is_file()
 
 
-def test_an_output_that_is_or_holds_an_input_is_refused(run_cli, tmp_path: Path) -> None:
+def test_an_output_that_is_in_or_holds_an_input_is_refused(run_cli, tmp_path: Path) -> None:
     run = good_run(tmp_path / "runs" / "run")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     cases = [(run, "is the input"), (tmp_path / "runs", "holds the input"),
-             (run / "tb", "holds event files of the input")]
+             (run / "tb", "is inside the input"), (run / "agg", "is inside the input")]
     for out, said in cases:
         result = run_cli("aggregate", str(run), "--out", str(out))
         assert result.code == 2, result.err
@@ -87,12 +87,13 @@ def test_an_output_that_is_or_holds_an_input_is_refused(run_cli, tmp_path: Path)
     assert not list(tmp_path.rglob(MARKER))
 
 
-def test_an_output_inside_an_input_is_never_read_back(run_cli, tmp_path: Path) -> None:
-    # What a sweep's aggregation does (ROOT/aggregate) and the README shows (runs/sweep/agg).
+def test_an_output_left_inside_a_run_by_older_versions_is_never_read_back(
+    run_cli, tmp_path: Path
+) -> None:
     run = good_run(tmp_path / "run")
-    out = run / "agg"
-    for _ in range(2):
-        result = run_cli("aggregate", str(run), "--out", str(out), "--json")
-        assert result.code == 0, result.err
-        assert json.loads(result.out)["members"] == 1  # the first output was not read back
-    assert (out / MARKER).is_file()
+    first = run_cli("aggregate", str(run), "--out", str(tmp_path / "agg"))
+    assert first.code == 0, first.err
+    (tmp_path / "agg").rename(run / "agg")  # as `--out RUN/agg` used to leave it
+    result = run_cli("aggregate", str(run), "--out", str(tmp_path / "again"), "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["members"] == 1  # the old output is not read as a run
