@@ -11,6 +11,7 @@ Pure Python: no torch import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def describe_holder(holder: dict[str, Any] | None) -> str:
@@ -76,11 +85,7 @@ class RunLock:
 
     def read_holder(self) -> dict[str, Any] | None:
         """The lock file's content, or None if unreadable."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        return _read_record(self.path)
 
     def _is_mine(self, holder: dict[str, Any] | None) -> bool:
         return bool(holder) and holder.get("host") == self.host and holder.get("pid") == self.pid
@@ -96,13 +101,15 @@ class RunLock:
             return f"the lock file is unreadable and {age:.0f} s old" if age > 10 else None
         if self._is_mine(holder):
             return "this process held it"
-        if self.job_id and holder.get("job_id") == self.job_id:
-            return f"it was held by an earlier run of this Slurm job {self.job_id} (requeued)"
-        if holder.get("host") == self.host:
+        if holder.get("host") == self.host:  # a live process here always keeps its lock
             pid = holder.get("pid")
             if not isinstance(pid, int) or not _pid_alive(pid):
                 return f"its process (pid {pid}) is gone"
             return None
+        if self.job_id and holder.get("job_id") == self.job_id:
+            # Slurm never runs two incarnations of a job at once: the holder was this job
+            # before it was requeued (perhaps onto another node).
+            return f"it was held by an earlier run of this Slurm job {self.job_id} (requeued)"
         if age > STALE_AFTER_S:
             return (f"its heartbeat is {age:.0f} s old (host {holder.get('host')} stopped "
                     f"refreshing it; stale after {STALE_AFTER_S:.0f} s)")
@@ -128,14 +135,20 @@ class RunLock:
                         "dist-ft train is writing this run folder. Wait for it, stop it, or use "
                         f"another output_dir (if it is gone for good, delete {self.path})"
                     ) from None
-                # Move the stale file aside under a unique name: of two processes taking
-                # over at once, one rename succeeds and the other finds the lock taken.
+                # Move the stale file aside under a unique name, then check that what moved
+                # is the lock judged stale: of two processes taking over at once, the
+                # second may have moved the first one's fresh lock, and puts it back.
                 aside = self.path.with_name(f"{self.path.name}.stale-{self.pid}")
                 try:
                     self.path.rename(aside)
-                    aside.unlink()
                 except FileNotFoundError:
                     continue
+                if _read_record(aside) != holder:
+                    with contextlib.suppress(FileExistsError):
+                        os.link(aside, self.path)
+                    aside.unlink()
+                    continue
+                aside.unlink()
                 self.takeover = f"took over the lock of {describe_holder(holder)}: {reason}"
                 log.warning("%s: %s", self.path, self.takeover)
                 continue
@@ -159,10 +172,12 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            if not self._is_mine(self.read_holder()):
-                log.error("%s is no longer held by this process (taken over?)", self.path)
-                return
-            try:
+            holder = self.read_holder()
+            if holder is not None and not self._is_mine(holder):
+                log.error("%s was taken over by %s while this run holds it: two trainers may "
+                          "now write this folder", self.path, describe_holder(holder))
+                continue
+            try:  # a passing read error (NFS) only skips one beat
                 os.utime(self.path)
             except OSError as exc:
                 log.warning("cannot refresh %s: %s", self.path, exc)

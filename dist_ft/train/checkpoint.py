@@ -44,15 +44,25 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
     if accelerator.is_main_process:
         write_json_atomic(partial / TRAINER_STATE, trainer_state)
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         partial.rename(final)
         write_json_atomic(final / COMPLETE, {"step": step})
         run_id = trainer_state.get("run_id")
         mine = [c for c in run.complete_checkpoints() if RunDir.checkpoint_run_id(c) == run_id]
         for old in mine[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder so that no interruption leaves it looking complete: it is
+    renamed out of the ``step_<digits>`` pattern first, then removed."""
+    doomed = path.with_name(path.name + ".deleting")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -140,11 +150,15 @@ def verify_checkpoint(path: str | Path) -> None:
     path = Path(path)
     state = path / TRAINER_STATE
     try:
-        json.loads(state.read_text(encoding="utf-8"))
+        saved = json.loads(state.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointDamaged(state, "missing") from None
     except (OSError, ValueError) as exc:
         raise CheckpointDamaged(state, f"not valid JSON: {exc}") from None
+    world = saved.get("world_size") if isinstance(saved, dict) else None
+    for rank in range(world if isinstance(world, int) else 0):
+        if not (path / f"rank{rank}.pt").is_file():
+            raise CheckpointDamaged(path / f"rank{rank}.pt", "missing")
     allowed = [*TORCH_SAFE_GLOBALS, *_deepspeed_classes()]
     for file in sorted(path.rglob("*")):
         if not file.is_file():
@@ -155,11 +169,6 @@ def verify_checkpoint(path: str | Path) -> None:
             _check_safetensors(file)
         elif file.suffix in PICKLE_SUFFIXES:
             _check_pickle(file, allowed)
-
-
-def resume_candidates(run: RunDir) -> list[Path]:
-    """This folder's finished checkpoints, newest first (``--resume auto`` tries them in turn)."""
-    return run.complete_checkpoints()[::-1]
 
 
 class OutputDirError(RuntimeError):

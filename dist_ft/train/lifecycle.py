@@ -9,27 +9,27 @@ second is told who holds it, and only then looks at what the folder holds:
   ``--overwrite``);
 - ``--overwrite`` moves the old run aside to ``OUTPUT_DIR.replaced-<time>`` (never mixes,
   never deletes);
-- ``--resume auto`` takes the newest finished checkpoint whose files are intact, falling back
-  to the one before with a warning; with none, the run starts at step 0 under the folder's
-  run id;
+- ``--resume auto`` takes the newest finished checkpoint of the folder's run whose files are
+  intact, falling back to the one before with a warning; with none, an unfinished run of the
+  same recipe starts again at step 0 under its run id (anything else is refused);
 - ``--resume PATH`` takes that checkpoint; a damaged one is an error naming the file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from dist_ft.rundir import RunDir, new_run_id
 from dist_ft.runlock import RunLock
-from dist_ft.train.checkpoint import (
-    CheckpointDamaged,
-    check_output_dir,
-    resume_candidates,
-    verify_checkpoint,
-)
+from dist_ft.train.checkpoint import CheckpointDamaged, check_output_dir, verify_checkpoint
+from dist_ft.train.resume import differences, run_contract
 
 log = logging.getLogger("dist_ft.train")
 
@@ -45,7 +45,6 @@ class Claim:
     run_id: str
     checkpoint: Path | None = None  # where to resume from; None: start at step 0
     notes: list[str] = field(default_factory=list)  # warnings to log (fallbacks, takeovers)
-    moved_aside: Path | None = None  # --overwrite: where the old run went
 
 
 def _refuse_fresh_start(run: RunDir) -> RunUsageError:
@@ -78,7 +77,7 @@ def _pick_checkpoint(run: RunDir, resume: str, claim_notes: list[str]) -> Path |
             raise RunUsageError(f"--resume {path}: no such checkpoint folder")
         verify_checkpoint(path)  # damaged or unsafe: an error naming the file
         return path
-    candidates = resume_candidates(run)
+    candidates = run.complete_checkpoints()[::-1]
     # This folder's run: status.json's id, else the newest checkpoint's. Checkpoints of any
     # other run (copied in by hand) are never resumed from.
     owner = run.run_id() or (RunDir.checkpoint_run_id(candidates[0]) if candidates else None)
@@ -98,14 +97,53 @@ def _pick_checkpoint(run: RunDir, resume: str, claim_notes: list[str]) -> Path |
     return None
 
 
+def _set_aside_later_checkpoints(run: RunDir, checkpoint: Path, run_id: str,
+                                 claim_notes: list[str]) -> None:
+    """Resuming from step N leaves this run's checkpoints after N on another timeline: rename
+    them out of the ``step_<digits>`` pattern, so that they are neither resumed from nor
+    counted by ``keep_last`` against the new ones."""
+    step = RunDir.checkpoint_step(checkpoint) or 0
+    for later in run.complete_checkpoints():
+        if (RunDir.checkpoint_step(later) or 0) > step and \
+                RunDir.checkpoint_run_id(later) in (run_id, None):
+            aside = later.with_name(f"{later.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+            later.rename(aside)
+            claim_notes.append(f"resuming from {checkpoint.name}: set {later.name} (a later "
+                               f"point of this run, not resumed from) aside as {aside.name}")
+
+
+def _check_restart(run: RunDir, recipe: dict[str, Any]) -> None:
+    """``--resume auto`` with no checkpoint restarts the folder's run at step 0: only when
+    that run did not finish and its recipe is this one (else it would be replaced)."""
+    status = run.read_status() or {}
+    if status.get("state") == "finished":
+        raise RunUsageError(
+            f"--resume auto: output_dir {run.root} holds run {status.get('run_id')}, finished "
+            "without a checkpoint to continue from; use another output_dir, or --overwrite "
+            "to start anew there")
+    try:
+        saved = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if isinstance(saved, dict):
+        changes = differences(run_contract(saved, "", "", 0, 0),
+                              run_contract(recipe, "", "", 0, 0))
+        if changes:
+            raise RunUsageError(
+                f"--resume auto: output_dir {run.root} holds a run of another recipe and no "
+                "checkpoint: " + "; ".join(map(str, changes[:5])) + ". Use another output_dir, "
+                "or --overwrite to start anew there")
+
+
 def claim_run_folder(run: RunDir, resume: str | None, overwrite: bool,
-                     bytes_needed: int) -> tuple[Claim, RunLock]:
+                     recipe: dict[str, Any], bytes_needed: int) -> tuple[Claim, RunLock]:
     """Lock ``run`` and decide how this start uses it (main process only).
 
     Args:
         run: the run folder.
         resume: None (fresh start), ``"auto"`` or a checkpoint folder.
         overwrite: move an existing run aside and start anew.
+        recipe: the resolved recipe (``recipe_to_dict``), to compare with the folder's.
         bytes_needed: room one checkpoint needs (checked before anything is written).
 
     Returns:
@@ -125,26 +163,29 @@ def claim_run_folder(run: RunDir, resume: str | None, overwrite: bool,
     try:
         notes = [lock.takeover] if lock.takeover else []
         if resume is None:
-            moved = None
             if run.holds_run():
                 if not overwrite:
                     raise _refuse_fresh_start(run)
-                moved = _move_aside(run)
-                notes.append(f"--overwrite: moved the earlier run in {run.root} to {moved}")
-            claim = Claim(new_run_id(), None, notes, moved)
+                notes.append(f"--overwrite: moved the earlier run in {run.root} to "
+                             f"{_move_aside(run)}")
+            claim = Claim(new_run_id(), None, notes)
         else:
             checkpoint = _pick_checkpoint(run, resume, notes)
-            inside = checkpoint is not None and checkpoint.parent == run.checkpoints
+            inside = checkpoint is not None and run.checkpoints.is_dir() and \
+                os.path.samefile(checkpoint.parent, run.checkpoints)
             if checkpoint is not None and not inside and run.holds_run():
                 raise RunUsageError(
                     f"--resume {checkpoint}: that checkpoint belongs to another run folder, "
                     f"and output_dir {run.root} already holds a run; continue into an empty "
                     "output_dir, or use --resume auto to continue the run that is there")
-            run_id = (RunDir.checkpoint_run_id(checkpoint) if inside else None) \
-                or (run.run_id() if checkpoint is None or inside else None) or new_run_id()
-            if checkpoint is None and resume == "auto":
+            if checkpoint is None and run.holds_run():
+                _check_restart(run, recipe)
                 notes.append(f"--resume auto: no complete checkpoint in {run.checkpoints}; "
-                             "starting at step 0")
+                             "starting this run again at step 0")
+            run_id = (RunDir.checkpoint_run_id(checkpoint) if inside else None) \
+                or (run.run_id() if checkpoint is None else None) or new_run_id()
+            if inside:
+                _set_aside_later_checkpoints(run, checkpoint, run_id, notes)
             claim = Claim(run_id, checkpoint, notes)
         lock.run_id = claim.run_id
         lock.rewrite()

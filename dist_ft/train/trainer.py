@@ -36,15 +36,13 @@ from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
+from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import ResolvedPlan, resolve_plan
 from dist_ft.plan.render import plan_to_json, plan_to_text
 from dist_ft.rundir import RunDir, write_json_atomic
-from dist_ft.runlock import RunLock, RunLockedError
+from dist_ft.runlock import RunLock
 from dist_ft.train import engine
 from dist_ft.train.checkpoint import (
-    CheckpointDamaged,
-    OutputDirError,
-    UnsafeCheckpointError,
     checkpoint_bytes,
     load_rank_state,
     read_trainer_state,
@@ -72,11 +70,6 @@ log = logging.getLogger("dist_ft.train")
 
 class TrainingError(RuntimeError):
     """The run cannot start or continue; the message says why and what to change."""
-
-
-# Errors the main process may meet while claiming the run folder; every rank raises alike.
-_CLAIM_ERRORS = (RunUsageError, RunLockedError, OutputDirError, CheckpointDamaged,
-                 UnsafeCheckpointError)
 
 
 def split_digest(*datasets: Any) -> str:
@@ -115,7 +108,8 @@ class Trainer:
         self.backend: engine.StepBackend | None = None
         self.reporter: Reporter | None = None
         self.lock: RunLock | None = None
-        self.claimed = False  # the run folder is ours: failures may be written into it
+        self.last_saved: Path | None = None  # the checkpoint this process last wrote
+        self.accepted_changes: list[dict[str, Any]] = []  # over every resume of the run
         self.grad_check_pending = False
         # Finite training losses since the last evaluation; tensors, so no per-step device sync.
         self.loss_sum: torch.Tensor | float = 0.0
@@ -128,8 +122,8 @@ class Trainer:
     def setup(self) -> None:
         """Build everything, claim the run folder, and resume or enter the first stage."""
         self._setup_processes()
-        self._setup_model()
         claim = self._setup_run_folder()
+        self._setup_model()
         self._setup_data()
         self._setup_schedule()
         if claim.checkpoint is not None:
@@ -155,6 +149,7 @@ class Trainer:
     def _setup_model(self) -> None:
         self.base_module = self._checkpointed(build_model(self.recipe.model))
         self.spec = describe_model(self.base_module, self.recipe.model.name)
+
         self.plan: ResolvedPlan = resolve_plan(self.recipe, self.spec)
         check_plan_consistency(self.acc, self.plan, "at start")
         self.stages = StageSwitcher(self.acc, self.recipe, self.plan, self._fresh_module,
@@ -165,16 +160,17 @@ class Trainer:
         claim, problem = None, None
         if self.main:
             try:
+                # The room for a checkpoint, from the model's shipped spec: no build needed.
+                room = checkpoint_bytes(fast_model_spec(self.recipe.model).num_params)
                 claim, self.lock = claim_run_folder(self.run, self.resume, self.overwrite,
-                                                    checkpoint_bytes(self.spec.num_params))
-            except _CLAIM_ERRORS as exc:
+                                                    recipe_to_dict(self.recipe), room)
+            except Exception as exc:  # every rank waits below: tell them, then raise
                 gather_objects((None, (isinstance(exc, RunUsageError), str(exc))))
                 raise
         claim, problem = gather_objects((claim, problem))[0]
         if problem is not None:
             usage, message = problem
             raise (RunUsageError if usage else TrainingError)(message)
-        self.claimed = True
         self.run_id = claim.run_id
         setup_logging(self.run, self.rank, self.main)
         self.reporter = Reporter(self.run, claim.run_id, self.rank, self.world, self.main,
@@ -460,10 +456,11 @@ class Trainer:
         engine.average_bn_stats(self.acc, self.model)
         state = {"run_id": self.run_id, "progress": self.progress.state_dict(),
                  "schedule": self.schedule.state_dict(), "contract": self.contract,
-                 "world_size": self.world}
+                 "accepted_changes": self.accepted_changes, "world_size": self.world}
         rank_state = {"generator": self.generator.get_state()}
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
                                self.recipe.trainer.keep_last)
+        self.last_saved = path
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
                  usage.get("open_files", "?"), usage.get("rss_mib", float("nan")))
@@ -484,12 +481,14 @@ class Trainer:
                                    self.accept_changes, str(path))
         except ResumeMismatch as exc:
             raise RunUsageError(str(exc)) from None
-        if changes:
-            accepted = [{"key": c.key, "was": c.saved, "now": c.now} for c in changes]
+        self.accepted_changes = [*state.get("accepted_changes", []), *(
+            {"key": c.key, "was": c.saved, "now": c.now, "at_step": state["progress"]["step"]}
+            for c in changes)]
+        for change in changes:
+            log.warning("resume: accepted change %s", change)
+        if self.accepted_changes:
             assert self.reporter is not None
-            self.reporter.status_extra["accepted_changes"] = accepted
-            for change in changes:
-                log.warning("resume: accepted change %s", change)
+            self.reporter.status_extra["accepted_changes"] = self.accepted_changes
         p = self.progress
         p.load_state_dict(state["progress"])
         self.schedule.load_state_dict(state["schedule"])
@@ -505,10 +504,9 @@ class Trainer:
         p = self.progress
         log.warning("rank %d: %s received; checkpointing at step %d", self.rank,
                     "+".join(signals), p.step)
-        latest = self.run.latest_checkpoint()
-        ours = latest is not None and RunDir.checkpoint_step(latest) == p.step \
-            and RunDir.checkpoint_run_id(latest) == self.run_id
-        path = latest if ours else self.save()
+        saved = self.last_saved  # written this step already (a checkpoint or epoch end)?
+        path = saved if saved is not None and RunDir.checkpoint_step(saved) == p.step \
+            else self.save()
         requeued, note = requeue_job(signals, self.recipe.launch.max_requeues, self.main)
         assert self.reporter is not None
         self.reporter.status("stopped", p, signals=signals, checkpoint=str(path), note=note)
@@ -617,8 +615,9 @@ def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = Fa
     except BaseException as exc:
         error = trainer.explain(exc)
         log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error)
-        # Only a folder this run claimed gets its failure: never another run's status.json.
-        if trainer.claimed and trainer.reporter is not None:
+        # Only a folder this run claimed gets its failure (never another run's status.json),
+        # and a refused resume leaves the run's own status as it was.
+        if trainer.reporter is not None and not isinstance(error, RunUsageError):
             trainer.reporter.status("failed", trainer.progress,
                                     error=f"{type(error).__name__}: {error}")
         if error is exc:

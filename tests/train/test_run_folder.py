@@ -109,7 +109,7 @@ def test_overwrite_moves_the_old_run_aside_and_starts_anew(
     run_copy: Path, tiny_cxr14_session: Path
 ) -> None:
     old_id = RunDir(run_copy).run_id()
-    result = train(tiny_cxr14_session, run_copy, "trainer.max_steps=2", "--overwrite")
+    result = train(tiny_cxr14_session, run_copy, "trainer.max_steps=4", "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     aside = list(run_copy.parent.glob("run.replaced-*"))
     assert len(aside) == 1 and RunDir(aside[0]).run_id() == old_id
@@ -117,8 +117,9 @@ def test_overwrite_moves_the_old_run_aside_and_starts_anew(
         ["step_00000003", "step_00000004"]
     new_id = RunDir(run_copy).run_id()
     assert new_id != old_id
-    assert [RunDir.checkpoint_run_id(c) for c in RunDir(run_copy).complete_checkpoints()] \
-        in ([], [new_id])
+    assert [(c.name, RunDir.checkpoint_run_id(c))
+            for c in RunDir(run_copy).complete_checkpoints()] == \
+        [("step_00000002", new_id), ("step_00000003", new_id)]
     events = list((run_copy / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1  # TensorBoard holds the new run alone
     assert "--overwrite: moved the earlier run" in (run_copy / "logs" / "rank0.log").read_text()
@@ -175,14 +176,15 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(run_copy: Path,
 def test_a_resume_names_each_difference_from_its_checkpoint(
     run_copy: Path, tiny_cxr14_session: Path, override: str, names: list[str]
 ) -> None:
-    before = snapshot(run_copy / "checkpoints")
+    before = {k: v for k, v in snapshot(run_copy).items() if not k.startswith("logs/")}
     result = train(tiny_cxr14_session, run_copy, override, "--resume", "auto")
     assert result.returncode == 2
     text = message(result)
     assert f"cannot resume from {run_copy}/checkpoints/step_00000004" in text
     for name in names:
         assert name in text, text
-    assert snapshot(run_copy / "checkpoints") == before
+    # Nothing the run wrote changes (status.json still says finished); the log only grows.
+    assert {k: v for k, v in snapshot(run_copy).items() if not k.startswith("logs/")} == before
 
 
 def test_a_resume_on_other_data_names_the_root_and_the_split(
@@ -216,7 +218,8 @@ def test_an_accepted_change_resumes_and_is_recorded(run_copy: Path,
     assert "resume: accepted change trainer.max_steps: checkpoint 6, now 10" in log
     status = RunDir(run_copy).read_status()
     assert status["state"] == "finished" and status["step"] == 10
-    assert status["accepted_changes"] == [{"key": "trainer.max_steps", "was": 6, "now": 10}]
+    assert status["accepted_changes"] == [{"key": "trainer.max_steps", "was": 6, "now": 10,
+                                           "at_step": 4}]
     names = sorted(p.name for p in (run_copy / "checkpoints").iterdir())
     # keep_last pruned this run's own checkpoints only; the rest is left alone.
     ours = [n for n in names if RunDir.checkpoint_run_id(run_copy / "checkpoints" / n)
@@ -251,6 +254,26 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(
     log = (run_copy / "logs" / "rank0.log").read_text()
     assert f"skipping step_00000004: {victim}: damaged checkpoint file" in log
     assert f"resumed from {run_copy}/checkpoints/step_00000003 at step 3" in log
+    # The damaged later checkpoint is set aside: never resumed from, never pruned as ours.
+    assert "set step_00000004 (a later point of this run" in log
+    assert len(list((run_copy / "checkpoints").glob("step_00000004.superseded-*"))) == 1
+    assert [(c.name, RunDir.checkpoint_run_id(c)) for c in
+            RunDir(run_copy).complete_checkpoints()] == \
+        [("step_00000003", RunDir(run_copy).run_id()), ("step_00000004", RunDir(run_copy).run_id())]
+
+
+def test_resume_auto_never_restarts_a_finished_run_without_checkpoints(
+    tmp_path: Path, tiny_cxr14_session: Path
+) -> None:
+    out = tmp_path / "short"
+    first = train(tiny_cxr14_session, out, "trainer.max_steps=1")  # no checkpoint is due
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert RunDir(out).complete_checkpoints() == []
+    before = snapshot(out)
+    again = train(tiny_cxr14_session, out, "trainer.max_steps=1", "--resume", "auto")
+    assert again.returncode == 2
+    assert "finished without a checkpoint to continue from" in message(again)
+    assert snapshot(out) == before
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen[str]) -> None:
