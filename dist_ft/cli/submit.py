@@ -55,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", metavar="SWEEP.yaml", help="a grid and/or runs of overrides: one "
                    "job array, one run directory per task")
     p.add_argument("--parallelism", type=int, help="at most this many array tasks at once")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs already in the task folders (each job resumes from "
+                   "its last checkpoint); without it a folder holding a run is refused")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script and each node's processes; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print results")
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from dist_ft.launch.submit import dry_run, plan_submission, submit, wait_for
 
     flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
-    sub = plan_submission(args.config, args.overrides, flags, args.sweep, args.parallelism)
+    sub = plan_submission(args.config, args.overrides, flags, args.sweep, args.parallelism,
+                          resume=args.resume)
     if args.dry_run:
         doc = dry_run(sub)
         if args.json:

@@ -29,6 +29,7 @@ from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
 from dist_ft.config.schema import LaunchConfig, Recipe, slurm_time_seconds
 from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name
+from dist_ft.rundir import RunDir
 
 MANIFEST = "submission.json"
 SUBMITIT_DIR = "submitit"
@@ -116,7 +117,7 @@ def check_output_room(recipe: Recipe) -> None:
 
 def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
                     launch_flags: dict[str, Any] | None = None, sweep: str | Path | None = None,
-                    parallelism: int | None = None) -> Submission:
+                    parallelism: int | None = None, resume: bool = False) -> Submission:
     """Load and check everything a submission needs; nothing is submitted.
 
     Args:
@@ -125,6 +126,8 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
         launch_flags: ``launch.*`` values from the command line (they win over the recipe).
         sweep: a sweep file; each of its tasks adds its own overrides and run directory.
         parallelism: at most this many array tasks at once (default: the sweep's, else all).
+        resume: the task folders may hold runs, which the jobs continue; without it a folder
+            holding a run is refused (every job runs with ``--resume auto``).
 
     Raises:
         ConfigError: every problem found, naming the flag, key or task.
@@ -171,6 +174,11 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
                                      recipe_to_dict(recipe)))
         if problems:
             raise ConfigError(problems, str(sweep))
+    held = [t.output_dir for t in tasks if RunDir(t.output_dir).holds_run()]
+    if held and not resume:
+        raise ConfigError([f"output_dir {out} already holds a run: pass --resume to continue "
+                           "it (the job resumes from its last checkpoint), or choose another "
+                           "output_dir" for out in held])
     return Submission(
         kind="sweep" if swept else "run", root=root, config=str(Path(config).resolve()),
         overrides=base_overrides, launch=launch, tasks=tuple(tasks),

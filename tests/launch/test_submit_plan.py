@@ -195,3 +195,14 @@ def test_a_sweep_aggregates_by_its_swept_keys_but_not_seeds(tmp_path: Path) -> N
     sweep.write_text("grid:\n  trainer.seed: [0, 1, 2]\n")
     assert sweep_group_keys(plan_submission(SMOKE, [f"output_dir={tmp_path}/sw"], {},
                                             sweep)) == ["all"]
+
+
+def test_a_submission_into_a_folder_holding_a_run_needs_resume(run_cli, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "status.json").write_text('{"state": "finished", "run_id": "r1"}')
+    refused = run_cli("submit", str(SMOKE), f"output_dir={out}", "--dry-run")
+    assert refused.code == 2
+    assert f"output_dir {out} already holds a run: pass --resume to continue it" in refused.err
+    assert sorted(p.name for p in out.iterdir()) == ["status.json"]
+    assert run_cli("submit", str(SMOKE), f"output_dir={out}", "--dry-run", "--resume").code == 0
