@@ -30,7 +30,7 @@ class Progress:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` output (checkpoints of older dist-ft included)."""
+        """Restore from :meth:`state_dict` output (keys this version does not know are ignored)."""
         known = {f.name for f in fields(self)}
         for key, value in state.items():
             if key in known:

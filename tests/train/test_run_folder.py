@@ -166,22 +166,19 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(run_copy: Path,
     assert f"took over the lock of pid {gone.pid}" in log and "is gone" in log
 
 
-@pytest.mark.parametrize(("override", "names"), [
-    ("optim.name=sgd", ["optim.name: checkpoint 'adamw', now 'sgd' (cannot change on resume"]),
-    ("data.batch_size=4", ["data.batch_size: checkpoint 8, now 4",
-                           "--accept-change data.batch_size"]),
-    ("trainer.max_steps=8", ["trainer.max_steps: checkpoint 6, now 8",
-                             "--accept-change trainer.max_steps"]),
-], ids=["optimizer", "batch size", "longer run"])
 def test_a_resume_names_each_difference_from_its_checkpoint(
-    run_copy: Path, tiny_cxr14_session: Path, override: str, names: list[str]
+    run_copy: Path, tiny_cxr14_session: Path
 ) -> None:
     before = {k: v for k, v in snapshot(run_copy).items() if not k.startswith("logs/")}
-    result = train(tiny_cxr14_session, run_copy, override, "--resume", "auto")
+    result = train(tiny_cxr14_session, run_copy, "optim.name=sgd", "data.batch_size=4",
+                   "trainer.max_steps=8", "--resume", "auto")
     assert result.returncode == 2
     text = message(result)
     assert f"cannot resume from {run_copy}/checkpoints/step_00000004" in text
-    for name in names:
+    for name in ("  - optim.name: checkpoint 'adamw', now 'sgd' (cannot change on resume",
+                 "  - data.batch_size: checkpoint 8, now 4",
+                 "  - trainer.max_steps: checkpoint 6, now 8",
+                 "add --accept-change data.batch_size --accept-change trainer.max_steps"):
         assert name in text, text
     # Nothing the run wrote changes (status.json still says finished); the log only grows.
     assert {k: v for k, v in snapshot(run_copy).items() if not k.startswith("logs/")} == before
@@ -229,25 +226,38 @@ def test_an_accepted_change_resumes_and_is_recorded(run_copy: Path,
                                               "step_00009999"]
 
 
-@pytest.mark.parametrize("damage", ["empty file", "truncated json", "truncated safetensors"])
-def test_resume_auto_falls_back_past_a_damaged_checkpoint(
-    run_copy: Path, tiny_cxr14_session: Path, damage: str
-) -> None:
-    latest = run_copy / "checkpoints" / "step_00000004"
+@pytest.mark.parametrize("damage", ["empty file", "truncated json", "truncated safetensors",
+                                    "missing rank file"])
+def test_a_damaged_checkpoint_file_is_named(base_run: Path, tmp_path: Path,
+                                            damage: str) -> None:
+    checkpoint = tmp_path / "step_00000004"
+    shutil.copytree(base_run / "checkpoints" / "step_00000004", checkpoint)
+    verify_checkpoint(checkpoint)
     if damage == "empty file":
-        victim = latest / "optimizer.bin"
+        victim = checkpoint / "optimizer.bin"
         victim.write_bytes(b"")
     elif damage == "truncated json":
-        victim = latest / "trainer_state.json"
+        victim = checkpoint / "trainer_state.json"
         victim.write_text(victim.read_text()[:40])
-    else:
-        victim = latest / "model.safetensors"
+    elif damage == "truncated safetensors":
+        victim = checkpoint / "model.safetensors"
         victim.write_bytes(victim.read_bytes()[:-1000])
-    with pytest.raises(CheckpointDamaged, match=str(victim)):
-        verify_checkpoint(latest)
+    else:
+        victim = checkpoint / "rank0.pt"
+        victim.unlink()
+    with pytest.raises(CheckpointDamaged, match=f"{victim}: damaged checkpoint file"):
+        verify_checkpoint(checkpoint)
+
+
+def test_resume_auto_falls_back_past_a_damaged_checkpoint(
+    run_copy: Path, tiny_cxr14_session: Path
+) -> None:
+    latest = run_copy / "checkpoints" / "step_00000004"
+    victim = latest / "model.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-1000])
     explicit = train(tiny_cxr14_session, run_copy, "--resume", str(latest))
     assert explicit.returncode == 1
-    assert f"{victim}: damaged checkpoint file" in message(explicit)
+    assert f"{victim}: damaged checkpoint file (truncated" in message(explicit)
     assert "refused to load" not in explicit.stderr  # damage is not worded as a security issue
     result = train(tiny_cxr14_session, run_copy, "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -257,9 +267,10 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(
     # The damaged later checkpoint is set aside: never resumed from, never pruned as ours.
     assert "set step_00000004 (a later point of this run" in log
     assert len(list((run_copy / "checkpoints").glob("step_00000004.superseded-*"))) == 1
-    assert [(c.name, RunDir.checkpoint_run_id(c)) for c in
-            RunDir(run_copy).complete_checkpoints()] == \
-        [("step_00000003", RunDir(run_copy).run_id()), ("step_00000004", RunDir(run_copy).run_id())]
+    run_id = RunDir(run_copy).run_id()
+    assert [(c.name, RunDir.checkpoint_run_id(c))
+            for c in RunDir(run_copy).complete_checkpoints()] == \
+        [("step_00000003", run_id), ("step_00000004", run_id)]
 
 
 def test_resume_auto_never_restarts_a_finished_run_without_checkpoints(
