@@ -14,26 +14,20 @@ reporting (:mod:`dist_ft.train.reporting`), checkpoints and what an exact resume
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
 from dist_ft.config.load import recipe_to_dict
 from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.cache import CacheError, CacheReader
-from dist_ft.data.datasets import build_dataset
 from dist_ft.data.images import ImageError
-from dist_ft.data.sampler import ShardedSampler
-from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
 from dist_ft.models.spec_cache import fast_model_spec
@@ -53,6 +47,7 @@ from dist_ft.train.consistency import (
     check_replicas,
     gather_objects,
 )
+from dist_ft.train.inputs import build_inputs
 from dist_ft.train.lifecycle import Claim, RunUsageError, claim_run_folder
 from dist_ft.train.losses import build_loss
 from dist_ft.train.nonfinite import NonFinitePolicy
@@ -70,20 +65,6 @@ log = logging.getLogger("dist_ft.train")
 
 class TrainingError(RuntimeError):
     """The run cannot start or continue; the message says why and what to change."""
-
-
-def split_digest(*datasets: Any) -> str:
-    """A digest of the images (by file name) and labels of each split, in order."""
-    digest = hashlib.sha256()
-    for dataset in datasets:
-        if hasattr(dataset, "paths"):
-            names = [Path(p).name for p in dataset.paths]
-        else:  # a cache: its rows of the image index
-            names = [str(n) for n in np.asarray(dataset.reader.images)[dataset.rows]]
-        digest.update("\n".join(names).encode())
-        digest.update(np.ascontiguousarray(dataset.targets).tobytes())
-        digest.update(b"\0")
-    return "sha256:" + digest.hexdigest()
 
 
 class Trainer:
@@ -180,47 +161,29 @@ class Trainer:
         return claim
 
     def _setup_data(self) -> None:
-        recipe, data, acc = self.recipe, self.recipe.data, self.acc
+        recipe, data = self.recipe, self.recipe.data
         if data.cache is not None and data.verify_cache:
             self._verify_cache(data.cache)
-        self.train_set = build_dataset(data, "train")
-        self.val_set = build_dataset(data, "val")
-        for dataset in (self.train_set, self.val_set):
-            if hasattr(dataset, "bad_image_log"):  # images read from files, skippable
-                dataset.bad_image_log = self.run.bad_images(self.rank)
-        classes = len(self.train_set.classes)
+        self.inputs = inputs = build_inputs(data, recipe.trainer.seed, self.rank, self.world,
+                                            self.acc.device, self.run.bad_images(self.rank))
+        train_set, val_set = inputs.train_set, inputs.val_set
+        classes = len(train_set.classes)
         if classes != recipe.model.num_classes:
             raise TrainingError(
                 f"model.num_classes is {recipe.model.num_classes} but the data has {classes} "
-                f"classes ({', '.join(self.train_set.classes[:5])}...)"
+                f"classes ({', '.join(train_set.classes[:5])}...)"
             )
-        if len(self.train_set) == 0 or len(self.val_set) == 0:
-            raise TrainingError(f"empty split: train {len(self.train_set)}, "
-                                f"val {len(self.val_set)} images under {data.root or data.cache}")
-        self.train_sampler = ShardedSampler(len(self.train_set), self.rank, self.world,
-                                            seed=recipe.trainer.seed)
-        self.val_sampler = ShardedSampler(len(self.val_set), self.rank, self.world,
-                                          shuffle=False, pad=False)
-        cuda = acc.device.type == "cuda"
-        loader_args = {"batch_size": data.batch_size, "num_workers": data.num_workers,
-                       "pin_memory": cuda, "persistent_workers": data.num_workers > 0}
-        self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, **loader_args)
-        self.val_loader = DataLoader(self.val_set, sampler=self.val_sampler, **loader_args)
-        self.loss_fn = build_loss(recipe.trainer.loss, self.train_set.multilabel,
-                                  self.train_set.targets).to(acc.device)
-        aug = data.augment
-        self.augment = BatchAugment(data.image_size, aug.crop_scale, aug.ratio, hflip=aug.hflip,
-                                    rotation_deg=aug.rotation_deg)
-        self.resize = BatchResize(data.image_size)
-        self.normalize = BatchNormalize().to(acc.device)
-        self.generator = torch.Generator().manual_seed(recipe.trainer.seed * 1000 + self.rank)
+        if len(train_set) == 0 or len(val_set) == 0:
+            raise TrainingError(f"empty split: train {len(train_set)}, "
+                                f"val {len(val_set)} images under {data.root or data.cache}")
+        self.loss_fn = build_loss(recipe.trainer.loss, train_set.multilabel,
+                                  train_set.targets).to(self.acc.device)
         self.contract = run_contract(recipe_to_dict(recipe), self.plan.digest,
-                                     split_digest(self.train_set, self.val_set), self.world,
-                                     engine.zero_stage(acc))
+                                     inputs.split_digest(), self.world, engine.zero_stage(self.acc))
 
     def _setup_schedule(self) -> None:
         trainer = self.recipe.trainer
-        micro_per_epoch = len(self.train_loader)
+        micro_per_epoch = len(self.inputs.train_loader)
         self.steps_per_epoch = max(1, micro_per_epoch // trainer.grad_accum_steps)
         total = trainer.epochs * self.steps_per_epoch
         self.total_steps = min(total, trainer.max_steps or total)
@@ -244,8 +207,8 @@ class Trainer:
         self.reporter.status("running", p)
         log.info("run %s, rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
                  "%d steps of %d images", self.run_id, self.rank, self.world, self.acc.device,
-                 recipe.trainer.backend, engine.zero_stage(self.acc), len(self.train_set),
-                 len(self.val_set), self.total_steps,
+                 recipe.trainer.backend, engine.zero_stage(self.acc),
+                 len(self.inputs.train_set), len(self.inputs.val_set), self.total_steps,
                  recipe.data.batch_size * self.world * recipe.trainer.grad_accum_steps)
 
     def _verify_cache(self, cache: str) -> None:
@@ -308,10 +271,10 @@ class Trainer:
         while not stop:
             if self._stage_due() != p.stage:
                 self._enter_stage(self._stage_due(), carry=True)
-            self.train_sampler.set_epoch(p.epoch, start=p.samples_in_epoch // self.world)
+            self.inputs.train_sampler.set_epoch(p.epoch, start=p.samples_in_epoch // self.world)
             self._train_mode()
             window_start, window_images = time.perf_counter(), 0
-            for images, targets in self.train_loader:
+            for images, targets in self.inputs.train_loader:
                 if p.step >= self.total_steps:  # max_steps reached mid-epoch
                     break
                 loss, finite = self._micro_step(images, targets)
@@ -364,7 +327,7 @@ class Trainer:
         assert backend is not None
         images = images.to(acc.device, non_blocking=True)
         targets = targets.to(acc.device, non_blocking=True)
-        x = self.normalize(self.augment(images, self.generator))
+        x = self.inputs.train_batch(images)
         with acc.accumulate(self.model):
             boundary = acc.sync_gradients
             if boundary:
@@ -412,8 +375,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         """Exact metrics over the whole validation split (each sample once, all ranks)."""
-        return evaluate_exact(self.acc, self.model, self.val_loader, self.val_set,
-                              lambda images: self.normalize(self.resize(images)), self.loss_fn)
+        return evaluate_exact(self.acc, self.model, self.inputs.val_loader, self.inputs.val_set,
+                              self.inputs.eval_batch, self.loss_fn)
 
     def _end_of_epoch_eval(self) -> bool:
         """Evaluate, log, feed the schedule and early stopping; True to stop."""
@@ -457,7 +420,7 @@ class Trainer:
         state = {"run_id": self.run_id, "progress": self.progress.state_dict(),
                  "schedule": self.schedule.state_dict(), "contract": self.contract,
                  "accepted_changes": self.accepted_changes, "world_size": self.world}
-        rank_state = {"generator": self.generator.get_state()}
+        rank_state = {"generator": self.inputs.generator.get_state()}
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
                                self.recipe.trainer.keep_last)
         self.last_saved = path
@@ -495,7 +458,7 @@ class Trainer:
         self._enter_stage(p.stage, carry=False, snapshot=False)
         self.acc.load_state(str(path))
         if (path / f"rank{self.rank}.pt").is_file():
-            self.generator.set_state(load_rank_state(path, self.rank)["generator"])
+            self.inputs.generator.set_state(load_rank_state(path, self.rank)["generator"])
         log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,
                  p.stage)
 
