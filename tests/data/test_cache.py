@@ -223,6 +223,7 @@ def test_a_recipe_split_other_than_the_caches_is_refused(tiny_cxr14: Path,
         "the recipe")
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_training_from_a_cache_of_other_split_settings_fails_before_training(
     tiny_cxr14: Path, tmp_path: Path
 ) -> None:

@@ -44,6 +44,7 @@ def train_images(root: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------- data faults
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_an_empty_png_stops_training_naming_it(tiny_cxr14: Path, tmp_path: Path) -> None:
     bad = train_images(tiny_cxr14)[5]
     bad.write_bytes(b"")
@@ -56,6 +57,7 @@ def test_an_empty_png_stops_training_naming_it(tiny_cxr14: Path, tmp_path: Path)
     assert status["state"] == "failed" and str(bad) in status["error"]
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_a_truncated_png_read_by_a_loader_worker_is_named(tiny_cxr14: Path, tmp_path: Path,
                                                            ) -> None:
     bad = train_images(tiny_cxr14)[2]
@@ -66,6 +68,7 @@ def test_a_truncated_png_read_by_a_loader_worker_is_named(tiny_cxr14: Path, tmp_
     assert line.startswith(f"dist-ft train: error: {bad}: cannot decode image"), line
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_skip_trains_on_and_records_each_bad_image(tiny_cxr14: Path, tmp_path: Path) -> None:
     images = train_images(tiny_cxr14)
     empty, truncated, missing = images[1], images[4], images[7]
@@ -85,6 +88,7 @@ def test_skip_trains_on_and_records_each_bad_image(tiny_cxr14: Path, tmp_path: P
     assert "skipped unreadable image (data.on_bad_image=skip)" in log
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_a_missing_image_stops_before_training(tiny_cxr14: Path, tmp_path: Path) -> None:
     missing = train_images(tiny_cxr14)[3]
     missing.unlink()
@@ -104,6 +108,7 @@ def cache(tiny_cxr14: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_a_cache_shard_that_differs_from_its_checksum_stops_before_training(
     cache: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +123,7 @@ def test_a_cache_shard_that_differs_from_its_checksum_stops_before_training(
         "dist-ft data prepare (or set data.verify_cache=false to train without this check)")
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_an_unreadable_cache_shard_is_named_when_first_read(cache: Path, tmp_path: Path) -> None:
     shard = cache / "shard_00000.npy"
     data = bytearray(shard.read_bytes())
@@ -153,6 +159,7 @@ def test_a_bad_plan_fails_submit_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_a_bad_plan_fails_train_before_training(tiny_cxr14_session: Path, tmp_path: Path,
                                                 ) -> None:
     override, named = BAD_PLANS["a group matching nothing"]
@@ -179,6 +186,7 @@ def small_disk(path: Path, size: str, read_only: bool = False) -> Iterator[Path]
         subprocess.run(["umount", str(path)], capture_output=True)
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_a_full_or_read_only_disk_fails_train_and_submit_before_training(
     tiny_cxr14_session: Path, tmp_path: Path, run_cli: Callable[..., CliResult]
 ) -> None:
@@ -243,6 +251,7 @@ def world_writable(root: Path) -> list[str]:
             if not p.is_symlink() and p.stat().st_mode & stat.S_IWOTH]
 
 
+@pytest.mark.multiprocess  # starts a dist-ft train process
 def test_nothing_a_run_creates_is_world_writable_even_under_umask_000(
     tiny_cxr14_session: Path, tmp_path: Path
 ) -> None:

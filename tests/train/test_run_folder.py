@@ -21,6 +21,9 @@ from dist_ft.rundir import RunDir
 from dist_ft.train.checkpoint import CheckpointDamaged, verify_checkpoint
 from tests.conftest import CONFIGS, REPO, plain_env
 
+# Each test starts dist-ft train processes: run apart from the quick loop.
+pytestmark = pytest.mark.multiprocess
+
 SMOKE = CONFIGS / "chestxray14_smoke.yaml"
 FAST = ["data.image_size=32", "data.load_size=32", "data.batch_size=8", "trainer.backend=ddp",
         "plan.stages[1].start_step=2", "plan.stages[2].start_step=4", "data.val_fraction=0.3",
