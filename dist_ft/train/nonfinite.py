@@ -9,6 +9,7 @@ update on every rank, until ``trainer.nonfinite_max_in_row`` steps in a row.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -41,8 +42,10 @@ class NonFinitePolicy:
             else self.window_finite & finite
         return finite
 
-    def skip_step(self, progress: Progress, last_checkpoint: object) -> bool:
+    def skip_step(self, progress: Progress, last_checkpoint: Callable[[], object]) -> bool:
         """At a step boundary: True to drop this step's update (a collective call).
+
+        ``last_checkpoint`` is called (for the message) only when a loss was not finite.
 
         Raises:
             NonFiniteLoss: the policy says stop (``stop``, or too many skips in a row).
@@ -55,8 +58,8 @@ class NonFinitePolicy:
             p.nonfinite_in_row = 0
             return False
         step = p.step + 1
-        kept = f"last complete checkpoint: {last_checkpoint}" if last_checkpoint \
-            else "no checkpoint yet"
+        latest = last_checkpoint()
+        kept = f"last complete checkpoint: {latest}" if latest else "no checkpoint yet"
         if cfg.nonfinite_loss == "stop":
             raise NonFiniteLoss(
                 f"non-finite loss at step {step} on rank(s) {ranks}: stopped before the update "

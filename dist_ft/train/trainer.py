@@ -351,7 +351,7 @@ class Trainer:
     def _skip_step(self) -> bool:
         """Whether this step's update is dropped (trainer.nonfinite_loss; a collective call)."""
         step = self.progress.step + 1
-        skip = self.nonfinite.skip_step(self.progress, self.run.latest_checkpoint())
+        skip = self.nonfinite.skip_step(self.progress, self.run.latest_checkpoint)
         if skip:
             assert self.reporter is not None
             self.reporter.skipped(self.progress, step)
