@@ -12,6 +12,7 @@ A run folder (``output_dir``) holds::
     stage_weights/     with trainer.save_stage_weights
     final/             model.safetensors (the last weights) + metrics.json
     best/              model.safetensors (the selected weights) + metrics.json
+    evaluations.jsonl  one line per dist-ft eval of these weights (time, split, sha256)
 
 Nothing else in dist-ft spells these names. Pure Python: no torch import.
 """
@@ -148,13 +149,19 @@ class RunDir:
 
     @property
     def final(self) -> Path:
-        """``final/``: the last weights of a finished run."""
+        """``final/``: the last weights of a finished run (not selected: see ``best``)."""
         return self.root / "final"
 
     @property
     def best(self) -> Path:
-        """``best/``: the weights model selection kept."""
+        """``best/``: the weights of the best value of ``trainer.monitor`` (model selection),
+        outside the ``keep_last`` checkpoint rotation."""
         return self.root / "best"
+
+    @property
+    def evaluations(self) -> Path:
+        """``evaluations.jsonl``: one line per ``dist-ft eval`` of this run's weights."""
+        return self.root / "evaluations.jsonl"
 
     @property
     def final_weights(self) -> Path:
@@ -165,6 +172,16 @@ class RunDir:
     def final_metrics(self) -> Path:
         """``final/metrics.json``."""
         return self.final / METRICS
+
+    @property
+    def best_weights(self) -> Path:
+        """``best/model.safetensors``: the weights of the best monitored evaluation."""
+        return self.best / WEIGHTS
+
+    @property
+    def best_metrics(self) -> Path:
+        """``best/metrics.json``: that evaluation's metrics, epoch, step and monitor."""
+        return self.best / METRICS
 
     # ------------------------------------------------------------------ contents
     def existing_entries(self) -> list[Path]:

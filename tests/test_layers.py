@@ -1,6 +1,8 @@
 """The package's layers hold: light modules load no torch, and no import points upward.
 
-Layers, highest first: cli > bench, launch > train > data, plan > models > config. A module
+Layers, highest first: cli > bench, launch > train, explain > data, plan > models,
+evaluation > config (``evaluation`` is the statistics of scored predictions, ``explain`` the
+heatmaps and their localization scores). A module
 imports its own package and lower layers only (so data and plan, peers, never import each
 other, nor do bench and launch). ``jsonio``, ``exitcodes``, ``rundir`` and ``cluster`` are base
 modules any layer may import (they import only each other; ``runlock``, the run folder's
@@ -19,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dist_ft"
 
-RANK = {"config": 0, "models": 1, "data": 2, "plan": 2, "train": 3, "bench": 4, "launch": 4,
-        "cli": 5}
+RANK = {"config": 0, "evaluation": 1, "models": 1, "data": 2, "plan": 2, "train": 3,
+        "explain": 3, "bench": 4, "launch": 4, "cli": 5}
 BASE = {"jsonio", "exitcodes", "rundir", "cluster",
         "runlock"}  # the run folder's lock: pure, beside rundir
 LOGS = "logs"

@@ -186,7 +186,7 @@ class CsvConfig(Section):
     Labels come either from ``label_columns`` (0/1 columns) or from ``label_column`` holding
     names joined by ``separator``; ``classes`` fixes their order (default: sorted names).
     An optional ``split_column`` holds train/val/test; otherwise rows are split at random
-    by ``data.val_fraction`` and ``data.test_fraction``.
+    by ``data.val_fraction`` and ``data.test_fraction``, by patient with ``patient_column``.
     """
 
     file: Annotated[str, PathValue()]
@@ -196,6 +196,9 @@ class CsvConfig(Section):
     separator: str = "|"
     classes: list[str] | None = None
     split_column: str | None = None
+    # Rows of one patient stay in one split (random splits are by patient); without it rows
+    # are split by image, which leaks patients across splits when they have several images.
+    patient_column: str | None = None
 
     @model_validator(mode="after")
     def _one_label_source(self) -> CsvConfig:
@@ -204,15 +207,59 @@ class CsvConfig(Section):
         return self
 
 
+class SplitFilesConfig(Section):
+    """``data.split_files``: image list files (one image id per line) defining the splits.
+
+    Either ``train_val`` and ``test`` (validation carved from ``train_val`` by patient with
+    ``data.val_fraction`` and ``data.split_seed``, as for the official ChestX-ray14 lists), only
+    ``test`` (every other image is train/val), or ``train``, ``val`` and optionally ``test``.
+    """
+
+    train_val: Annotated[str, PathValue()] | None = None
+    train: Annotated[str, PathValue()] | None = None
+    val: Annotated[str, PathValue()] | None = None
+    test: Annotated[str, PathValue()] | None = None
+
+    @model_validator(mode="after")
+    def _combination(self) -> SplitFilesConfig:
+        if self.train is not None or self.val is not None:
+            if self.train is None or self.val is None or self.train_val is not None:
+                raise ValueError("with train or val set, set both (and optionally test), "
+                                 "not train_val")
+        elif self.test is None:
+            raise ValueError("set train_val and test, test alone, or train, val (and test)")
+        return self
+
+
+UncertainPolicy = Literal["ones", "zeros", "ignore"]
+
+
+class ChexpertLabelsConfig(Section):
+    """``data.chexpert``: how CheXpert-labeller values (CheXpert, MIMIC-CXR) become targets.
+
+    ``uncertain`` maps -1 to 1 (U-Ones), 0 (U-Zeros) or ignore (masked out of loss and
+    metrics, NaN in the targets) as in Irvin et al. 2019; ``per_finding`` overrides it by the
+    CheXpert column name (``Edema: ones``). Blank (not mentioned) is 0.
+    """
+
+    uncertain: UncertainPolicy = "ones"
+    per_finding: dict[str, UncertainPolicy] = Field(default_factory=dict)
+
+
 class DataConfig(Section):
     """``data``: where images come from and how they are batched (per process)."""
 
-    format: Literal["chestxray14", "imagefolder", "csv"] = "chestxray14"
+    format: Literal["chestxray14", "imagefolder", "csv", "chexpert",
+                    "mimic_cxr"] = "chestxray14"
     root: Annotated[str, PathValue()] | None = None
     cache: Annotated[str, PathValue()] | None = None
     image_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
     load_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt = 32  # per process (micro-batch)
+    # The images of one optimizer step over all processes; when set, batch_size is derived
+    # from it at start (global / (processes x trainer.grad_accum_steps)), so a recipe keeps
+    # its hyperparameters whatever the number of GPUs it runs on.
+    global_batch_size: PositiveInt | None = None
     num_workers: NonNegInt = 4
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
@@ -226,9 +273,19 @@ class DataConfig(Section):
     verify_cache: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     csv: CsvConfig | None = None
+    split_files: SplitFilesConfig | None = None
+    chexpert: ChexpertLabelsConfig = Field(default_factory=ChexpertLabelsConfig)
+    # Present CheXpert/MIMIC-CXR targets as the findings they share with ChestX-ray14, under
+    # ChestX-ray14 names, to validate a ChestX-ray14 model externally.
+    labels_as: Literal["chestxray14"] | None = None
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
+        if self.split_files is not None and self.format not in ("chestxray14", "csv"):
+            raise ValueError(f"split_files is used with format: chestxray14 or csv; "
+                             f"{self.format} has official splits")
+        if self.labels_as is not None and self.format not in ("chexpert", "mimic_cxr"):
+            raise ValueError("labels_as is used with format: chexpert or mimic_cxr")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
         if self.format == "csv" and self.csv is None:
@@ -357,10 +414,20 @@ class ScheduleConfig(Section):
 
     name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
     warmup_steps: NonNegInt = 0
+    # The floor of cosine and plateau decay, as a fraction of each group's planned lr.
     min_lr_scale: Annotated[Float, Field(ge=0, le=1)] = 0.0
     step_epochs: PositiveInt = 10
+    # The factor of step decay and of each plateau reduction (CheXNet: 0.1).
     gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
+    # Plateau (torch's ReduceLROnPlateau semantics, on trainer.monitor): reduce after more than
+    # plateau_patience evaluations without a gain, a gain being a change of the monitored metric
+    # beyond plateau_threshold (a fraction of the best with threshold_mode rel, a value with abs;
+    # early stopping counts gains the same way); after a reduction, plateau_cooldown
+    # evaluations pass before counting again.
     plateau_patience: NonNegInt = 2
+    plateau_threshold: NonNegFloat = 1e-4
+    plateau_threshold_mode: Literal["rel", "abs"] = "rel"
+    plateau_cooldown: NonNegInt = 0
 
 
 class TrainerConfig(Section):
@@ -378,6 +445,12 @@ class TrainerConfig(Section):
     eval_every_epochs: PositiveInt = 1
     checkpoint_every_steps: PositiveInt | None = None
     keep_last: PositiveInt = 3
+    # The validation metric that selects OUTPUT_DIR/best/ and drives the plateau schedule and
+    # early stopping, named as logged: val/loss, val/auroc_mean, val/accuracy, val/f1_macro,
+    # val_auroc/<finding>; auto = val/auroc_mean (multi-label) or val/accuracy (single-label).
+    monitor: Annotated[str, Field(pattern=r"^(auto|val/[a-z0-9_]+|val_auroc/[A-Za-z0-9_ -]+)$")] \
+        = "auto"
+    monitor_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for val/loss, else max
     early_stopping_patience: PositiveInt | None = None
     # A rank that dies or hangs stops the others after this long in a collective (not NCCL's
     # default of hours); a rank that dies at once is noticed at the next collective.

@@ -74,7 +74,7 @@ def write_summary(results: list[Aggregate], path: Path, extra: dict[str, Any]) -
 def default_plot_tags(results: list[Aggregate]) -> list[str]:
     """Losses and mean AUROC/score tags, when nothing is asked for."""
     tags = sorted({a.tag for a in results})
-    wanted = ("train/loss", "val/val_loss", "val/auroc_mean", "val/accuracy")
+    wanted = ("train/loss", "val/loss", "val/auroc_mean", "val/accuracy")
     return [t for t in wanted if t in tags] or tags[:4]
 
 

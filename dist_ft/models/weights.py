@@ -7,6 +7,7 @@ weights wastes a whole run. Missing weights are an error that says how to fetch 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
+# torchvision's published DenseNet files (densenet121-a639ec97.pth ...) predate its current
+# names: 'denselayer1.norm.1.weight' is now 'denselayer1.norm1.weight'. The same rename that
+# torchvision's own loader applies (torchvision.models.densenet._load_state_dict).
+_LEGACY_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 class WeightsError(RuntimeError):
@@ -70,15 +76,30 @@ def _unwrap_state_dict(obj: Any, source: Path) -> dict[str, torch.Tensor]:
         for prefix in _PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
+        legacy = _LEGACY_DENSENET.match(key)
+        if legacy:
+            key = legacy.group(1) + legacy.group(2)
         state[key] = value
+    return state
+
+
+def _with_bn_counters(state: dict[str, torch.Tensor],
+                      own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files older than BatchNorm's ``num_batches_tracked`` (torchvision's published ones)
+    lack it; torch itself accepts that, so it is filled in (0) rather than called missing."""
+    counters = {k: torch.zeros_like(v) for k, v in own.items()
+                if k.endswith(".num_batches_tracked") and k not in state}
+    if counters and not any(k.endswith(".num_batches_tracked") for k in state):
+        return {**state, **counters}
     return state
 
 
 def read_state_dict(path: str | Path, what: str = "model.pretrained") -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` or ``.pt``/``.pth`` state_dict safely (no pickle execution).
 
-    Wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes are removed. ``what``
-    names the file's role in error messages.
+    Wrappers such as ``{"state_dict": ...}`` and ``module.`` prefixes are removed, and
+    torchvision's published DenseNet files (old ``norm.1`` names) are renamed to the current
+    names. ``what`` names the file's role in error messages.
 
     Raises:
         WeightsError: missing, unreadable or not a state_dict.
@@ -116,8 +137,8 @@ def load_weights_strict(model: nn.Module, path: str | Path, *, name: str,
         WeightsError: naming every missing, unexpected or differently-shaped tensor (the
             first few of each), both shapes, and the likely cause.
     """
-    state = read_state_dict(path, what="weights")
     own = model.state_dict()
+    state = _with_bn_counters(read_state_dict(path, what="weights"), own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     bad = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -166,8 +187,8 @@ def load_state_dict_file(model: nn.Module, path: str | Path, head: str) -> list[
     Raises:
         WeightsError: missing or mis-shaped body tensors, or unexpected extra tensors.
     """
-    state = read_state_dict(path)
     own = model.state_dict()
+    state = _with_bn_counters(read_state_dict(path), own)
     head_keys = [k for k in own if k.startswith(head + ".")]
     head_fits = all(k in state and state[k].shape == own[k].shape for k in head_keys)
     if not head_fits:

@@ -19,8 +19,6 @@ class Progress:
     samples_in_epoch: int = 0  # images all ranks consumed in the current epoch
     stage: int = 0
     stage_start: dict[str, int] = field(default_factory=lambda: {"0": 0})
-    best_score: float | None = None
-    evals_without_gain: int = 0
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss
     nonfinite_in_row: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)

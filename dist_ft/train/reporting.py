@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from dist_ft.rundir import RunDir
+from dist_ft.train.monitor import TAGS
 from dist_ft.train.progress import Progress
 
 log = logging.getLogger("dist_ft.train")
@@ -125,9 +126,10 @@ class Reporter:
         step = progress.step
         if gap is not None:
             self.writer.add_scalar("val/gap", gap, step)
-        for key in ("val_loss", "auroc_mean", "accuracy", "f1_macro"):
+        # Tags are the names trainer.monitor takes (dist_ft.train.monitor.TAGS).
+        for tag, key in TAGS.items():
             if key in metrics:
-                self.writer.add_scalar(f"val/{key}", metrics[key], step)
+                self.writer.add_scalar(tag, metrics[key], step)
         for cls, value in metrics.get("auroc", {}).items():
             if math.isfinite(value):
                 self.writer.add_scalar(f"val_auroc/{cls}", value, step)

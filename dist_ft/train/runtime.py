@@ -74,6 +74,33 @@ def ensure_process_group_env() -> None:
     })
 
 
+class BatchSizeError(ValueError):
+    """``data.global_batch_size`` does not split evenly over the processes."""
+
+
+def with_global_batch(recipe: Recipe, world: int) -> Recipe:
+    """The recipe with ``data.batch_size`` derived from ``data.global_batch_size`` (if set)
+    for ``world`` processes; unchanged without a global batch.
+
+    Raises:
+        BatchSizeError: the global batch is not a multiple of processes x accumulation steps,
+            naming the three numbers and the nearest global batches that are.
+    """
+    data, accum = recipe.data, recipe.trainer.grad_accum_steps
+    if data.global_batch_size is None:
+        return recipe
+    parts = world * accum
+    per_process, left = divmod(data.global_batch_size, parts)
+    if left or per_process == 0:
+        lower, upper = max(parts, data.global_batch_size - left), (per_process + 1) * parts
+        raise BatchSizeError(
+            f"data.global_batch_size={data.global_batch_size} does not split over {world} "
+            f"process(es) x trainer.grad_accum_steps={accum}: choose a multiple of {parts} "
+            f"(e.g. {lower} or {upper}), or another number of processes")
+    return recipe.model_copy(update={"data": data.model_copy(
+        update={"batch_size": per_process})})
+
+
 def check_launcher_agrees(recipe: Recipe, env: dict[str, str] | os._Environ[str]) -> None:
     """Refuse a launcher config whose DeepSpeed settings contradict the recipe.
 

@@ -23,14 +23,17 @@ class LrSchedule:
         total_steps: optimizer steps in the whole run (cosine's horizon).
         steps_per_epoch: optimizer steps per epoch (step decay's unit).
         plateau_scale: the factor reduce-on-plateau has reached (checkpointed).
+        bad_epochs: evaluations without a gain since the last gain or reduction.
+        cooldown_left: evaluations still ignored after the last reduction.
+        history: the monitored values seen.
     """
 
     cfg: ScheduleConfig
     total_steps: int
     steps_per_epoch: int
     plateau_scale: float = 1.0
-    best: float | None = None
     bad_epochs: int = 0
+    cooldown_left: int = 0
     history: list[float] = field(default_factory=list)
 
     def factor(self, step: int) -> float:
@@ -49,26 +52,35 @@ class LrSchedule:
             decay = 1.0
         return warm * decay
 
-    def observe(self, metric: float) -> bool:
-        """Feed a validation metric (higher is better); returns True when lr was reduced."""
-        self.history.append(metric)
-        if self.best is None or metric > self.best + 1e-4:
-            self.best, self.bad_epochs = metric, 0
-            return False
-        self.bad_epochs += 1
+    def observe(self, value: float, gain: bool) -> bool:
+        """Feed one evaluation of the monitored metric and whether it was a gain (the
+        monitor's judgement, :mod:`dist_ft.train.monitor`); True when lr was reduced.
+
+        As torch's ``ReduceLROnPlateau``: more than ``plateau_patience`` evaluations without a
+        gain reduce lr by ``gamma`` (not below ``min_lr_scale``); ``plateau_cooldown``
+        evaluations after a reduction are not counted.
+        """
+        self.history.append(value)
+        if gain:
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad_epochs = 0
         if self.cfg.name == "plateau" and self.bad_epochs > self.cfg.plateau_patience:
             self.plateau_scale = max(self.plateau_scale * self.cfg.gamma, self.cfg.min_lr_scale)
-            self.bad_epochs = 0
+            self.bad_epochs, self.cooldown_left = 0, self.cfg.plateau_cooldown
             return True
         return False
 
     def state_dict(self) -> dict:
         """Checkpointable state."""
-        return {"plateau_scale": self.plateau_scale, "best": self.best,
-                "bad_epochs": self.bad_epochs, "history": list(self.history)}
+        return {"plateau_scale": self.plateau_scale, "bad_epochs": self.bad_epochs,
+                "cooldown_left": self.cooldown_left, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
-        self.plateau_scale = state["plateau_scale"]
-        self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+        self.plateau_scale, self.bad_epochs = state["plateau_scale"], state["bad_epochs"]
+        self.cooldown_left = state.get("cooldown_left", 0)
         self.history = list(state["history"])

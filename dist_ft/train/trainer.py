@@ -15,6 +15,7 @@ reporting (:mod:`dist_ft.train.reporting`), checkpoints and what an exact resume
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,12 +51,20 @@ from dist_ft.train.consistency import (
 from dist_ft.train.inputs import build_inputs
 from dist_ft.train.lifecycle import Claim, RunUsageError, claim_run_folder
 from dist_ft.train.losses import build_loss
+from dist_ft.train.monitor import Monitor, MonitorError, metric_value, resolve_monitor
 from dist_ft.train.nonfinite import NonFinitePolicy
 from dist_ft.train.preemption import Preempted, StopSignals, requeue_job
 from dist_ft.train.progress import Progress
 from dist_ft.train.reporting import Reporter, setup_logging
 from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
-from dist_ft.train.runtime import build_accelerator, lost_peer, process_resources
+from dist_ft.train.runtime import (
+    BatchSizeError,
+    build_accelerator,
+    ensure_process_group_env,
+    lost_peer,
+    process_resources,
+    with_global_batch,
+)
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import StageSwitcher, set_bn_modes
 from dist_ft.train.validation import evaluate_exact
@@ -114,6 +123,11 @@ class Trainer:
         self._setup_reporting(claim)
 
     def _setup_processes(self) -> None:
+        ensure_process_group_env()  # the launcher's world size, for a global batch
+        try:
+            self.recipe = with_global_batch(self.recipe, int(os.environ["WORLD_SIZE"]))
+        except BatchSizeError as exc:
+            raise TrainingError(str(exc)) from None
         self.acc = acc = build_accelerator(self.recipe)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.main = acc.is_main_process
@@ -178,6 +192,13 @@ class Trainer:
                                 f"val {len(val_set)} images under {data.root or data.cache}")
         self.loss_fn = build_loss(recipe.trainer.loss, train_set.multilabel,
                                   train_set.targets).to(self.acc.device)
+        try:
+            name, mode = resolve_monitor(recipe.trainer.monitor, recipe.trainer.monitor_mode,
+                                         train_set.multilabel, list(train_set.classes))
+        except MonitorError as exc:
+            raise TrainingError(str(exc)) from None
+        self.monitor = Monitor(name, mode, recipe.schedule.plateau_threshold,
+                               recipe.schedule.plateau_threshold_mode)
         self.contract = run_contract(recipe_to_dict(recipe), self.plan.digest,
                                      inputs.split_digest(), self.world, engine.zero_stage(self.acc))
 
@@ -399,26 +420,58 @@ class Trainer:
                                 "(overfitting? consider early stopping or a lower lr)",
                                 " -> ".join(f"{g:.4f}" for g in self.gaps[-3:]))
         p.last_metrics = metrics
-        score = metrics["score"]
-        self.schedule.observe(score)
-        if p.best_score is None or score > p.best_score + 1e-4:
-            p.best_score, p.evals_without_gain = score, 0
-        else:
-            p.evals_without_gain += 1
+        monitor = self.monitor
+        new_best, gain = monitor.update(metrics, p.epoch, p.step)
+        if self.schedule.observe(metric_value(metrics, monitor.name), gain):
+            log.info("plateau: %s without a gain for %d evaluations; lr x%g (now x%g)",
+                     monitor.name, self.recipe.schedule.plateau_patience + 1,
+                     self.recipe.schedule.gamma, self.schedule.plateau_scale)
         assert self.reporter is not None
         self.reporter.evaluation(p, metrics, gap)
+        if new_best:
+            self._save_best(metrics)
         patience = cfg.early_stopping_patience
-        if patience and p.evals_without_gain >= patience:
-            log.info("early stopping: no gain in %d evaluations", patience)
+        if patience and monitor.evals_without_gain >= patience:
+            log.info("early stopping: %s without a gain in %d evaluations (best %.4f at epoch "
+                     "%s)", monitor.name, patience, monitor.best, monitor.best_epoch)
             return True
         return False
+
+    def _save_best(self, metrics: dict[str, Any]) -> None:
+        """Write ``best/`` (a collective call): the weights just evaluated, outside the
+        checkpoint rotation, so early stopping and ``keep_last`` never lose them."""
+        monitor = self.monitor
+        state = engine.full_state_dict(self.acc, self.model)
+        if self.main:
+            selected = monitor.selected()
+            self._write_weights(self.run.best_weights, self.run.best_metrics, state,
+                                {**metrics, "selected_by": selected}, selected)
+            assert self.reporter is not None
+            self.reporter.status_extra["best"] = selected
+            log.info("new best %s %.4f at epoch %d (step %d): %s", monitor.name, monitor.best,
+                     monitor.best_epoch, monitor.best_step, self.run.best_weights)
+
+    def _write_weights(self, weights: Path, metrics_path: Path, state: dict[str, torch.Tensor],
+                       metrics: dict[str, Any], about: dict[str, Any] | None = None) -> None:
+        """Consolidated fp32 weights (torchvision names) and their metrics, each atomically;
+        the safetensors header names the model, plan, run and (``about``) the selection."""
+        from safetensors.torch import save_file
+
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_name(weights.name + ".tmp")
+        header = {"model": self.recipe.model.name, "digest": self.plan.digest,
+                  "run_id": self.run_id, **{k: str(v) for k, v in (about or {}).items()}}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=header)
+        tmp.replace(weights)
+        write_json_atomic(metrics_path, metrics)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         """Write a checkpoint of the current state (every rank takes part)."""
         engine.average_bn_stats(self.acc, self.model)
         state = {"run_id": self.run_id, "progress": self.progress.state_dict(),
-                 "schedule": self.schedule.state_dict(), "contract": self.contract,
+                 "schedule": self.schedule.state_dict(), "monitor": self.monitor.state_dict(),
+                 "contract": self.contract,
                  "accepted_changes": self.accepted_changes, "world_size": self.world}
         rank_state = {"generator": self.inputs.generator.get_state()}
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
@@ -455,6 +508,9 @@ class Trainer:
         p = self.progress
         p.load_state_dict(state["progress"])
         self.schedule.load_state_dict(state["schedule"])
+        self.monitor.load_state_dict(state.get("monitor", {}))
+        if self.monitor.best is not None and self.reporter is not None:
+            self.reporter.status_extra["best"] = self.monitor.selected()
         self._enter_stage(p.stage, carry=False, snapshot=False)
         self.acc.load_state(str(path))
         if (path / f"rank{self.rank}.pt").is_file():
@@ -478,9 +534,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ end
     def finish(self) -> Path:
-        """Write ``final/model.safetensors`` (consolidated fp32, torchvision names)."""
-        from safetensors.torch import save_file
-
+        """Write ``final/model.safetensors``: the last weights (consolidated fp32, torchvision
+        names); the selected ones are in ``best/``."""
         assert self.reporter is not None
         if self.recipe.trainer.save_stage_weights:
             self.stages.save_weights(f"stage{self.progress.stage}_end", self.model,
@@ -491,13 +546,8 @@ class Trainer:
             raise TrainingError("final weights differ between ranks")
         log.info("final weights identical on %d rank(s)", self.world)
         if self.main:
-            self.run.final.mkdir(parents=True, exist_ok=True)
-            tmp = self.run.final_weights.with_name(self.run.final_weights.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                      metadata={"model": self.recipe.model.name, "digest": self.plan.digest,
-                                "run_id": self.run_id})
-            tmp.replace(self.run.final_weights)
-            write_json_atomic(self.run.final_metrics, self.progress.last_metrics)
+            self._write_weights(self.run.final_weights, self.run.final_metrics, state,
+                                self.progress.last_metrics)
             self.reporter.status("finished", self.progress,
                                  score=self.progress.last_metrics.get("score"))
         self.reporter.close()
@@ -570,9 +620,12 @@ def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = Fa
         final = trainer.finish()
         if trainer.main:
             score = metrics.get("auroc_mean", metrics.get("accuracy"))
+            m = trainer.monitor
+            best = (f"; best {m.name} {m.best:.4f} at epoch {m.best_epoch}: "
+                    f"{trainer.run.best_weights}" if m.best is not None else "")
             print(f"done: {trainer.progress.step} steps, validation score {score:.4f}; "
-                  f"weights {final}; TensorBoard: tensorboard --logdir {trainer.run.tb}",
-                  flush=True)
+                  f"last weights {final}{best}; TensorBoard: tensorboard --logdir "
+                  f"{trainer.run.tb}", flush=True)
     except Preempted:
         raise
     except BaseException as exc:

@@ -142,7 +142,7 @@ def test_preempted_and_requeued_jobs_resume_and_log_each_step_once(
     assert "Restarts=2" in scontrol and "JobState=COMPLETED" in scontrol
     # TensorBoard: every step exactly once across the three segments.
     assert tb_steps(out / "tb", "train/loss") == list(range(1, steps + 1))
-    val = tb_steps(out / "tb", "val/val_loss")
+    val = tb_steps(out / "tb", "val/loss")
     assert val == sorted(set(val)) and val[-1] == steps
 
 

@@ -115,3 +115,32 @@ def test_imagenet_weights_load_from_the_hub_cache(
     model = build_model(ModelConfig(name="resnet18", pretrained="imagenet", num_classes=3))
     assert model.fc.out_features == 3
     assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_torchvision_published_densenet_pth_with_old_key_names_loads(tmp_path: Path) -> None:
+    """torchvision's densenet121-a639ec97.pth names 'denselayer1.norm.1.weight' (today
+    'norm1.weight'): as model.pretrained PATH and as weights for eval, it loads exactly."""
+    import re
+
+    from dist_ft.models.weights import load_weights_strict
+
+    source = get_model("densenet121", weights=None, num_classes=14)
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old  # the published layout
+    # (torchvision's file predates BatchNorm's num_batches_tracked counters too)
+    path = tmp_path / "densenet121-a639ec97.pth"
+    torch.save(old, path)
+    model = build_model(ModelConfig(name="densenet121", num_classes=14, pretrained=str(path)))
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    fresh = build_model(ModelConfig(name="densenet121", num_classes=14))
+    load_weights_strict(fresh, path, name="densenet121", num_classes=14)
+    assert torch.equal(fresh.features.denseblock4.denselayer16.norm2.running_var,
+                       source.features.denseblock4.denselayer16.norm2.running_var)
+    # One tensor of another shape is named, with both shapes.
+    old["features.denseblock1.denselayer1.conv.1.weight"] = torch.zeros(1, 1, 1, 1)
+    torch.save(old, path)
+    with pytest.raises(WeightsError, match=r"features\.denseblock1\.denselayer1\.conv1\.weight: "
+                                           r"file \(1, 1, 1, 1\) vs model \(128, 64, 1, 1\)"):
+        build_model(ModelConfig(name="densenet121", num_classes=14, pretrained=str(path)))

@@ -24,6 +24,7 @@ from dist_ft.train.stages import (
     set_bn_modes,
     training_since,
 )
+from tests.conftest import CONFIGS
 
 
 def test_cosine_with_warmup() -> None:
@@ -38,12 +39,61 @@ def test_step_and_plateau() -> None:
     step = LrSchedule(ScheduleConfig(name="step", step_epochs=2, gamma=0.5), 100, 10)
     assert [step.factor(k) for k in (0, 19, 20, 40)] == [1.0, 1.0, 0.5, 0.25]
     plateau = LrSchedule(ScheduleConfig(name="plateau", plateau_patience=1, gamma=0.1), 100, 10)
-    reduced = [plateau.observe(m) for m in (0.5, 0.6, 0.6, 0.6, 0.7)]
+    gains = (True, True, False, False, True)
+    reduced = [plateau.observe(m, g) for m, g in zip((0.5, 0.6, 0.6, 0.6, 0.7), gains, strict=True)]
     assert reduced == [False, False, False, True, False]
     assert plateau.factor(50) == pytest.approx(0.1)
     clone = LrSchedule(ScheduleConfig(name="plateau"), 100, 10)
     clone.load_state_dict(plateau.state_dict())
     assert clone.factor(50) == plateau.factor(50)
+
+
+@pytest.mark.parametrize(("mode", "threshold_mode", "threshold", "patience", "cooldown"), [
+    ("min", "rel", 1e-4, 1, 0), ("min", "abs", 0.05, 0, 2), ("max", "rel", 0.01, 2, 1),
+    ("max", "abs", 0.0, 1, 3)])
+def test_plateau_follows_the_monitor_as_torch_reduce_lr_on_plateau(
+        mode: str, threshold_mode: str, threshold: float, patience: int, cooldown: int) -> None:
+    """Monitor + LrSchedule give the lr of torch's ReduceLROnPlateau (an independent
+    implementation) on the same sequence of monitored values, every setting alike."""
+    from dist_ft.train.monitor import Monitor
+
+    cfg = ScheduleConfig(name="plateau", gamma=0.5, plateau_patience=patience,
+                         plateau_threshold=threshold, plateau_threshold_mode=threshold_mode,
+                         plateau_cooldown=cooldown, min_lr_scale=0.01)
+    ours = LrSchedule(cfg, 100, 10)
+    monitor = Monitor("val/loss", mode, threshold, threshold_mode)  # type: ignore[arg-type]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=mode, factor=0.5, patience=patience, threshold=threshold,
+        threshold_mode=threshold_mode, cooldown=cooldown, min_lr=0.01)
+    values = np.random.default_rng(3).normal(1.0, 0.05, 60).cumsum() / np.arange(1, 61)
+    for epoch, value in enumerate(values):
+        _, gain = monitor.update({"val_loss": float(value)}, epoch, epoch)
+        ours.observe(float(value), gain)
+        reference.step(float(value))
+        assert ours.factor(50) == pytest.approx(opt.param_groups[0]["lr"]), epoch
+    assert opt.param_groups[0]["lr"] < 0.5  # the sequence did trigger reductions
+
+
+def test_monitor_selects_the_strict_best_and_counts_gains_beyond_the_threshold() -> None:
+    from dist_ft.train.monitor import Monitor, MonitorError, resolve_monitor
+
+    assert resolve_monitor("auto", "auto", True, ["A"]) == ("val/auroc_mean", "max")
+    assert resolve_monitor("auto", "auto", False, ["a", "b"]) == ("val/accuracy", "max")
+    assert resolve_monitor("val/loss", "auto", True, ["A"]) == ("val/loss", "min")
+    assert resolve_monitor("val_auroc/A", "min", True, ["A"]) == ("val_auroc/A", "min")
+    with pytest.raises(MonitorError, match=r"val/accuracy.*multi-label.*val/loss"):
+        resolve_monitor("val/accuracy", "auto", True, ["A"])
+    with pytest.raises(MonitorError, match="val_auroc/B"):
+        resolve_monitor("val_auroc/B", "auto", True, ["A"])
+    m = Monitor("val/loss", "min", threshold=0.1, threshold_mode="abs")
+    seen = [m.update({"val_loss": v}, e, 10 * e) for e, v in enumerate((1.0, 0.95, 0.8, 0.85))]
+    assert seen == [(True, True), (True, False), (True, True), (False, False)]
+    assert (m.best, m.best_epoch, m.best_step, m.evals_without_gain) == (0.8, 2, 20, 1)
+    assert m.update({"val_loss": float("nan")}, 4, 40) == (False, False)
+    other = Monitor("val/auroc_mean", "max")
+    other.load_state_dict(m.state_dict())  # another metric's best means nothing here
+    assert other.best is None
 
 
 def test_losses() -> None:
@@ -105,3 +155,37 @@ def test_groups_split_by_history_and_optimizer_lrs(recipe_factory: Callable[...,
     for name, param in model.named_parameters():
         expected = before[name] - 0.05 * grads[name] if name in grads else before[name]
         assert torch.allclose(param, expected, atol=1e-7), name
+
+
+def test_global_batch_sets_the_per_process_batch_or_names_the_multiples() -> None:
+    from dist_ft.config import load_recipe
+    from dist_ft.train.runtime import BatchSizeError, with_global_batch
+
+    chexnet = load_recipe(CONFIGS / "chestxray14_densenet121_chexnet.yaml")
+    assert [with_global_batch(chexnet, w).data.batch_size for w in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    accumulating = chexnet.model_copy(update={"trainer": chexnet.trainer.model_copy(
+        update={"grad_accum_steps": 2})})
+    assert with_global_batch(accumulating, 4).data.batch_size == 2
+    with pytest.raises(BatchSizeError, match=r"global_batch_size=16 does not split over 3 "
+                                             r"process\(es\).*multiple of 3 \(e\.g\. 15 or 18\)"):
+        with_global_batch(chexnet, 3)
+    with pytest.raises(BatchSizeError, match="multiple of 32"):
+        with_global_batch(chexnet, 32)
+    plain = load_recipe(CONFIGS / "chestxray14_densenet121.yaml")
+    assert with_global_batch(plain, 8) is plain  # no global batch: the per-process one stays
+
+
+def test_the_chexnet_recipe_is_the_published_protocol() -> None:
+    """Rajpurkar et al. 2017, 3.1: what the recipe's header claims, checked on the recipe."""
+    from dist_ft.config import load_recipe
+
+    r = load_recipe(CONFIGS / "chestxray14_densenet121_chexnet.yaml")
+    assert (r.model.name, r.model.pretrained, r.data.image_size) == ("densenet121", "imagenet",
+                                                                      224)
+    aug = r.data.augment
+    assert (aug.crop_scale, aug.ratio, aug.rotation_deg, aug.hflip) == ((1, 1), (1, 1), 0, True)
+    assert [s.include[0].keyword for s in r.plan.stages] == ["all"] and r.plan.bn_policy == "train"
+    assert (r.optim.name, r.optim.lr, r.optim.betas) == ("adam", 1e-3, (0.9, 0.999))
+    assert r.data.global_batch_size == 16 and r.trainer.grad_clip_norm is None
+    assert (r.trainer.loss, r.trainer.monitor, r.schedule.name, r.schedule.gamma) == (
+        "bce", "val/loss", "plateau", 0.1)
