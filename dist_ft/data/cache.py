@@ -2,7 +2,7 @@
 
 Layout of a cache folder::
 
-    index.npz          images, labels, split, patients, valid  (one row per image, row order)
+    index.npz          images, labels, split, patients, views, ages, sexes (row order)
     shard_00000.npy    uint8 [n, S, S]: rows 0 .. shard_size-1   (np.load(..., mmap_mode="r"))
     shard_00000.json   count, sha256, bytes, skipped images       (written after the .npy)
     settings.json      the cache's identity, written first (see below)
@@ -33,10 +33,18 @@ from typing import Any
 import numpy as np
 
 from dist_ft import __version__
+from dist_ft.config.schema import SplitFilesConfig
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError, find_images, load_gray_resized
 from dist_ft.data.metadata import find_metadata, read_metadata
-from dist_ft.data.splits import EXCLUDED, SPLIT_NAMES, TEST_LIST, TRAIN_VAL_LIST, resolve_splits
+from dist_ft.data.splits import (
+    EXCLUDED,
+    SPLIT_NAMES,
+    TEST_LIST,
+    TRAIN_VAL_LIST,
+    list_files,
+    resolve_splits,
+)
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -133,11 +141,25 @@ def _check_identity(out: Path, settings: dict[str, Any], rebuild: bool) -> None:
     )
 
 
+def _split_files_record(split_files: SplitFilesConfig | None) -> dict[str, Any] | None:
+    """``data.split_files`` as the cache records it: each role's absolute path and sha256."""
+    if split_files is None:
+        return None
+    return {role: {"path": str(path.resolve()), "sha256": _sha256(path)}
+            for role, path in list_files(None, split_files).items()}
+
+
 def _split_settings(root: Path, val_fraction: float, test_fraction: float,
-                    seed: int) -> dict[str, Any]:
-    return {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
-            # With the official test list, test_fraction is unused (see resolve_splits).
-            "test_list": (root / TEST_LIST).is_file()}
+                    seed: int, split_files: SplitFilesConfig | None = None) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
+        # With the official test list, test_fraction is unused (see resolve_splits).
+        "test_list": (root / TEST_LIST).is_file() if split_files is None
+        else split_files.test is not None,
+    }
+    if split_files is not None:  # absent otherwise, so caches made before it stay valid
+        settings["split_files"] = _split_files_record(split_files)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -200,6 +222,7 @@ def prepare_cache(
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
     rebuild: bool = False,
+    split_files: SplitFilesConfig | None = None,
 ) -> dict[str, Any]:
     """Build (or finish) the cache of a ChestX-ray14 folder.
 
@@ -216,6 +239,7 @@ def prepare_cache(
         on_shard: called with each finished shard's index (tests use it to interrupt).
         rebuild: when ``out`` holds a cache of another identity, remove its files (only
             those ``prepare`` writes) and start over instead of refusing.
+        split_files: ``data.split_files`` (list files anywhere), recorded with their sha256.
 
     Returns:
         The manifest.
@@ -231,7 +255,7 @@ def prepare_cache(
     root, out = Path(root), Path(out)
     meta_path = find_metadata(root)
     meta = read_metadata(meta_path)
-    split = resolve_splits(meta, root, val_fraction, test_fraction, split_seed)
+    split = resolve_splits(meta, root, val_fraction, test_fraction, split_seed, split_files)
     keep = split != EXCLUDED
     meta, split = meta.subset(keep), split[keep]
     found = find_images(root)
@@ -244,7 +268,8 @@ def prepare_cache(
             "use on_bad_image=skip to cache the rest"
         )
     # The files whose content decides rows, labels and splits: the ones actually read.
-    sources = [meta_path] + [root / n for n in (TEST_LIST, TRAIN_VAL_LIST) if (root / n).is_file()]
+    sources = [meta_path] + ([root / n for n in (TEST_LIST, TRAIN_VAL_LIST)
+                              if (root / n).is_file()] if split_files is None else [])
     settings = {
         "version": CACHE_VERSION,
         "dist_ft_version": __version__,
@@ -254,7 +279,7 @@ def prepare_cache(
         "num_images": len(meta),
         "metadata": meta_path.name,
         "sha256": {p.name: _sha256(p) for p in sources},
-        "split": _split_settings(root, val_fraction, test_fraction, split_seed),
+        "split": _split_settings(root, val_fraction, test_fraction, split_seed, split_files),
     }
     if out.is_dir():
         _check_identity(out, settings, rebuild)
@@ -270,6 +295,8 @@ def prepare_cache(
         split=split,
         patients=meta.patients,
         views=np.array(meta.views, dtype=str),
+        ages=meta.ages,
+        sexes=np.array(meta.sexes, dtype=str),
     )
     index_tmp.replace(out / INDEX)
 
@@ -372,6 +399,10 @@ class CacheReader:
             self.labels = index["labels"]
             self.split = index["split"]
             self.patients = index["patients"]
+            self.views = index["views"]
+            # Caches made before ages and sexes were indexed lack them (sample_info omits them).
+            self.ages = index["ages"] if "ages" in index.files else None
+            self.sexes = index["sexes"] if "sexes" in index.files else None
         self.valid = np.load(self.path / "valid.npy")
         self.size = int(self.manifest["size"])
         self.shard_size = int(self.manifest["shard_size"])
@@ -381,11 +412,13 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.images)
 
-    def check_split(self, val_fraction: float, test_fraction: float, seed: int) -> None:
+    def check_split(self, val_fraction: float, test_fraction: float, seed: int,
+                    split_files: SplitFilesConfig | None = None) -> None:
         """Refuse a recipe whose split settings differ from those the cache was split with.
 
         The cache stores each row's split; training with ``data.val_fraction: 0.3`` on a cache
-        split at 0.1 would silently validate on other images than the recipe says.
+        split at 0.1, other ``data.split_files``, or list files edited since ``prepare`` would
+        silently train and validate on other images than the recipe says.
 
         Raises:
             CacheError: naming each differing ``data.*`` key with both values, and the fixes.
@@ -398,6 +431,7 @@ class CacheReader:
                          test_fraction))
         differ = [(key, flag, split.get(name), value) for name, key, flag, value in keys
                   if split.get(name) != value]
+        self._check_list_files(split.get("split_files"), split_files)
         if not differ:
             return
         root = self.manifest.get("root", "ROOT")
@@ -410,6 +444,36 @@ class CacheReader:
             f"cache (dist-ft data prepare {root} --out {self.path} --rebuild {flags}) or set "
             f"{sets} in the recipe"
         )
+
+    def _check_list_files(self, cached: dict[str, Any] | None,
+                          split_files: SplitFilesConfig | None) -> None:
+        """Refuse other list files than the cache's, or list files changed since prepare."""
+        fix = (f"rebuild the cache with the recipe's split settings (dist-ft data prepare "
+               f"... --out {self.path} --rebuild) or point data.cache at a matching cache")
+        try:
+            now = _split_files_record(split_files)
+        except OSError as exc:
+            raise CacheError(f"data.split_files: cannot read {exc.filename}") from None
+        if now is None and cached is None:
+            # Lists in the data root: they must still be the ones the cache was split with.
+            root = Path(self.manifest.get("root", ""))
+            recorded = self.manifest.get("sha256") or {}
+            for name in (TEST_LIST, TRAIN_VAL_LIST):
+                if name in recorded and (root / name).is_file() \
+                        and _sha256(root / name) != recorded[name]:
+                    raise CacheError(f"data.cache {self.path} was split with another "
+                                     f"{root / name} (the file changed since); {fix}")
+            return
+        if now == cached:
+            return
+        def show(record: dict[str, Any] | None) -> str:
+            if not record:
+                return "none"
+            return ", ".join(f"{role}={v['path']} (sha256 {v['sha256'][:12]}...)"
+                             for role, v in sorted(record.items()))
+        raise CacheError(f"data.cache {self.path} was split with other list files: "
+                         f"data.split_files is {show(now)} in the recipe but {show(cached)} in "
+                         f"the cache; {fix}")
 
     def rows(self, split: int | None = None) -> np.ndarray:
         """Indices of the valid rows, of one split if given."""

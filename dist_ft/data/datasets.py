@@ -1,9 +1,15 @@
-"""torch Datasets for training: ChestX-ray14 from PNGs or the cache, ImageFolder, CSV.
+"""torch Datasets for training: ChestX-ray14 from PNGs or the cache, ImageFolder, CSV,
+CheXpert and MIMIC-CXR-JPG.
 
 Every dataset yields ``(image, target)``: ``image`` a square uint8 ``[C, L, L]`` tensor at the
 load size (augmentation and normalisation run per batch, see ``transforms.py``), ``target`` a
-float multi-hot vector (multi-label) or an int64 class index (single-label). Each carries
-``classes``, ``multilabel``, ``channels`` and ``targets`` (all targets, for class weights).
+float multi-hot vector (multi-label; NaN marks an uncertain label left out under
+``data.chexpert.uncertain: ignore``) or an int64 class index (single-label). Each carries
+``classes``, ``multilabel``, ``channels``, ``targets`` (all targets, for class weights) and
+``sample_info`` (per sample, in dataset order: ``image`` id, ``patient`` (the image id when
+unknown), and where known ``view``, ``sex`` (M/F), ``age`` (years, NaN unknown)).
+
+Building a split checks the whole source's splits first: a patient in two splits is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +26,20 @@ from torch.utils.data import Dataset
 
 from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheReader
+from dist_ft.data.chexpert import read_chexpert
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError, find_images, load_gray_resized, load_rgb_resized
+from dist_ft.data.label_map import CHEXPERT_FINDINGS, SHARED_CHESTXRAY14, as_chestxray14
 from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
-from dist_ft.data.splits import SPLIT_NAMES, resolve_splits
+from dist_ft.data.mimic import read_mimic
+from dist_ft.data.splits import (
+    SPLIT_NAMES,
+    assign_splits,
+    check_patient_overlap,
+    list_files,
+    resolve_splits,
+)
+from dist_ft.data.table import SampleTable
 from dist_ft.data.transforms import default_load_size
 
 log = logging.getLogger(__name__)
@@ -38,16 +55,22 @@ class LabelledImages(Dataset):
     An image that cannot be read (missing, empty, truncated, undecodable) raises
     :class:`ImageError` naming it, or with ``on_bad_image="skip"`` is replaced by the next
     readable image of the split and recorded: a warning, and one JSON line in
-    ``bad_image_log`` when set.
+    ``bad_image_log`` when set. ``sample_info`` defaults to the file names as image and
+    patient ids.
     """
 
-    def __init__(self, paths: list[Path], targets: np.ndarray, classes: list[str],
+    def __init__(self, paths: Sequence[Path], targets: np.ndarray, classes: list[str],
                  multilabel: bool, channels: int, load_size: int,
-                 on_bad_image: str = "error") -> None:
-        self.paths, self.targets, self.classes = paths, targets, classes
+                 on_bad_image: str = "error",
+                 sample_info: dict[str, np.ndarray] | None = None) -> None:
+        self.paths, self.targets, self.classes = list(paths), targets, classes
         self.multilabel, self.channels, self.load_size = multilabel, channels, load_size
         self.on_bad_image = on_bad_image
         self.bad_image_log: Path | None = None
+        if sample_info is None:
+            names = np.array([Path(p).name for p in self.paths], dtype=str)
+            sample_info = {"image": names, "patient": names}
+        self.sample_info = sample_info
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,6 +110,12 @@ class CachedImages(Dataset):
         self.targets = reader.labels[rows]
         self.classes, self.multilabel, self.channels = list(FINDINGS), True, 1
         self.load_size = reader.size
+        self.sample_info = {"image": reader.images[rows].astype(str),
+                            "patient": reader.patients[rows].astype(str),
+                            "view": reader.views[rows].astype(str)}
+        if reader.sexes is not None and reader.ages is not None:
+            self.sample_info["sex"] = reader.sexes[rows].astype(str)
+            self.sample_info["age"] = reader.ages[rows].astype(np.float64)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -133,21 +162,45 @@ def load_size(cfg: DataConfig) -> int:
     return cfg.load_size or default_load_size(cfg.image_size)
 
 
+def _drop_missing(paths: list[Path], names: np.ndarray, cfg: DataConfig, split: str,
+                  where: str) -> np.ndarray:
+    """Mask of the images that exist; an error naming the first missing unless skipping."""
+    exists = np.fromiter((Path(p).is_file() for p in paths), dtype=bool, count=len(paths))
+    if exists.all():
+        return exists
+    missing = [str(n) for n, ok in zip(names, exists, strict=True) if not ok]
+    if cfg.on_bad_image == "error":
+        raise MetadataError(
+            f"{len(missing)} {split} image(s) of {where} are missing, first {missing[0]!r}; "
+            "set data.on_bad_image=skip to train without them"
+        )
+    log.warning("%d %s images of %s missing (skipped), first %s", len(missing), split, where,
+                missing[0])
+    return exists
+
+
 def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """ChestX-ray14 rows of one split, from the cache when ``data.cache`` is set."""
+    """ChestX-ray14 rows of one split, from the cache when ``data.cache`` is set.
+
+    Raises:
+        MetadataError: a patient in two splits, a bad list file, or missing images.
+        CacheError: the cache was split with other settings than the recipe's.
+    """
     want = _split_index(split)
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache)
-        reader.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+        reader.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed, cfg.split_files)
+        check_patient_overlap(reader.patients, reader.split, f"data.cache {cfg.cache}")
         rows = reader.rows(want)
         views = wanted_views(cfg)
         if views is not None:
-            with np.load(Path(cfg.cache) / "index.npz") as index:
-                rows = rows[np.isin(index["views"][rows], views)]
+            rows = rows[np.isin(reader.views[rows], views)]
         return CachedImages(reader, rows)
     root = _require_root(cfg)
     meta = read_metadata(find_metadata(root))
-    splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                            cfg.split_files)
+    check_patient_overlap(meta.patients, splits, meta.source.name)
     mask = splits == want
     views = wanted_views(cfg)
     if views is not None:
@@ -165,28 +218,54 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
                     len(missing), split, root, missing[0])
         meta = meta.subset(np.isin(meta.images, list(found)))
     paths = [found[n] for n in meta.images]
+    info = {"image": meta.images.astype(str), "patient": meta.patients.astype(str),
+            "view": meta.views.astype(str), "sex": meta.sexes.astype(str),
+            "age": meta.ages.astype(np.float64)}
     return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, load_size(cfg),
-                          cfg.on_bad_image)
+                          cfg.on_bad_image, sample_info=info)
 
 
 def imagefolder_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """``ROOT/<split>/<class>/*`` single-label images (``val`` also found as ``valid``)."""
+    """``ROOT/<split>/<class>/*`` single-label images (``val`` also found as ``valid``).
+
+    ``sample_info`` image ids are paths relative to ``ROOT/<split>``; no patients are known.
+    """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    folder = _imagefolder_split(cfg, split)
+    classes, class_to_idx = find_classes(str(folder))
+    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    paths = [Path(p) for p, _ in samples]
+    targets = np.array([t for _, t in samples], dtype=np.int64)
+    names = np.array([p.relative_to(folder).as_posix() for p in paths], dtype=str)
+    return LabelledImages(paths, targets, classes, False, 3, load_size(cfg), cfg.on_bad_image,
+                          sample_info={"image": names, "patient": names})
+
+
+def _imagefolder_split(cfg: DataConfig, split: str) -> Path:
     root = _require_root(cfg)
     names = {"train": ["train"], "val": ["val", "valid"], "test": ["test"]}[split]
     folder = next((root / n for n in names if (root / n).is_dir()), None)
     if folder is None:
         raise MetadataError(f"data.root: {root} has no {' or '.join(names)}/ folder")
-    classes, class_to_idx = find_classes(str(folder))
-    samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    paths = [Path(p) for p, _ in samples]
-    targets = np.array([t for _, t in samples], dtype=np.int64)
-    return LabelledImages(paths, targets, classes, False, 3, load_size(cfg), cfg.on_bad_image)
+    return folder
 
 
-def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """A multi-label CSV: a path column and label columns or a separated label column."""
+# CSV files already told that they are split by image (the warning is given once per file).
+_WARNED_BY_IMAGE: set[str] = set()
+
+
+def read_csv_table(cfg: DataConfig) -> SampleTable:
+    """A ``format: csv`` file as a table with its splits (see :class:`CsvConfig`).
+
+    Splits come from ``csv.split_column``, else ``data.split_files``, else random by
+    ``data.val_fraction``/``data.test_fraction``: by patient with ``csv.patient_column``,
+    otherwise by image (with a warning that names ``csv.patient_column``).
+
+    Raises:
+        MetadataError: unreadable file, missing columns, non-0/1 labels, unknown label
+            names, bad split names (naming file, line and column).
+    """
     assert cfg.csv is not None  # guaranteed by DataConfig
     spec = cfg.csv
     root = Path(cfg.root) if cfg.root else Path(spec.file).parent
@@ -197,52 +276,151 @@ def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
     except OSError as exc:
         raise MetadataError(f"data.csv.file: cannot read {path}: {exc.strerror}") from None
     header = list(rows[0]) if rows else []
-    needed = [spec.path_column, *(spec.label_columns or []), *filter(None, [spec.label_column,
-                                                                           spec.split_column])]
+    needed = [spec.path_column, *(spec.label_columns or []),
+              *filter(None, [spec.label_column, spec.split_column, spec.patient_column])]
     missing = [c for c in needed if c not in header]
     if missing:
         raise MetadataError(f"{path}: missing column {', '.join(map(repr, missing))}; "
                             f"header is {', '.join(header)}")
-    if spec.label_columns is not None:
-        classes = spec.label_columns
-        try:
-            targets = np.array([[float(r[c]) for c in classes] for r in rows], dtype=np.float32)
-        except ValueError as exc:
-            raise MetadataError(f"{path}: label columns must hold 0/1 values ({exc})") from None
-    else:
-        label_lists = [
-            [x.strip() for x in r[spec.label_column].split(spec.separator) if x.strip()]
-            for r in rows
-        ]
-        classes = spec.classes or sorted({x for labels in label_lists for x in labels})
-        index = {c: i for i, c in enumerate(classes)}
-        targets = np.zeros((len(rows), len(classes)), dtype=np.float32)
-        for k, labels in enumerate(label_lists):
-            for x in labels:
-                if x not in index:
-                    raise MetadataError(f"{path}:{k + 2}: unknown label {x!r}; classes: "
-                                        f"{', '.join(classes)}")
-                targets[k, index[x]] = 1
+    classes, targets = _csv_targets(rows, spec.label_columns, spec.label_column, spec.separator,
+                                    spec.classes, path)
+    images = np.array([r[spec.path_column].strip() for r in rows], dtype=object)
+    patients = (None if spec.patient_column is None else
+                np.array([r[spec.patient_column].strip() for r in rows], dtype=object))
     if spec.split_column is not None:
         split_of = np.array([r[spec.split_column].strip() for r in rows])
         bad = sorted(set(split_of) - set(SPLIT_NAMES))
         if bad:
             raise MetadataError(f"{path}: {spec.split_column} must be train/val/test, got {bad}")
-        mask = split_of == split
+        split = np.array([SPLIT_NAMES.index(s) for s in split_of], dtype=np.int8)
     else:
-        order = np.random.default_rng(cfg.split_seed).permutation(len(rows))
-        n_val, n_test = round(cfg.val_fraction * len(rows)), round(cfg.test_fraction * len(rows))
-        part = np.zeros(len(rows), dtype=np.int8)
-        part[order[:n_val]] = 1
-        part[order[n_val : n_val + n_test]] = 2
-        mask = part == _split_index(split)
-    paths = [root / r[spec.path_column] for r, keep in zip(rows, mask, strict=True) if keep]
-    return LabelledImages(paths, targets[mask], list(classes), True, 3, load_size(cfg),
-                          cfg.on_bad_image)
+        lists = list_files(None, cfg.split_files)
+        needs_groups = not lists or "train" not in lists  # some part is carved at random
+        if patients is None and needs_groups and str(path) not in _WARNED_BY_IMAGE:
+            _WARNED_BY_IMAGE.add(str(path))
+            log.warning("%s: no data.csv.patient_column, so rows are split by image: a patient "
+                        "with several images can land in two splits. Set csv.patient_column "
+                        "to split by patient", path)
+        if patients is None and not lists:  # by image, in the order dist-ft always used
+            split = _random_split(len(rows), cfg.val_fraction, cfg.test_fraction,
+                                  cfg.split_seed)
+        else:
+            groups = patients if patients is not None else np.arange(len(rows))
+            split = assign_splits(images, targets, groups, cfg.val_fraction,
+                                  cfg.test_fraction, cfg.split_seed, lists, path.name)
+    return SampleTable(source=path, classes=list(classes), images=images,
+                       paths=np.array([root / p for p in images], dtype=object),
+                       labels=targets, split=split, patients=patients)
+
+
+def _random_split(n: int, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = round(val_fraction * n), round(test_fraction * n)
+    part = np.zeros(n, dtype=np.int8)
+    part[order[:n_val]] = 1
+    part[order[n_val : n_val + n_test]] = 2
+    return part
+
+
+def _csv_targets(rows: list[dict[str, str]], label_columns: list[str] | None,
+                 label_column: str | None, separator: str, fixed: list[str] | None,
+                 path: Path) -> tuple[list[str], np.ndarray]:
+    if label_columns is not None:
+        try:
+            targets = np.array([[float(r[c]) for c in label_columns] for r in rows],
+                               dtype=np.float32)
+        except ValueError as exc:
+            raise MetadataError(f"{path}: label columns must hold 0/1 values ({exc})") from None
+        return list(label_columns), targets
+    assert label_column is not None  # guaranteed by CsvConfig
+    label_lists = [[x.strip() for x in r[label_column].split(separator) if x.strip()]
+                   for r in rows]
+    classes = fixed or sorted({x for labels in label_lists for x in labels})
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.zeros((len(rows), len(classes)), dtype=np.float32)
+    for k, labels in enumerate(label_lists):
+        for x in labels:
+            if x not in index:
+                raise MetadataError(f"{path}:{k + 2}: unknown label {x!r}; classes: "
+                                    f"{', '.join(classes)}")
+            targets[k, index[x]] = 1
+    return list(classes), targets
+
+
+def read_table(cfg: DataConfig) -> SampleTable:
+    """The labelled source of a CSV, CheXpert or MIMIC-CXR-JPG recipe as a table with splits,
+    its targets renamed to the shared ChestX-ray14 findings under ``data.labels_as``."""
+    readers = {"csv": read_csv_table, "chexpert": read_chexpert, "mimic_cxr": read_mimic}
+    if cfg.format not in readers:
+        raise ValueError(f"read_table reads csv, chexpert or mimic_cxr, not {cfg.format}")
+    table = readers[cfg.format](cfg)
+    if cfg.labels_as == "chestxray14":
+        labels, classes = as_chestxray14(table.labels, table.classes)
+        table = SampleTable(**{**table.__dict__, "labels": labels, "classes": classes})
+    return table
+
+
+def table_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """One split of a CSV, CheXpert or MIMIC-CXR-JPG source (view filters applied).
+
+    Raises:
+        MetadataError: a patient in two splits, or images missing (unless skipping).
+    """
+    want = _split_index(split)
+    table = read_table(cfg)
+    if table.patients is not None:
+        check_patient_overlap(table.patients, table.split, str(table.source))
+    mask = table.split == want
+    if cfg.frontal_only and table.frontal is not None:
+        mask &= table.frontal
+    if cfg.views is not None:
+        if table.views is None:
+            raise MetadataError(f"data.views: {table.source} has no view column; remove "
+                                "data.views")
+        mask &= np.isin(table.views, cfg.views)
+    table = table.subset(mask)
+    exists = _drop_missing(list(table.paths), table.images, cfg, split, str(table.source))
+    table = table.subset(exists)
+    channels = 3 if cfg.format == "csv" else 1  # radiographs are grey
+    return LabelledImages(list(table.paths), table.labels, table.classes, True, channels,
+                          load_size(cfg), cfg.on_bad_image, sample_info=table.sample_info())
+
+
+def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """A multi-label CSV: a path column and label columns or a separated label column."""
+    return table_dataset(cfg, split)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """The dataset of ``split`` (``train``, ``val`` or ``test``) for a recipe's ``data``."""
+    """The dataset of ``split`` (``train``, ``val`` or ``test``) for a recipe's ``data``.
+
+    Raises:
+        MetadataError: bad metadata, list files, a patient in two splits, missing images.
+        CacheError: a cache split with other settings than the recipe's.
+    """
     builders = {"chestxray14": chestxray14_dataset, "imagefolder": imagefolder_dataset,
-                "csv": csv_dataset}
+                "csv": table_dataset, "chexpert": table_dataset, "mimic_cxr": table_dataset}
     return builders[cfg.format](cfg, split)
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The target names a recipe's data has, in target order, without reading images.
+
+    ImageFolder lists the class folders of the train split; a CSV with a separated label
+    column and no ``csv.classes`` reads the CSV.
+    """
+    if cfg.format == "chestxray14":
+        return list(FINDINGS)
+    if cfg.format in ("chexpert", "mimic_cxr"):
+        return list(SHARED_CHESTXRAY14 if cfg.labels_as == "chestxray14" else CHEXPERT_FINDINGS)
+    if cfg.format == "imagefolder":
+        from torchvision.datasets.folder import find_classes
+
+        return list(find_classes(str(_imagefolder_split(cfg, "train")))[0])
+    assert cfg.csv is not None  # guaranteed by DataConfig
+    if cfg.csv.label_columns is not None:
+        return list(cfg.csv.label_columns)
+    if cfg.csv.classes is not None:
+        return list(cfg.csv.classes)
+    return read_table(cfg).classes
+

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_ft.config.schema import SplitFilesConfig
 from dist_ft.data.metadata import Metadata, MetadataError, read_image_list
 
 TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
@@ -71,15 +72,100 @@ def stratified_group_split(
     return out
 
 
-def _list_rows(meta: Metadata, path: Path) -> np.ndarray:
+def list_files(root: str | Path | None, split_files: SplitFilesConfig | None) -> dict[str, Path]:
+    """The list files that define the splits, by role (``train_val``, ``train``, ``val``,
+    ``test``): ``data.split_files`` when set, else ``test_list.txt`` (and
+    ``train_val_list.txt``) in ``root`` when present, else none (fractions).
+
+    Raises:
+        MetadataError: a file named in ``data.split_files`` does not exist.
+    """
+    if split_files is not None:
+        named = {k: Path(v) for k, v in split_files.model_dump().items() if v is not None}
+        for role, path in named.items():
+            if not path.is_file():
+                raise MetadataError(f"data.split_files.{role}: {path} is not a file; fix the "
+                                    "path (relative paths are from the working directory)")
+        return named
+    if root is None or not (Path(root) / TEST_LIST).is_file():
+        return {}
+    found = {"test": Path(root) / TEST_LIST}
+    if (Path(root) / TRAIN_VAL_LIST).is_file():
+        found["train_val"] = Path(root) / TRAIN_VAL_LIST
+    return found
+
+
+def _list_rows(images: np.ndarray, index: dict[str, int], path: Path, source: str) -> np.ndarray:
     names = read_image_list(path)
-    index = {name: i for i, name in enumerate(meta.images)}
     unknown = [n for n in names if n not in index]
     if unknown:
+        example = f" (e.g. {str(images[0])!r})" if len(images) else ""
         raise MetadataError(
-            f"{path}: {len(unknown)} image(s) not in {meta.source.name}, first {unknown[0]!r}"
+            f"{path}: {len(unknown)} image(s) not in {source}, first "
+            f"{', '.join(map(repr, unknown[:3]))}; list image ids as {source} names them"
+            f"{example}"
         )
-    return np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+    return np.unique(np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names)))
+
+
+def assign_splits(
+    images: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    lists: dict[str, Path] | None = None,
+    source: str = "the metadata",
+) -> np.ndarray:
+    """The split of every row (TRAIN, VAL, TEST or EXCLUDED), from list files or fractions.
+
+    Args:
+        images: ``[N]`` image ids, as the list files name them.
+        labels: ``[N, C]`` labels for stratification (NaN and -1 count as absent).
+        groups: ``[N]`` patient ids; a patient never spans two carved parts.
+        val_fraction, test_fraction, seed: ``data.*``; ``test_fraction`` is unused with a
+            test list.
+        lists: list files by role (see :func:`list_files`). With ``test`` (and ``train_val``)
+            validation is carved from ``train_val`` (or every non-test row) by patient; with
+            ``train`` and ``val`` the lists are taken as they are. Rows in no list are EXCLUDED.
+        source: what ``images`` come from, for messages.
+
+    Raises:
+        MetadataError: a list names an image not in ``images`` (the count and the first
+            few), or an image is in two lists.
+    """
+    positive = np.nan_to_num(np.asarray(labels, dtype=np.float32), nan=0.0) > 0
+    lists = lists or {}
+    if not lists:
+        if val_fraction + test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        fractions = [1 - val_fraction - test_fraction, val_fraction, test_fraction]
+        return stratified_group_split(positive, groups, fractions, seed)
+    index = {str(name): i for i, name in enumerate(images)}
+    split = np.full(len(images), EXCLUDED, dtype=np.int8)
+    order = [r for r in ("train_val", "train", "val", "test") if r in lists]
+    role_split = {"train": TRAIN, "val": VAL, "test": TEST, "train_val": TRAIN}
+    taken = np.full(len(images), -1, dtype=np.int8)
+    for k, role in enumerate(order):
+        rows = _list_rows(images, index, lists[role], source)
+        twice = rows[taken[rows] >= 0]
+        if len(twice):
+            other = lists[order[taken[twice[0]]]]
+            names = ", ".join(repr(str(images[r])) for r in twice[:3])
+            raise MetadataError(
+                f"{lists[role]} and {other} both list {len(twice)} image(s), first {names}; "
+                "an image belongs to one split: remove it from one list"
+            )
+        taken[rows] = k
+        split[rows] = role_split[role]
+    if "train" not in lists:  # carve validation by patient from train_val (or the rest)
+        pool = (np.flatnonzero(split == TRAIN) if "train_val" in lists
+                else np.flatnonzero(split != TEST))
+        parts = stratified_group_split(positive[pool], groups[pool],
+                                       [1 - val_fraction, val_fraction], seed)
+        split[pool] = np.where(parts == 1, VAL, TRAIN)
+    return split
 
 
 def resolve_splits(
@@ -88,36 +174,20 @@ def resolve_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    split_files: SplitFilesConfig | None = None,
 ) -> np.ndarray:
     """The split of every metadata row: TRAIN, VAL, TEST or EXCLUDED.
 
-    With ``test_list.txt`` in ``root`` its images are the test set (``test_fraction`` unused)
-    and validation is carved patient-wise out of ``train_val_list.txt`` (or of every other
-    row if that list is absent); rows in neither list are EXCLUDED. Without list files the
-    split is patient-wise by ``val_fraction`` and ``test_fraction``.
+    With ``data.split_files``, or else ``test_list.txt`` in ``root``, the lists decide (see
+    :func:`assign_splits`; validation is carved patient-wise out of ``train_val``); without
+    list files the split is patient-wise by ``val_fraction`` and ``test_fraction``.
 
     Raises:
-        MetadataError: a list names an image the metadata does not have.
+        MetadataError: a list file is missing, names an image the metadata does not have,
+            or shares an image with another list.
     """
-    root = Path(root)
-    split = np.full(len(meta), EXCLUDED, dtype=np.int8)
-    test_path, tv_path = root / TEST_LIST, root / TRAIN_VAL_LIST
-    if test_path.is_file():
-        split[_list_rows(meta, test_path)] = TEST
-        if tv_path.is_file():
-            pool = _list_rows(meta, tv_path)
-            pool = pool[split[pool] != TEST]
-        else:
-            pool = np.flatnonzero(split != TEST)
-        parts = stratified_group_split(
-            meta.labels[pool], meta.patients[pool], [1 - val_fraction, val_fraction], seed
-        )
-        split[pool] = np.where(parts == 1, VAL, TRAIN)
-        return split
-    if val_fraction + test_fraction >= 1:
-        raise ValueError("data.val_fraction + data.test_fraction must be below 1")
-    fractions = [1 - val_fraction - test_fraction, val_fraction, test_fraction]
-    return stratified_group_split(meta.labels, meta.patients, fractions, seed)
+    return assign_splits(meta.images, meta.labels, meta.patients, val_fraction, test_fraction,
+                         seed, list_files(root, split_files), meta.source.name)
 
 
 def patient_overlap(patients: np.ndarray, split: np.ndarray) -> int:
@@ -125,3 +195,21 @@ def patient_overlap(patients: np.ndarray, split: np.ndarray) -> int:
     sets = [set(patients[split == s].tolist()) for s in (TRAIN, VAL, TEST)]
     shared = (sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2])
     return len(shared)
+
+
+def check_patient_overlap(patients: np.ndarray, split: np.ndarray, source: str) -> None:
+    """Refuse splits that share a patient (their images would leak between train and test).
+
+    Raises:
+        MetadataError: naming the number of shared patients, a few ids, and the fix.
+    """
+    patients = np.asarray(patients).astype(str)
+    sets = [set(patients[split == s].tolist()) for s in (TRAIN, VAL, TEST)]
+    shared = sorted((sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2]))
+    if shared:
+        raise MetadataError(
+            f"{source}: {len(shared)} patient(s) are in more than one split (train/val/test), "
+            f"e.g. {', '.join(shared[:5])}; their images would leak between splits. Put each "
+            "patient's images in one list file (data.split_files), or drop the lists and let "
+            "dist-ft split by patient (data.val_fraction, data.test_fraction)"
+        )

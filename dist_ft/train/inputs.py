@@ -45,19 +45,15 @@ class TrainingInputs:
         return self.normalize(self.resize(images))
 
     def split_digest(self) -> str:
-        """A digest of the images (by file name) and labels of both splits, in order."""
+        """A digest of the images (by id: the file name for ChestX-ray14, the path below the
+        root where names repeat, as CheXpert's ``view1_frontal.jpg``) and labels of both
+        splits, in order."""
         digest = hashlib.sha256()
         for dataset in (self.train_set, self.val_set):
-            digest.update("\n".join(_image_names(dataset)).encode())
+            digest.update("\n".join(map(str, dataset.sample_info["image"])).encode())
             digest.update(np.ascontiguousarray(dataset.targets).tobytes())
             digest.update(b"\0")
         return "sha256:" + digest.hexdigest()
-
-
-def _image_names(dataset: Any) -> list[str]:
-    if hasattr(dataset, "paths"):
-        return [Path(p).name for p in dataset.paths]
-    return [str(n) for n in np.asarray(dataset.reader.images)[dataset.rows]]  # cached
 
 
 def build_inputs(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device,

@@ -14,19 +14,23 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray, multilabel: 
     """Per-class and mean AUROC (multi-label) or accuracy and macro F1 (single-label).
 
     ``scores`` are probabilities ``[N, C]``; classes without positives or negatives in the
-    set have no AUROC and are left out of the mean (reported as NaN).
+    set have no AUROC and are left out of the mean (reported as NaN). A NaN target (an
+    uncertain label under ``data.chexpert.uncertain: ignore``) is left out of its class.
     """
     if multilabel:
         from torchmetrics.functional.classification import multilabel_auroc
 
-        per_class = multilabel_auroc(torch.from_numpy(scores), torch.from_numpy(targets).int(),
-                                     num_labels=len(classes), average=None, thresholds=None)
+        known = ~np.isnan(targets)
+        coded = np.where(known, targets, -1).astype(np.int64)  # -1: torchmetrics' ignore_index
+        per_class = multilabel_auroc(torch.from_numpy(scores), torch.from_numpy(coded),
+                                     num_labels=len(classes), average=None, thresholds=None,
+                                     ignore_index=-1)
         values = per_class.tolist()
-        defined = [
-            v for v, t in zip(values, targets.T, strict=True) if 0 < t.sum() < len(t)
-        ]
-        auroc = {c: (v if 0 < t.sum() < len(t) else math.nan)
-                 for c, v, t in zip(classes, values, targets.T, strict=True)}
+        positives, known_count = (coded == 1).sum(0), known.sum(0)
+        defined_mask = (positives > 0) & (positives < known_count)
+        defined = [v for v, ok in zip(values, defined_mask, strict=True) if ok]
+        auroc = {c: (v if ok else math.nan)
+                 for c, v, ok in zip(classes, values, defined_mask, strict=True)}
         mean = float(np.mean(defined)) if defined else math.nan
         return {"auroc_mean": mean, "auroc": auroc, "score": mean}
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score

@@ -33,6 +33,8 @@ SECTIONS: dict[type[Section], tuple[str, list[str]]] = {
     schema.AugmentConfig: ("data.augment", []),
     schema.CsvConfig: ("data.csv", ["data.format=csv", "data.cache=null",
                                     "data.csv={file: l.csv, label_column: y}"]),
+    schema.SplitFilesConfig: ("data.split_files", ["data.split_files={test: t.txt}"]),
+    schema.ChexpertLabelsConfig: ("data.chexpert", ["data.format=chexpert", "data.cache=null"]),
     schema.PlanConfig: ("plan", []),
     schema.StageConfig: ("plan.stages[0]", []),
     schema.Rule: ("plan.stages[0].include[0]",

@@ -189,3 +189,20 @@ def test_the_chexnet_recipe_is_the_published_protocol() -> None:
     assert r.data.global_batch_size == 16 and r.trainer.grad_clip_norm is None
     assert (r.trainer.loss, r.trainer.monitor, r.schedule.name, r.schedule.gamma) == (
         "bce", "val/loss", "plateau", 0.1)
+
+
+def test_validation_auroc_leaves_out_ignored_labels() -> None:
+    """NaN targets (CheXpert's U-Ignore) drop out of their class, as if the rows were absent."""
+    rng = np.random.default_rng(0)
+    scores = rng.random((200, 3)).astype(np.float32)
+    targets = (rng.random((200, 3)) < 0.4).astype(np.float32)
+    ignored = targets.copy()
+    ignored[:50, 1] = np.nan
+    ignored[:, 2] = np.where(np.arange(200) < 199, np.nan, 1.0)  # one known label: undefined
+    got = classification_metrics(scores, ignored, True, ["a", "b", "c"])
+    kept = classification_metrics(scores[50:], targets[50:], True, ["a", "b", "c"])
+    full = classification_metrics(scores, targets, True, ["a", "b", "c"])
+    assert got["auroc"]["a"] == pytest.approx(full["auroc"]["a"])
+    assert got["auroc"]["b"] == pytest.approx(kept["auroc"]["b"])
+    assert math.isnan(got["auroc"]["c"])
+    assert got["auroc_mean"] == pytest.approx((got["auroc"]["a"] + got["auroc"]["b"]) / 2)

@@ -1,0 +1,1 @@
+"""Statistics of a clinical evaluation: bootstrap CIs, operating points, calibration, subgroups."""

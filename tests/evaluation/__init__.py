@@ -1,0 +1,1 @@
+"""Tests of dist_ft.evaluation: the statistics of scored predictions."""
