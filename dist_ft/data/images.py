@@ -1,4 +1,4 @@
-"""Find and decode images: ChestX-ray14 folder layouts, any PNG/JPEG mode, clear errors."""
+"""Find and decode images: ChestX-ray14 folder layouts, any PNG/JPEG mode, DICOM, clear errors."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(f"{path}: image file is missing") from None
     if size == 0:
         raise ImageError(f"{path}: image file is empty (0 bytes)")
+    # DICOM by suffix here; by its magic bytes only once PIL gives up (no extra read per PNG).
+    from dist_ft.data.dicom import DICOM_SUFFIXES, has_dicom_magic, read_dicom
+
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path)
     try:
         # PIL only warns between 1x and 2x its pixel limit and raises an Exception subclass
         # above; both become one ImageError, so on_bad_image=skip treats a bomb like any bad
@@ -58,7 +63,11 @@ def _open(path: Path) -> Image.Image:
             f"{Image.MAX_IMAGE_PIXELS}): {exc} Replace the file, or skip bad images "
             "(data.on_bad_image=skip; dist-ft data prepare --on-bad-image skip)"
         ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        if has_dicom_magic(path):
+            return read_dicom(path)
+        raise ImageError(f"{path}: cannot decode image ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
     return img
 

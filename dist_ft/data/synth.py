@@ -3,9 +3,11 @@
 ``write_synthetic`` writes, under OUT, what a user has after unpacking the release:
 ``images_001/images/*.png`` (8-bit grayscale, a few RGBA), ``Data_Entry_2017.csv`` in the
 2017 dialect (CRLF, trailing comma, padded ids, ``058Y`` ages) or ``Data_Entry_2017_v2020.csv``
-in the 2020 one, and patient-wise ``train_val_list.txt`` / ``test_list.txt``. Patients have
-several follow-up images. Each finding draws its own pattern (disk, ring, stripes, checks...)
-in its own region of a chest-like background, so a short fine-tune can learn all 14.
+in the 2020 one, patient-wise ``train_val_list.txt`` / ``test_list.txt``, and
+``BBox_List_2017.csv`` (boxes of the 8 boxed findings for part of their positive images).
+Patients have several follow-up images. Each finding draws its own pattern (disk, ring,
+stripes, checks...) in its own region of a chest-like background, so a short fine-tune can
+learn all 14 (and Grad-CAM can be scored against the boxes).
 Deterministic for a seed, whatever the number of workers.
 """
 
@@ -33,6 +35,18 @@ HEADER_2017 = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
     "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
 )
+
+
+# (x, y, w, h) in pixels of the written image, as in BBox_List_2017.csv.
+Box = tuple[int, int, int, int]
+
+# The box list of the release: its header (the bracketed name holds commas, and three empty
+# names follow), the 8 findings it has boxes for, and its spelling "Infiltrate".
+BBOX_LIST = "BBox_List_2017.csv"
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+BOX_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+                "Pneumonia", "Pneumothorax")
+BBOX_LABEL = {"Infiltration": "Infiltrate"}
 
 
 @dataclass(frozen=True)
@@ -105,13 +119,14 @@ def _canvas(size: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
     return base.astype(np.float32), patches
 
 
-def render(row: SynthRow, size: int, seed: int) -> Image.Image:
-    """Draw one image: background with jitter and noise, plus each finding's pattern."""
+def _draw(row: SynthRow, size: int, seed: int) -> tuple[np.ndarray, dict[int, Box]]:
+    """The float image of ``row`` and, per finding drawn, its patch's box (x, y, w, h)."""
     rng = np.random.default_rng([seed, row.patient, row.follow_up])
     base, patches = _canvas(size)
     img = base * rng.uniform(0.85, 1.15) + rng.uniform(-15, 15)
     img += rng.standard_normal((size, size), dtype=np.float32) * 4
     jitter = max(1, size // 40)
+    boxes: dict[int, Box] = {}
     for k in row.labels:
         cy, cx, patch = patches[k]
         h = patch.shape[0] // 2
@@ -119,6 +134,50 @@ def render(row: SynthRow, size: int, seed: int) -> Image.Image:
         y0, x0 = max(0, cy - h + dy), max(0, cx - h + dx)
         y1, x1 = min(size, y0 + 2 * h), min(size, x0 + 2 * h)
         img[y0:y1, x0:x1] += patch[: y1 - y0, : x1 - x0]
+        boxes[k] = (x0, y0, x1 - x0, y1 - y0)
+    return img, boxes
+
+
+def finding_region(finding: str | int, size: int) -> Box:
+    """The square ``(x, y, w, h)`` where a finding's pattern can appear in a ``size`` image.
+
+    Each finding is drawn in its own cell of a 4x4 grid; the box covers the pattern at every
+    jitter offset (an image's own box, :func:`image_boxes`, is inside it).
+
+    Args:
+        finding: a name of :data:`FINDINGS` or its index.
+        size: the side of the square image, in pixels.
+
+    Raises:
+        ValueError: ``finding`` is not one of the 14 findings.
+    """
+    k = _finding_index(finding)
+    cy, cx, patch = _canvas(size)[1][k]
+    h, jitter = patch.shape[0] // 2, max(1, size // 40)
+    x0, y0 = max(0, cx - h - jitter), max(0, cy - h - jitter)
+    x1, y1 = min(size, cx + h + jitter), min(size, cy + h + jitter)
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def image_boxes(row: SynthRow, size: int, seed: int) -> dict[str, Box]:
+    """Finding name -> the box ``(x, y, w, h)`` of its pattern as drawn in ``row``'s image."""
+    return {FINDINGS[k]: box for k, box in _draw(row, size, seed)[1].items()}
+
+
+def _finding_index(finding: str | int) -> int:
+    if isinstance(finding, int) and 0 <= finding < len(FINDINGS):
+        return finding
+    if finding in FINDINGS:
+        return FINDINGS.index(str(finding))
+    raise ValueError(f"unknown finding {finding!r}; findings: {', '.join(FINDINGS)}")
+
+
+def render(row: SynthRow, size: int, seed: int) -> Image.Image:
+    """Draw one image: background with jitter and noise, plus each finding's pattern."""
+    return _to_image(_draw(row, size, seed)[0], row)
+
+
+def _to_image(img: np.ndarray, row: SynthRow) -> Image.Image:
     gray = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L")
     if row.rgba:  # like the ~519 RGBA files of the release: gray in RGB, opaque alpha
         alpha = Image.new("L", gray.size, 255)
@@ -126,11 +185,43 @@ def render(row: SynthRow, size: int, seed: int) -> Image.Image:
     return gray
 
 
-def _write_chunk(args: tuple[list[tuple[Path, SynthRow]], int, int]) -> int:
+def _write_chunk(args: tuple[list[tuple[Path, SynthRow]], int, int]) -> list[dict[int, Box]]:
+    """Render and save a chunk; return each image's boxes (drawn anyway, so free here)."""
     items, size, seed = args
+    boxes = []
     for path, row in items:
-        render(row, size, seed).save(path, format="PNG")
-    return len(items)
+        img, drawn = _draw(row, size, seed)
+        _to_image(img, row).save(path, format="PNG")
+        boxes.append(drawn)
+    return boxes
+
+
+def bbox_csv_text(rows: list[SynthRow], boxes: list[dict[int, Box]], fraction: float,
+                  seed: int) -> str:
+    """``BBox_List_2017.csv`` for a share of the images positive for the 8 boxed findings.
+
+    Args:
+        rows: the images, in order.
+        boxes: per image, finding index -> the drawn box (from rendering).
+        fraction: chance that a positive (image, boxed finding) pair gets its box listed.
+        seed: the draw of that subset (its own stream: nothing else changes with it).
+
+    Returns:
+        The file's text in the release's layout: its header, LF line ends, ``Infiltrate``,
+        grouped by finding, coordinates as floats in the written image's pixels.
+    """
+    rng = np.random.default_rng([seed, 2017])
+    picked = [(row, k) for row in rows for k in row.labels
+              if FINDINGS[k] in BOX_FINDINGS and rng.random() < fraction]
+    by_image = {row.image: drawn for row, drawn in zip(rows, boxes, strict=True)}
+    lines = [BBOX_HEADER]
+    for name in BOX_FINDINGS:
+        k = FINDINGS.index(name)
+        for row, _ in (p for p in picked if p[1] == k):
+            x, y, w, h = by_image[row.image][k]
+            lines.append(f"{row.image},{BBOX_LABEL.get(name, name)},"
+                         f"{float(x)!r},{float(y)!r},{float(w)!r},{float(h)!r}")
+    return "\n".join(lines) + "\n"
 
 
 def _csv_text(rows: list[SynthRow], size: int, dialect: str) -> str:
@@ -162,6 +253,7 @@ def write_synthetic(
     test_fraction: float = 0.2,
     workers: int = 1,
     progress: bool = False,
+    box_fraction: float = 0.5,
 ) -> list[SynthRow]:
     """Write a synthetic ChestX-ray14 release under ``out`` and return its rows.
 
@@ -175,11 +267,15 @@ def write_synthetic(
         test_fraction: share of patients in ``test_list.txt``.
         workers: processes rendering PNGs.
         progress: show a progress bar.
+        box_fraction: share of the (image, finding) pairs positive for one of the 8 boxed
+            findings whose box is listed in ``BBox_List_2017.csv`` (0: no box file).
     """
     if dialect not in ("2017", "2020"):
         raise ValueError(f"dialect must be '2017' or '2020', got {dialect!r}")
     if images < 1 or size < 16:
         raise ValueError("need at least 1 image of at least 16 px")
+    if not 0 <= box_fraction <= 1:
+        raise ValueError(f"box_fraction must be within [0, 1], got {box_fraction}")
     out = Path(out)
     rows = plan_rows(images, seed)
     items = []
@@ -193,14 +289,19 @@ def write_synthetic(
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), unit="img", disable=not progress, desc="synth")
+    boxes: list[dict[int, Box]] = []
     if workers <= 1:
         for job in jobs:
-            bar.update(_write_chunk(job))
+            boxes += _write_chunk(job)
+            bar.update(len(job[0]))
     else:
         with ProcessPoolExecutor(workers) as pool:
             for done in pool.map(_write_chunk, jobs):
-                bar.update(done)
+                boxes += done
+                bar.update(len(done))
     bar.close()
+    if box_fraction > 0:
+        (out / BBOX_LIST).write_bytes(bbox_csv_text(rows, boxes, box_fraction, seed).encode())
 
     name = "Data_Entry_2017.csv" if dialect == "2017" else "Data_Entry_2017_v2020.csv"
     (out / name).write_bytes(_csv_text(rows, size, dialect).encode())

@@ -1,0 +1,101 @@
+"""Grad-CAM on a tiny instance of every supported family: shape, range, and the maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ConvNeXt, DenseNet, ResNet, VisionTransformer
+from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+from torchvision.models.resnet import BasicBlock
+
+from dist_ft.config.architectures import FAMILIES
+from dist_ft.explain.gradcam import default_layer, gradcam
+
+SIZE = 64
+
+
+def tiny(family: str) -> nn.Module:
+    """A random-weight model of ``family``'s torchvision class, small enough for CPU."""
+    torch.manual_seed(0)
+    if family == "densenet":
+        model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=4)
+    elif family == "resnet":
+        model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)
+    elif family == "convnext":
+        model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=4,
+                         layer_scale=1.0)
+    elif family == "efficientnet":
+        setting = [MBConvConfig(1, 3, 1, 16, 16, 1, 1.0, 1.0),
+                   MBConvConfig(4, 3, 2, 16, 24, 1, 1.0, 1.0)]
+        model = EfficientNet(setting, dropout=0.0, num_classes=4)
+    elif family == "vit":
+        model = VisionTransformer(image_size=SIZE, patch_size=8, num_layers=2, num_heads=2,
+                                  hidden_dim=16, mlp_dim=32, num_classes=4)
+        nn.init.normal_(model.heads.head.weight)  # torchvision starts the ViT head at zero
+    else:
+        raise AssertionError(family)
+    return model.eval()
+
+
+def test_every_family_is_covered() -> None:
+    assert set(FAMILIES) == {"densenet", "resnet", "convnext", "efficientnet", "vit"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_heatmap_shape_range(family: str) -> None:
+    model = tiny(family)
+    images = torch.randn(3, 3, SIZE, SIZE)
+    maps = [gradcam(model, images, k) for k in range(4)]
+    for cam in maps:
+        assert cam.shape == (3, SIZE, SIZE)
+        assert torch.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+        # Scaled per image: each map's maximum is 1, or the map is all zero.
+        assert all(abs(float(t) - 1) < 1e-5 or float(t) == 0 for t in cam.flatten(1).amax(1))
+    # Not degenerate: some class has a map with structure (not constant) on every image.
+    assert any(bool((cam.flatten(1).std(1) > 0).all()) for cam in maps)
+    if family == "vit":  # the wrapped last block is put back
+        assert type(model.encoder.layers[-1]).__name__ == "EncoderBlock"
+
+
+def test_per_image_targets_and_bad_class() -> None:
+    model = tiny("resnet")
+    images = torch.randn(2, 3, SIZE, SIZE)
+    both = gradcam(model, images, [1, 3])
+    torch.testing.assert_close(both[0], gradcam(model, images[:1], 1)[0])
+    torch.testing.assert_close(both[1], gradcam(model, images[1:], 3)[0])
+    with pytest.raises(ValueError, match="class_index 7 is outside the model's 4 outputs"):
+        gradcam(model, images, 7)
+    with pytest.raises(ValueError, match="no module 'layer9'"):
+        gradcam(model, images, 0, layer="layer9")
+
+
+def test_matches_grad_cam_definition() -> None:
+    """captum's map equals Grad-CAM computed by hand: ReLU(sum_c mean(dy/dA_c) A_c)."""
+    model = tiny("densenet")
+    images = torch.randn(2, 3, SIZE, SIZE)
+    layer = model.get_submodule(default_layer(model))
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+        store["a"] = out
+        return out.clone()  # DenseNet's forward applies ReLU in place after features
+
+    handle = layer.register_forward_hook(hook)
+    logits = model(images)
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits[:, 2].sum(), store["a"])
+    cam = (grad.mean((2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True).clamp(min=0)
+    cam = F.interpolate(cam, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+    cam = cam / cam.flatten(1).amax(1).view(-1, 1, 1)
+    torch.testing.assert_close(gradcam(model, images, 2), cam.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_real_densenet121_builds_and_maps() -> None:
+    from torchvision.models import get_model
+
+    model = get_model("densenet121", weights=None, num_classes=14).eval()
+    cam = gradcam(model, torch.randn(1, 3, SIZE, SIZE), 0)
+    assert cam.shape == (1, SIZE, SIZE) and torch.isfinite(cam).all()
