@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from dist_ft.config.errors import ConfigError
+from dist_ft.config.schema import SplitFilesConfig
 
 EXAMPLES = """\
 examples:
@@ -15,7 +20,15 @@ examples:
   dist-ft data stats data/cxr14_synth
   dist-ft data stats /datasets/chestxray14 --json | jq .splits
   dist-ft data prepare /datasets/chestxray14 --out /scratch/cxr14_256 --size 256 --workers 16
+  # splits from your own list files (the recipe's data.split_files must name the same files)
+  dist-ft data stats /datasets/chestxray14 --split-file train_val=lists/trainval.txt \\
+      --split-file test=lists/test.txt
+  dist-ft data prepare /datasets/chestxray14 --out /scratch/cxr14_256 \\
+      --split-file train=lists/train.txt --split-file val=lists/val.txt \\
+      --split-file test=lists/test.txt
 """
+
+SPLIT_ROLES = tuple(SplitFilesConfig.model_fields)  # train_val, train, val, test
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,10 +41,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def split_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--val-fraction", type=float, default=0.1)
+        q.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share of train_val carved out as val, by patient (unused with "
+                       "--split-file train= and val=)")
         q.add_argument("--test-fraction", type=float, default=0.2,
-                       help="used only without test_list.txt")
+                       help="used only without a test list (test_list.txt or --split-file "
+                       "test=)")
         q.add_argument("--split-seed", type=int, default=0)
+        q.add_argument(
+            "--split-file", action="append", metavar="ROLE=PATH", dest="split_file",
+            help="an image list file (one image id per line) defining a split, as "
+            f"data.split_files.ROLE in a recipe; ROLE is one of {', '.join(SPLIT_ROLES)}. "
+            "Repeat it: train_val=A test=B, test=B alone (every other image is train/val), "
+            "or train=A val=B [test=C]; other images are left out. Replaces the list files "
+            "in ROOT. A cache prepared with split files serves only recipes whose "
+            "data.split_files name the same files with the same content")
 
     stats = verbs.add_parser("stats", help="counts from the metadata (images may be absent)",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +101,62 @@ def _check_fractions(args: argparse.Namespace) -> None:
         raise ConfigError(problems)
 
 
+def parse_split_files(values: list[str] | None) -> SplitFilesConfig | None:
+    """``--split-file ROLE=PATH`` arguments as ``data.split_files``, or None without any.
+
+    The combination of roles is checked by :class:`SplitFilesConfig` (the recipe's rules).
+
+    Args:
+        values: the ``ROLE=PATH`` strings in command-line order.
+
+    Returns:
+        The validated split files (paths as given), or None when ``values`` is empty.
+
+    Raises:
+        ConfigError: a value without ``=``, an unknown or repeated role, a combination the
+            schema refuses, or a path that is not a file; every problem is listed.
+    """
+    if not values:
+        return None
+    problems: list[str] = []
+    named: dict[str, str] = {}
+    for value in values:
+        role, sep, path = value.partition("=")
+        role = role.strip()
+        if not sep or not role or not path:
+            problems.append(f"--split-file {value!r}: expected ROLE=PATH with ROLE one of "
+                            f"{', '.join(SPLIT_ROLES)}, e.g. --split-file test=lists/test.txt")
+        elif role in named:
+            problems.append(f"--split-file {role}=: given twice ({named[role]} and {path}); "
+                            "give each role once")
+        else:
+            named[role] = str(Path(path).expanduser())
+    if problems:
+        raise ConfigError(problems)
+    try:
+        split_files = SplitFilesConfig.model_validate(named)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if error["type"] == "extra_forbidden":
+                role = str(error["loc"][-1])
+                close = difflib.get_close_matches(role, SPLIT_ROLES, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.append(f"--split-file {role}={named[role]}: unknown role {role!r}; "
+                                f"{hint}roles: {', '.join(SPLIT_ROLES)}")
+            else:
+                where = ".".join(str(x) for x in error["loc"])
+                message = error["msg"].removeprefix("Value error, ")
+                problems.append(f"--split-file{' ' + where if where else ''}: {message} "
+                                f"(got roles: {', '.join(named)})")
+        raise ConfigError(problems) from None
+    problems = [f"--split-file {role}={path}: not a file; give an existing image list "
+                "(relative paths are from the working directory)"
+                for role, path in named.items() if not Path(path).is_file()]
+    if problems:
+        raise ConfigError(problems)
+    return split_files
+
+
 def _print_stats(doc: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -115,7 +195,9 @@ def run_stats(args: argparse.Namespace) -> int:
     from dist_ft.data.stats import chestxray14_stats
 
     _check_fractions(args)
-    doc = chestxray14_stats(args.root, args.val_fraction, args.test_fraction, args.split_seed)
+    split_files = parse_split_files(args.split_file)
+    doc = chestxray14_stats(args.root, args.val_fraction, args.test_fraction, args.split_seed,
+                            split_files)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -131,11 +213,13 @@ def run_prepare(args: argparse.Namespace) -> int:
     _check_fractions(args)
     if args.size < 16 or args.shard_size < 1 or args.workers < 1:
         raise ConfigError(["--size must be >= 16, --shard-size and --workers >= 1"])
+    split_files = parse_split_files(args.split_file)
     manifest = prepare_cache(
         args.root, args.out, size=args.size, shard_size=args.shard_size, workers=args.workers,
         on_bad_image=args.on_bad_image, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, split_seed=args.split_seed,
         progress=not args.json and sys.stderr.isatty(), rebuild=args.rebuild,
+        split_files=split_files,
     )
     summary = {k: manifest[k] for k in ("num_images", "num_valid", "size", "splits", "bytes")}
     summary["skipped"] = len(manifest["skipped"])

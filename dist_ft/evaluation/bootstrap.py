@@ -63,9 +63,12 @@ def _auroc_auprc(scores: np.ndarray, targets: np.ndarray, weights_t: np.ndarray,
     segment (one ``reduceat`` pass), and the cumulative sums run over the few segments, not
     the images. ``weights_t`` is ``[N, R]`` (image-major): gathering its rows in score order
     copies contiguous runs of resamples.
+
+    A NaN target (unknown for this class) weighs 0 in every resample: its row is left out of
+    the sorted order, so the gather below never reads it and the cost does not grow.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets)
+    targets = np.asarray(targets, dtype=np.float64)
     if scores.ndim != 1 or targets.shape != scores.shape:
         raise ValueError(f"scores and targets: expected equal [N] shapes, got {scores.shape} "
                          f"and {targets.shape}")
@@ -74,11 +77,16 @@ def _auroc_auprc(scores: np.ndarray, targets: np.ndarray, weights_t: np.ndarray,
     resamples = weights_t.shape[1]
     auroc = np.full(resamples, np.nan)
     auprc = np.full(resamples, np.nan) if want_auprc else None
-    order = np.argsort(scores, kind="stable")
+    known = ~np.isnan(targets)
+    if known.all():
+        order = np.argsort(scores, kind="stable")
+    else:
+        rows = np.flatnonzero(known)
+        order = rows[np.argsort(scores[rows], kind="stable")]
     ranked = scores[order]
     positive = targets[order] == 1
     pos_rows = np.flatnonzero(positive)
-    if len(pos_rows) == 0:
+    if len(pos_rows) == 0:  # also when every target is unknown
         return auroc, auprc
     group_start = np.r_[0, np.flatnonzero(ranked[1:] != ranked[:-1]) + 1]
     group_end = np.r_[group_start[1:], len(ranked)]
@@ -131,7 +139,7 @@ def weighted_auroc(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray)
 
     Args:
         scores: ``[N]`` scores.
-        targets: ``[N]`` 0/1 labels.
+        targets: ``[N]`` 0/1 labels; NaN (unknown) entries are left out (weight 0).
         weights: ``[R, N]`` non-negative weights (e.g. from :func:`patient_bootstrap`), or ``[N]``.
 
     Returns:
@@ -152,7 +160,7 @@ def weighted_auprc(scores: np.ndarray, targets: np.ndarray, weights: np.ndarray)
 
     Args:
         scores: ``[N]`` scores.
-        targets: ``[N]`` 0/1 labels.
+        targets: ``[N]`` 0/1 labels; NaN (unknown) entries are left out (weight 0).
         weights: ``[R, N]`` non-negative weights, or ``[N]``.
 
     Returns:
@@ -172,7 +180,7 @@ def weighted_metrics(scores: np.ndarray, targets: np.ndarray, weights: np.ndarra
 
     Args:
         scores: ``[N, C]`` scores.
-        targets: ``[N, C]`` 0/1 labels.
+        targets: ``[N, C]`` 0/1 labels; a NaN entry is left out of its class only.
         weights: ``[R, N]`` image weights.
         auprc: also compute average precision.
 

@@ -15,12 +15,13 @@ def calibration(scores: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict
 
     Args:
         scores: ``[N]`` probabilities in [0, 1].
-        targets: ``[N]`` 0/1 labels.
+        targets: ``[N]`` 0/1 labels; NaN (unknown) entries are left out.
         bins: number of equal-width bins.
 
     Returns:
         ``{"ece", "bins": {"edges", "centers", "mean_predicted", "observed", "counts"}}`` as
-        lists; empty bins have NaN mean and frequency and count 0. ECE is NaN for no scores.
+        lists; empty bins have NaN mean and frequency and count 0. ECE is NaN when no entry
+        has a known target.
 
     Raises:
         ValueError: ``bins < 1`` or shapes disagree.
@@ -32,6 +33,8 @@ def calibration(scores: np.ndarray, targets: np.ndarray, bins: int = 10) -> dict
     if scores.ndim != 1 or scores.shape != targets.shape:
         raise ValueError(f"scores and targets: expected equal [N] shapes, got {scores.shape} "
                          f"and {targets.shape}")
+    known = ~np.isnan(targets)
+    scores, targets = scores[known], targets[known]
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip((scores * bins).astype(np.int64), 0, bins - 1)  # a score of 1.0: last bin
     counts = np.bincount(index, minlength=bins)

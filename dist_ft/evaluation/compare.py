@@ -39,7 +39,8 @@ def align(a: Scored, b: Scored) -> Scored:
                 f"{only_b[:3].tolist()}); score both on the same split")
         position = {image: i for i, image in enumerate(b.images)}
         b = b.take(np.array([position[image] for image in a.images]))
-    rows = np.flatnonzero((a.targets != b.targets).any(axis=1))
+    same = (a.targets == b.targets) | (np.isnan(a.targets) & np.isnan(b.targets))
+    rows = np.flatnonzero(~same.all(axis=1))
     if len(rows):
         raise ValueError(f"the two models have other targets for {len(rows)} images, e.g. "
                          f"{str(a.images[rows[0]])!r}; were they scored with the same label file?")
@@ -111,7 +112,8 @@ def paired_comparison(a: Scored, b: Scored, resamples: int = 1000, seed: int = 0
     Returns:
         ``{"images", "patients", "resamples", "seed", "classes": {name: {"auroc_a",
         "auroc_b", "difference", "ci": [lo, hi], "p_value"}}, "mean": {...}, "excluded"}``;
-        classes without positives or negatives are NaN and left out of the mean.
+        classes without positives or negatives are NaN and left out of the mean. A NaN
+        (unknown) target is left out of its class for both models.
 
     Raises:
         ValueError: the two are not predictions on the same images, classes and targets.

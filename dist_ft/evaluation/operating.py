@@ -2,7 +2,8 @@
 
 Choosing a threshold on the test set itself and reporting sensitivity there is optimistic; the
 threshold is a part of the model, so it is fixed on validation data and only evaluated on test.
-An image is called positive when its score is >= the threshold.
+An image is called positive when its score is >= the threshold. An image whose target is
+unknown (NaN) for a class counts for neither the threshold nor the metrics of that class.
 """
 
 from __future__ import annotations
@@ -21,15 +22,22 @@ def confusion_curve(scores: np.ndarray, targets: np.ndarray
 
     Args:
         scores: ``[N]`` scores.
-        targets: ``[N]`` 0/1 labels.
+        targets: ``[N]`` 0/1 labels; NaN (unknown) entries are left out.
 
     Returns:
         ``(thresholds, tp, fp)``: at ``thresholds[k]``, ``tp[k]`` positives and ``fp[k]``
-        negatives score ``>= thresholds[k]``.
+        negatives score ``>= thresholds[k]``; ``tp[-1]`` and ``fp[-1]`` are all positives and
+        negatives (both 0, one threshold of NaN, when no target is known).
     """
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    ranked = np.asarray(scores, dtype=np.float64)[order]
-    positive = np.asarray(targets)[order] == 1
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    known = ~np.isnan(targets)
+    scores, targets = scores[known], targets[known]
+    if len(scores) == 0:
+        return np.array([np.nan]), np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    positive = targets[order] == 1
     last = np.r_[np.flatnonzero(ranked[1:] != ranked[:-1]), len(ranked) - 1]  # end of each tie
     tp = np.cumsum(positive)[last]
     fp = np.cumsum(~positive)[last]
@@ -91,6 +99,8 @@ def _ratio(num: int, den: int) -> float:
 def point_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> dict[str, Any]:
     """Confusion counts and the rates derived from them at one threshold (score >= t: positive).
 
+    Entries with a NaN (unknown) target count in no cell.
+
     Returns:
         ``threshold, sensitivity, specificity, ppv, npv, f1, tp, fp, tn, fn``; rates with a zero
         denominator, and everything for a NaN threshold, are NaN (counts None).
@@ -99,12 +109,13 @@ def point_metrics(scores: np.ndarray, targets: np.ndarray, threshold: float) -> 
         return {"threshold": math.nan, "sensitivity": math.nan, "specificity": math.nan,
                 "ppv": math.nan, "npv": math.nan, "f1": math.nan,
                 "tp": None, "fp": None, "tn": None, "fn": None}
-    called = scores >= threshold
-    positive = targets == 1
+    called = np.asarray(scores) >= threshold
+    positive = np.asarray(targets) == 1
+    negative = np.asarray(targets) == 0  # NaN (unknown) is neither
     tp = int(np.sum(called & positive))
-    fp = int(np.sum(called & ~positive))
+    fp = int(np.sum(called & negative))
     fn = int(np.sum(~called & positive))
-    tn = int(np.sum(~called & ~positive))
+    tn = int(np.sum(~called & negative))
     return {"threshold": float(threshold), "sensitivity": _ratio(tp, tp + fn),
             "specificity": _ratio(tn, tn + fp), "ppv": _ratio(tp, tp + fp),
             "npv": _ratio(tn, tn + fn), "f1": _ratio(2 * tp, 2 * tp + fp + fn),

@@ -73,6 +73,8 @@ def plot_reliability(source: dict[str, Any] | Scored, path: str | Path, bins: in
 def plot_roc(scored: Scored, path: str | Path) -> Path:
     """ROC curves of every class with positives and negatives, AUROC in the legend, one figure.
 
+    Entries with an unknown (NaN) target are left out of their class's curve.
+
     Args:
         scored: the predictions.
         path: the image to write.
@@ -83,7 +85,8 @@ def plot_roc(scored: Scored, path: str | Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 7))
     for k, name in enumerate(scored.classes):
-        scores, targets = scored.scores[:, k], scored.targets[:, k]
+        known = scored.known[:, k]
+        scores, targets = scored.scores[known, k], scored.targets[known, k]
         if 0 < targets.sum() < len(targets):
             fpr, tpr = roc_curve(scores, targets)
             auroc = weighted_auroc(scores, targets, np.ones(len(scores)))[0]

@@ -5,7 +5,9 @@ per-class AUROC and AUPRC with 95% intervals, their mean over the classes that c
 calibration, subgroups (on the same resamples restricted to the subgroup's images), operating
 points chosen on validation, and a paired comparison with another model. Undefined values (a
 class without positives) are NaN in the dict; write it with :func:`dist_ft.jsonio.dumps`,
-which turns them into ``null``.
+which turns them into ``null``. A NaN target means the label is unknown for that class (e.g.
+a CheXpert uncertain label with ``data.chexpert.uncertain: ignore``): every statistic of that
+class leaves the entry out, and the report counts such entries per class (``"unknown"``).
 """
 
 from __future__ import annotations
@@ -48,15 +50,17 @@ def _auroc_block(scored: Scored, weights: np.ndarray, auprc: bool) -> dict[str, 
     Also returns the ``[R, C]`` bootstrap AUROCs under ``"boot_auroc"`` (not JSON: popped by
     the caller) for the paired comparison to reuse.
     """
-    positives = scored.targets.sum(axis=0)
-    negatives = len(scored) - positives
+    positives = (scored.targets == 1).sum(axis=0)
+    negatives = (scored.targets == 0).sum(axis=0)
+    unknown = len(scored) - positives - negatives
     defined = _defined(positives, negatives)
     point = weighted_metrics(scored.scores, scored.targets, np.ones((1, len(scored))), auprc)
     boot = weighted_metrics(scored.scores, scored.targets, weights, auprc)
     metrics = ("auroc", "auprc") if auprc else ("auroc",)
     classes: dict[str, dict[str, Any]] = {}
     for k, name in enumerate(scored.classes):
-        row: dict[str, Any] = {"positives": int(positives[k]), "negatives": int(negatives[k])}
+        row: dict[str, Any] = {"positives": int(positives[k]), "negatives": int(negatives[k]),
+                               "unknown": int(unknown[k])}
         for metric in metrics:
             row[metric] = float(point[metric][0, k])
             row[f"{metric}_ci"] = (list(confidence_interval(boot[metric][:, k])) if defined[k]
@@ -96,12 +100,13 @@ def analyze(test: Scored, val: Scored | None = None, other: Scored | None = None
 
     Returns:
         ``{"split", "images", "patients", "resamples", "seed", "classes": {name:
-        {"positives", "negatives", "auroc", "auroc_ci", "auprc", "auprc_ci", "prevalence",
-        "ece"}}, "mean": {"classes", "auroc", "auroc_ci", "auprc", "auprc_ci"}, "excluded",
-        "notes", "calibration": {name: {"ece", "bins"}}, "subgroups": {column: {value:
-        {"images", "patients", "classes": {name: {"positives", "negatives", "auroc",
-        "auroc_ci"}}, "mean", "excluded"}}}}``, plus ``"operating_points"`` with ``val`` and
-        ``"comparison"`` with ``other``.
+        {"positives", "negatives", "unknown", "auroc", "auroc_ci", "auprc", "auprc_ci",
+        "prevalence", "ece"}}, "mean": {"classes", "auroc", "auroc_ci", "auprc", "auprc_ci"},
+        "excluded", "notes", "calibration": {name: {"ece", "bins"}}, "subgroups": {column:
+        {value: {"images", "patients", "classes": {name: {"positives", "negatives", "unknown",
+        "auroc", "auroc_ci"}}, "mean", "excluded"}}}}``, plus ``"operating_points"`` with
+        ``val`` and ``"comparison"`` with ``other``. ``unknown`` counts the entries whose
+        target is NaN, left out of that class's statistics (prevalence is over the known ones).
 
     Raises:
         ValueError: ``val`` has other classes than ``test``, or ``other`` is not scored on the
@@ -116,11 +121,14 @@ def analyze(test: Scored, val: Scored | None = None, other: Scored | None = None
     boot_auroc = core.pop("boot_auroc")
     curves = {name: calibration(test.scores[:, k], test.targets[:, k], bins)
               for k, name in enumerate(test.classes)}
-    for k, name in enumerate(test.classes):
-        core["classes"][name]["prevalence"] = float(test.targets[:, k].mean())
-        core["classes"][name]["ece"] = curves[name]["ece"]
-    notes = [f"{name}: {c['positives']} positives and {c['negatives']} negatives in {split}; "
-             "AUROC and AUPRC are undefined (null) and left out of the mean"
+    for name in test.classes:
+        row = core["classes"][name]
+        known = row["positives"] + row["negatives"]
+        row["prevalence"] = row["positives"] / known if known else math.nan
+        row["ece"] = curves[name]["ece"]
+    notes = [f"{name}: {c['positives']} positives and {c['negatives']} negatives"
+             + (f" ({c['unknown']} unknown)" if c["unknown"] else "")
+             + f" in {split}; AUROC and AUPRC are undefined (null) and left out of the mean"
              for name, c in core["classes"].items() if name in core["excluded"]]
     report: dict[str, Any] = {
         "split": split, "images": len(test), "patients": len(np.unique(test.patients)),
@@ -174,10 +182,14 @@ def _findings_section(report: dict[str, Any], references: dict[str, dict] | None
     classes = report["classes"]
     refs = {name: ref for name, ref in (references or {}).items()
             if set(ref.get("auroc", {})) & set(classes)}
-    header = ["finding", "pos", "neg", "AUROC [95% CI]", "AUPRC [95% CI]", "ECE", *refs]
+    # Reports from before unknown labels were counted have no "unknown": read as 0.
+    unknown = any(c.get("unknown") for c in classes.values())
+    header = ["finding", "pos", "neg", *(["unknown"] if unknown else []), "AUROC [95% CI]",
+              "AUPRC [95% CI]", "ECE", *refs]
     rows = []
     for name, c in classes.items():
         rows.append([name, str(c["positives"]), str(c["negatives"]),
+                     *([str(c.get("unknown", 0))] if unknown else []),
                      _with_ci(c["auroc"], c["auroc_ci"]), _with_ci(c["auprc"], c["auprc_ci"]),
                      _num(c.get("ece")),
                      *[_num(ref["auroc"].get(name)) for ref in refs.values()]])
@@ -186,11 +198,16 @@ def _findings_section(report: dict[str, Any], references: dict[str, dict] | None
     ref_means = [_num(float(np.mean([ref["auroc"][n] for n in scored if n in ref["auroc"]]))
                       if any(n in ref["auroc"] for n in scored) else None)
                  for ref in refs.values()]
-    rows.append([f"**mean ({mean['classes']} findings)**", "", "",
+    rows.append([f"**mean ({mean['classes']} findings)**", "", "", *([""] if unknown else []),
                  f"**{_with_ci(mean['auroc'], mean['auroc_ci'])}**",
                  f"**{_with_ci(mean['auprc'], mean['auprc_ci'])}**", "",
                  *[f"**{m}**" for m in ref_means]])
     lines = ["### Per finding", "", *_table(header, rows), ""]
+    if unknown:
+        lines += ["- unknown: images whose label is unknown (NaN) for that finding, e.g. "
+                  "uncertain with `data.chexpert.uncertain: ignore`; left out of every "
+                  "statistic of that finding (AUROC, AUPRC, ECE, operating points, subgroups, "
+                  "comparison)"]
     lines += [f"- {note}" for note in report.get("notes", [])]
     if refs:
         lines += ["", "Reference columns are published AUROCs, not like-for-like:"]

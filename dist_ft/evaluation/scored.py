@@ -15,7 +15,9 @@ class Scored:
 
     Attributes:
         scores: ``[N, C]`` float probabilities in [0, 1].
-        targets: ``[N, C]`` labels, 0 or 1 (float or int).
+        targets: ``[N, C]`` labels, 0 or 1 (float or int), or NaN where a label is unknown
+            for that class (e.g. a CheXpert uncertain label with ``uncertain: ignore``): every
+            per-class statistic leaves such an entry out for that class only.
         classes: the ``C`` class names, in column order.
         patients: ``[N]`` str, the bootstrap unit (the image id when no patient is known).
         images: ``[N]`` str image ids, unique.
@@ -54,12 +56,16 @@ class Scored:
                 f"Scored.scores: {len(bad)} values are not probabilities in [0, 1], first at "
                 f"row {i} ({self.classes[k]}): {scores[i, k].item()!r}; apply a sigmoid to "
                 "logits")
-        targets_f = targets.astype(np.float64)
-        bad = np.argwhere((targets_f != 0) & (targets_f != 1))
+        try:
+            targets_f = targets.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"Scored.targets: not numeric ({err}); use 0, 1 or NaN") from err
+        bad = np.argwhere((targets_f != 0) & (targets_f != 1) & ~np.isnan(targets_f))
         if len(bad):
             i, k = bad[0]
-            raise ValueError(f"Scored.targets: {len(bad)} values are not 0 or 1, first at row "
-                             f"{i} ({self.classes[k]}): {targets[i, k].item()!r}")
+            raise ValueError(f"Scored.targets: {len(bad)} values are not 0, 1 or NaN (unknown), "
+                             f"first at row {i} ({self.classes[k]}): {targets[i, k].item()!r}; "
+                             "map uncertain labels with data.chexpert.uncertain")
         patients = np.asarray(self.patients).astype(str)
         images = np.asarray(self.images).astype(str)
         for name, column in (("patients", patients), ("images", images)):
@@ -94,6 +100,11 @@ class Scored:
         object.__setattr__(self, "patients", patients)
         object.__setattr__(self, "images", images)
         object.__setattr__(self, "meta", meta)
+
+    @property
+    def known(self) -> np.ndarray:
+        """``[N, C]`` bool: True where the target is 0 or 1, False where it is unknown (NaN)."""
+        return ~np.isnan(self.targets)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])

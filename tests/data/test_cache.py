@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dist_ft import __version__
-from dist_ft.config.schema import DataConfig
+from dist_ft.config.schema import DataConfig, SplitFilesConfig
 from dist_ft.data.cache import CacheError, CacheReader, prepare_cache
 from dist_ft.data.datasets import build_dataset
 from dist_ft.data.images import ImageError, find_images, load_gray_resized
@@ -241,3 +241,70 @@ def test_training_from_a_cache_of_other_split_settings_fails_before_training(
                            "cache."), line
     assert line.endswith("or set data.val_fraction=0.1 in the recipe")
     assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+# ----------------------------------------------------------------- split files
+@pytest.fixture(scope="module")
+def listed_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[str]]]:
+    """A 24-image 32 px twin and, in ``lists/``, train/val/test files by patient (one patient
+    in no list), unlike the release's own test_list.txt."""
+    root = tmp_path_factory.mktemp("listed")
+    rows = write_synthetic(root / "data", images=24, size=32, seed=5)
+    patients = sorted({r.patient for r in rows})
+    role_of = {p: ("train", "val", "test", None)[i % 4] for i, p in enumerate(patients)}
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for r in rows:
+        if role_of[r.patient] is not None:
+            lists[role_of[r.patient]].append(r.image)
+    (root / "lists").mkdir()
+    for role, names in lists.items():
+        (root / "lists" / f"{role}.txt").write_text("\n".join(names) + "\n")
+    return root, lists
+
+
+def test_prepare_with_split_files_matches_only_a_recipe_with_the_same_files(
+    run_cli: Callable[..., CliResult], listed_release: tuple[Path, dict[str, list[str]]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, lists = listed_release
+    monkeypatch.chdir(root)  # relative paths, as typed: the cache records them resolved
+    out = tmp_path / "c"
+    result = run_cli("data", "prepare", "data", "--out", str(out), "--size", "32", "--json",
+                     *[f"--split-file={role}=lists/{role}.txt" for role in lists])
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["splits"] == {role: len(names) for role, names in lists.items()}
+    assert summary["num_images"] == sum(len(names) for names in lists.values()) < 24
+    files = SplitFilesConfig(**{role: str(root / "lists" / f"{role}.txt") for role in lists})
+    val = build_dataset(DataConfig(cache=str(out), split_files=files), "val")
+    assert len(val) == len(lists["val"])
+    with pytest.raises(CacheError, match=r"was split with other list files: data.split_files "
+                       r"is none in the recipe but test=.*test\.txt"):
+        build_dataset(DataConfig(cache=str(out)), "train")
+    (root / "lists" / "val.txt").write_text("\n".join(lists["val"][:-1]) + "\n")
+    try:
+        with pytest.raises(CacheError, match="other list files"):  # edited since prepare
+            build_dataset(DataConfig(cache=str(out), split_files=files), "val")
+    finally:
+        (root / "lists" / "val.txt").write_text("\n".join(lists["val"]) + "\n")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["tset=lists/test.txt"], "--split-file tset=lists/test.txt: unknown role 'tset'; did you "
+     "mean 'test'? roles: train_val, train, val, test"),
+    (["test=lists/nope.txt"], "--split-file test=lists/nope.txt: not a file"),
+    (["lists/test.txt"], "--split-file 'lists/test.txt': expected ROLE=PATH"),
+    (["train=lists/train.txt", "test=lists/test.txt"],
+     "with train or val set, set both (and optionally test), not train_val"),
+    (["test=lists/test.txt", "test=lists/val.txt"], "--split-file test=: given twice"),
+])
+def test_bad_split_file_flags_are_usage_errors(
+    run_cli: Callable[..., CliResult], listed_release: tuple[Path, dict[str, list[str]]],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str,
+) -> None:
+    root, _ = listed_release
+    monkeypatch.chdir(root)
+    for verb in (["stats", "data"], ["prepare", "data", "--out", str(tmp_path / "c")]):
+        result = run_cli("data", *verb, *[f"--split-file={f}" for f in flags])
+        assert result.code == 2 and message in result.err, result.err
+        assert not (tmp_path / "c").exists()

@@ -49,3 +49,47 @@ def test_stats_errors_name_the_problem(run_cli: Callable[..., CliResult], tmp_pa
     result = run_cli("data", "stats", str(tmp_path), "--val-fraction", "0.9",
                      "--test-fraction", "0.2")
     assert result.code == 2 and "--val-fraction + --test-fraction" in result.err
+
+
+def _write_lists(root: Path, lists: dict[str, list[str]]) -> list[str]:
+    """``--split-file`` flags for ``lists`` written as ``root/lists/ROLE.txt``."""
+    (root / "lists").mkdir(exist_ok=True)
+    for role, names in lists.items():
+        (root / "lists" / f"{role}.txt").write_text("\n".join(names) + "\n")
+    return [f"--split-file={role}={root / 'lists' / f'{role}.txt'}" for role in lists]
+
+
+def test_stats_with_split_files_reports_the_listed_splits(
+    run_cli: Callable[..., CliResult], tmp_path: Path
+) -> None:
+    from dist_ft.data.synth import write_synthetic
+
+    rows = write_synthetic(tmp_path / "data", images=24, size=32, seed=5)
+    patients = sorted({r.patient for r in rows})
+    role_of = {p: ("train", "val", "test", None)[i % 4] for i, p in enumerate(patients)}
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for r in rows:
+        if role_of[r.patient] is not None:
+            lists[role_of[r.patient]].append(r.image)
+    flags = _write_lists(tmp_path, lists)
+    result = run_cli("data", "stats", str(tmp_path / "data"), "--json", *flags)
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)
+    assert doc["splits"] == {role: len(names) for role, names in lists.items()}
+    assert doc["excluded"] == 24 - sum(len(names) for names in lists.values()) > 0
+    assert doc["patient_overlap"] == 0
+    assert doc["split_files"] == {role: str(tmp_path / "lists" / f"{role}.txt")
+                                  for role in lists}
+    assert doc["split_source"].startswith("split files: train=")
+    # Without the flags, the release's own test_list.txt decides: other counts.
+    plain = json.loads(run_cli("data", "stats", str(tmp_path / "data"), "--json").out)
+    assert plain["splits"] != doc["splits"] and plain["split_files"] is None
+    # Lists that put one patient's images in two splits: reported, not refused.
+    twice = next(p for p in patients if sum(r.patient == p for r in rows) >= 2)
+    images = [r.image for r in rows if r.patient == twice]
+    others = [r.image for r in rows if r.patient != twice]
+    flags = _write_lists(tmp_path, {"train_val": others + images[:1], "test": images[1:]})
+    table = run_cli("data", "stats", str(tmp_path / "data"), *flags)
+    assert table.code == 0, table.err
+    assert "patient overlap between splits: 1" in table.out
+    assert "split files: train_val=" in " ".join(table.out.split())

@@ -21,7 +21,11 @@ def _args(**change):
     ({"classes": ["a", "a"]}, "duplicate names"),
     ({"scores": np.array([[0.5, 0.5], [0.5, 2.0], [0.5, 0.5]])},
      r"first at row 1 \(b\): 2.0; apply a sigmoid"),
-    ({"targets": np.array([[0, 0], [0, 0], [0.5, 0]])}, r"not 0 or 1, first at row 2 \(a\)"),
+    ({"targets": np.array([[0, 0], [0, 0], [0.5, 0]])},
+     r"not 0, 1 or NaN \(unknown\), first at row 2 \(a\)"),
+    ({"targets": np.array([[0, 0], [np.nan, -1], [0, 0]])}, r"1 values .* row 1 \(b\): -1"),
+    ({"scores": np.array([[0.5, 0.5], [0.5, 0.5], [np.nan, 0.5]])},
+     r"first at row 2 \(a\): nan"),
     ({"patients": np.array(["p", "q"])}, r"Scored.patients: expected shape \(3,\)"),
     ({"images": np.array(["i1", "i1", "i3"])}, "1 ids repeat, e.g. 'i1'"),
     ({"meta": {"weight": np.zeros(3)}}, "unknown column 'weight'"),
@@ -38,3 +42,10 @@ def test_valid_input_is_normalised() -> None:
     assert scored.targets.dtype == np.float64 and len(scored) == 3
     assert np.isnan(scored.meta["age"][1])
     assert scored.take(np.array([True, False, True])).images.tolist() == ["i1", "i3"]
+
+
+def test_nan_targets_are_unknown_entries() -> None:
+    targets = np.array([[0, np.nan], [1, 0], [np.nan, np.nan]])
+    scored = Scored(**_args(targets=targets))
+    assert scored.known.tolist() == [[True, False], [True, True], [False, False]]
+    assert np.isnan(scored.take(np.array([2])).targets).all()
