@@ -21,13 +21,14 @@ examples:
   dist-ft data prepare /tmp/cxr_1024 --out /tmp/cxr_1024_cache --size 256 --workers 2
   dist-ft bench data /tmp/cxr_1024 --cache /tmp/cxr_1024_cache --json
   dist-ft bench aggregate --data /tmp/tb_bench          # 1,000,000 scalars vs tbparse
+  dist-ft bench eval --images 2000 --json               # dist-ft eval vs a plain loop
 """
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its suites."""
     p = sub.add_parser("bench", help="benchmarks: trainer overhead, input pipeline, memory, "
-                       "freezing, scaling, log aggregation",
+                       "freezing, scaling, log aggregation, evaluation",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     suites = p.add_subparsers(dest="suite", required=True, metavar="SUITE")
     data = suites.add_parser("data", help="PNG vs cache input pipeline; prepare vs PIL loop",
@@ -62,6 +63,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_freeze(suites)
     _add_scaling(suites)
     _add_optimizer(suites)
+    _add_eval(suites)
+
+
+def _add_eval(suites: argparse._SubParsersAction) -> None:
+    p = _suite(suites, "eval", "images/s of dist-ft eval vs a plain scoring loop; bootstrap time")
+    p.add_argument("recipe", nargs="?", default=SMOKE, help=f"recipe (default {SMOKE})")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--data", type=Path, default=Path("runs/bench/cxr14_synth"),
+                   help="synthetic twin to score, made once at the recipe's load size")
+    p.add_argument("--images", type=int, default=600, help="images of the twin")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
+    p.add_argument("--resamples", type=int, default=1000, help="dist-ft eval --resamples")
+    p.add_argument("--work", type=Path, help="folder for the run and reports")
+    p.add_argument("--no-bootstrap", action="store_true",
+                   help="skip the 25,596 x 14 bootstrap timing")
+    _add_output_args(p)
+    p.set_defaults(run=run_eval)
 
 
 def _add_optimizer(suites: argparse._SubParsersAction) -> None:
@@ -235,6 +254,17 @@ def run_scaling(args: argparse.Namespace) -> int:
     result = bench_scaling(recipe, _data_arg(args), overrides, tuple(args.processes),
                            tuple(args.nodes), args.gpus_per_node, args.submit_arg, args.steps,
                            args.warmup, args.every, args.repeats, args.work)
+    return _emit(result, args, format_table(result))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``bench eval``."""
+    from dist_ft.bench.eval_speed import bench_eval, format_table
+
+    recipe, overrides = _recipe_args(args)
+    result = bench_eval(recipe, args.data, overrides, images=args.images, split=args.split,
+                        repeats=args.repeats, resamples=args.resamples, work=args.work,
+                        bootstrap=not args.no_bootstrap)
     return _emit(result, args, format_table(result))
 
 

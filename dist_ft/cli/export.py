@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from dist_ft import exitcodes
-from dist_ft.config import ConfigError, load_recipe
-from dist_ft.rundir import RunDir
+from dist_ft.cli.eval import recipe_of, resolve_weights
+from dist_ft.config import load_recipe
 
 EXAMPLES = """\
 examples:
-  dist-ft export runs/chestxray14_smoke/final/model.safetensors --format onnx
+  dist-ft export runs/chestxray14_smoke --format onnx     # best/ weights, else final/
+  dist-ft export runs/chestxray14_smoke --weights final --format onnx
   dist-ft export runs/chestxray14_smoke/final/model.safetensors --format torchscript \\
       --quantize dynamic --json
 """
@@ -23,9 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``export``."""
     p = sub.add_parser("export", help="export weights to TorchScript or ONNX", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("weights", type=Path, help="a model.safetensors (e.g. OUTPUT_DIR/final/...)")
+    p.add_argument("target", type=Path, metavar="RUN_OR_WEIGHTS",
+                   help="a run folder (takes best/, else final/) or a model.safetensors")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    p.add_argument("--weights", choices=("best", "final"),
+                   help="which weights of a run folder (default: best, else final)")
     p.add_argument("--config", type=Path,
                    help="recipe (default: recipe.yaml of the run the weights belong to)")
     p.add_argument("--quantize", choices=("dynamic",), help="also write an int8 variant")
@@ -37,20 +41,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, verify, report."""
-    from dist_ft.train.evaluate import OutputPathError
+    from dist_ft.train.evaluate import OutputPathError, Weights
     from dist_ft.train.export import export_model
 
-    # The run folder is the one above final/ (or best/) that holds the weights.
-    config = args.config or RunDir(args.weights.resolve().parent.parent).recipe
-    if not config.is_file():
-        raise ConfigError([f"no recipe at {config}; pass --config RECIPE"])
+    resolved = resolve_weights(args.target, args.weights)
+    config = recipe_of(resolved, args.config)
     recipe = load_recipe(config, args.overrides)
     try:
-        report = export_model(recipe, args.weights, args.format, args.out, args.quantize,
+        report = export_model(recipe, resolved.path, args.format, args.out, args.quantize,
                               args.tolerance, protect={"recipe": config})
     except OutputPathError as exc:  # a usage error: nothing was read or written
         print(f"dist-ft export: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
+    if resolved.note:
+        print(f"dist-ft export: {resolved.note}", file=sys.stderr)
+    taken = Weights.from_file(resolved.path, recipe, resolved.kind)
+    print(f"dist-ft export: exported {taken.describe()}", file=sys.stderr)
+    report.update(weights=str(resolved.path), weights_kind=resolved.kind, epoch=taken.epoch,
+                  step=taken.step)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=float)
         sys.stdout.write("\n")

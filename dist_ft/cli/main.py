@@ -19,13 +19,14 @@ from dist_ft.cli import eval as eval_cmd
 from dist_ft.cli import export as export_cmd
 from dist_ft.cli import jobs as jobs_cmd
 from dist_ft.cli import plan as plan_cmd
+from dist_ft.cli import predict as predict_cmd
 from dist_ft.cli import submit as submit_cmd
 from dist_ft.cli import train as train_cmd
 from dist_ft.cluster import forbid_world_writable
 from dist_ft.config.errors import ConfigError
 
 SUBCOMMANDS = (plan_cmd, train_cmd, eval_cmd, export_cmd, data_cmd, submit_cmd, jobs_cmd,
-               aggregate_cmd, bench_cmd)
+               aggregate_cmd, bench_cmd, predict_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

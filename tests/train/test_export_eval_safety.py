@@ -114,10 +114,12 @@ def test_eval_writes_its_files_whole_and_leaves_no_temporaries(
 ) -> None:
     weights = _run_dir(tmp_path, tiny_cxr14_session)
     out = tmp_path / "reports" / "deep"
-    result = run_cli("eval", str(weights), "--out", str(out), "--split", "test")
+    result = run_cli("eval", str(weights), "--out", str(out), "--split", "test",
+                     "--resamples", "20")
     assert result.code == 0, result.err
-    assert sorted(p.name for p in out.iterdir()) == ["eval_test.json", "eval_test.md",
-                                                      "roc_test.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval_test.json", "eval_test.md", "reliability_test.png", "roc_test.png",
+        "scores_test.npz"]
     assert _temporaries(tmp_path) == []
 
 
