@@ -104,3 +104,15 @@ def tiny_cxr14(tiny_cxr14_session: Path, tmp_path: Path) -> Path:
     root = tmp_path / "cxr14"
     shutil.copytree(tiny_cxr14_session, root)
     return root
+
+
+def lists_by_patient(rows: list) -> dict[str, list[str]]:
+    """Twin rows (``write_synthetic``'s) in train/val/test lists by patient, every fourth
+    patient in no list."""
+    patients = sorted({r.patient for r in rows})
+    role_of = {p: ("train", "val", "test", None)[i % 4] for i, p in enumerate(patients)}
+    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for r in rows:
+        if role_of[r.patient] is not None:
+            lists[role_of[r.patient]].append(r.image)
+    return lists

@@ -20,7 +20,7 @@ from dist_ft.data.images import ImageError, find_images, load_gray_resized
 from dist_ft.data.metadata import find_metadata, read_metadata
 from dist_ft.data.splits import TEST
 from dist_ft.data.synth import write_synthetic
-from tests.conftest import CONFIGS, REPO, CliResult, plain_env
+from tests.conftest import CONFIGS, REPO, CliResult, lists_by_patient, plain_env
 
 
 def test_cache_holds_each_image_resized_with_labels_and_splits(
@@ -250,12 +250,7 @@ def listed_release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     in no list), unlike the release's own test_list.txt."""
     root = tmp_path_factory.mktemp("listed")
     rows = write_synthetic(root / "data", images=24, size=32, seed=5)
-    patients = sorted({r.patient for r in rows})
-    role_of = {p: ("train", "val", "test", None)[i % 4] for i, p in enumerate(patients)}
-    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for r in rows:
-        if role_of[r.patient] is not None:
-            lists[role_of[r.patient]].append(r.image)
+    lists = lists_by_patient(rows)
     (root / "lists").mkdir()
     for role, names in lists.items():
         (root / "lists" / f"{role}.txt").write_text("\n".join(names) + "\n")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dist_ft.data.findings import FINDINGS
-from tests.conftest import REAL_CXR14, CliResult
+from tests.conftest import REAL_CXR14, CliResult, lists_by_patient
 from tests.data.test_metadata import COUNTS_2017
 
 
@@ -65,12 +65,7 @@ def test_stats_with_split_files_reports_the_listed_splits(
     from dist_ft.data.synth import write_synthetic
 
     rows = write_synthetic(tmp_path / "data", images=24, size=32, seed=5)
-    patients = sorted({r.patient for r in rows})
-    role_of = {p: ("train", "val", "test", None)[i % 4] for i, p in enumerate(patients)}
-    lists: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for r in rows:
-        if role_of[r.patient] is not None:
-            lists[role_of[r.patient]].append(r.image)
+    lists = lists_by_patient(rows)
     flags = _write_lists(tmp_path, lists)
     result = run_cli("data", "stats", str(tmp_path / "data"), "--json", *flags)
     assert result.code == 0, result.err
@@ -85,7 +80,8 @@ def test_stats_with_split_files_reports_the_listed_splits(
     plain = json.loads(run_cli("data", "stats", str(tmp_path / "data"), "--json").out)
     assert plain["splits"] != doc["splits"] and plain["split_files"] is None
     # Lists that put one patient's images in two splits: reported, not refused.
-    twice = next(p for p in patients if sum(r.patient == p for r in rows) >= 2)
+    twice = next(p for p in sorted({r.patient for r in rows})
+                 if sum(r.patient == p for r in rows) >= 2)
     images = [r.image for r in rows if r.patient == twice]
     others = [r.image for r in rows if r.patient != twice]
     flags = _write_lists(tmp_path, {"train_val": others + images[:1], "test": images[1:]})
