@@ -55,8 +55,8 @@ def test_predict_folder_writes_csv_and_heatmaps(
     run_cli: Callable[..., CliResult], run_folder: Path, scans: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "preds"
-    result = run_cli("predict", str(run_folder), str(scans), "--out", str(out), "--heatmaps",
-                     "--threshold", "0", "--batch-size", "3", "--json")
+    result = run_cli("predict", str(run_folder), str(scans), "--out", str(out),
+                     "--batch-size", "3", "--json")
     assert result.code == 0, result.err
     assert "has no best/ weights" in result.err and "took final/" in result.err
     summary = json.loads(result.out)
@@ -67,10 +67,20 @@ def test_predict_folder_writes_csv_and_heatmaps(
     assert {Path(r["path"]).suffix for r in rows} == {".png", ".dcm"}
     probs = np.array([[float(r[f]) for f in FINDINGS] for r in rows])
     assert np.all((probs > 0) & (probs < 1))
-    # Threshold 0: every image gets one overlay per finding.
-    maps = sorted((out / "heatmaps").glob("*.png"))
-    assert len(maps) == summary["heatmaps"] == 4 * 14
-    overlay_img = Image.open(out / "heatmaps" / "chest__Pneumothorax.png")
+    assert not (out / "heatmaps").exists()
+    # Overlays for exactly the (image, finding) pairs at or above the threshold: the five
+    # highest probabilities here.
+    ranked = np.sort(probs.ravel())
+    threshold = float((ranked[-5] + ranked[-6]) / 2)
+    result = run_cli("predict", str(run_folder), str(scans), "--out", str(tmp_path / "maps"),
+                     "--heatmaps", "--threshold", str(threshold), "--json")
+    assert result.code == 0, result.err
+    maps = sorted((tmp_path / "maps" / "heatmaps").glob("*.png"))
+    names = [Path(r["path"]).stem for r in rows]
+    expected = sorted(f"{names[i]}__{FINDINGS[k]}.png" for i, k in zip(
+        *np.nonzero(probs >= threshold), strict=True))
+    assert [m.name for m in maps] == expected and json.loads(result.out)["heatmaps"] == 5
+    overlay_img = Image.open(maps[0])
     assert overlay_img.mode == "RGB" and overlay_img.size == (32, 32)
     assert not list(out.rglob("*.tmp"))
 
