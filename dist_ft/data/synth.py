@@ -31,6 +31,9 @@ PREVALENCE = np.array(
     [0.10, 0.05, 0.05, 0.04, 0.12, 0.04, 0.04, 0.03, 0.15, 0.06, 0.06, 0.04, 0.04, 0.05]
 )
 _PATTERNS = ("disk", "ring", "hstripes", "vstripes", "checks", "diagonal", "cross")
+# With distinct_patterns, findings 7-13 get these instead of reusing the 7 above.
+# Each stays inside the disk, as the 7 do, so no evidence touches the box edge.
+_MORE_PATTERNS = ("diamond", "dot", "antidiagonal", "xcross", "halfdisk", "quarters", "bullseye")
 HEADER_2017 = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
     "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
@@ -89,8 +92,13 @@ def plan_rows(images: int, seed: int, rgba_every: int = 50) -> list[SynthRow]:
 
 
 @cache
-def _canvas(size: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
-    """Background (lungs, mediastinum, gradient) and one pattern patch per finding."""
+def _canvas(size: int, distinct: bool = False) -> tuple[np.ndarray,
+                                                        list[tuple[int, int, np.ndarray]]]:
+    """Background (lungs, mediastinum, gradient) and one pattern patch per finding.
+
+    By default the 7 patterns repeat (finding ``k`` draws pattern ``k % 7``), so a pattern alone
+    does not tell two findings apart, its cell does; ``distinct`` gives each its own pattern.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     base = 150 + 40 * yy
     for cx in (0.3, 0.7):  # two darker lung fields
@@ -109,20 +117,33 @@ def _canvas(size: int) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
         "checks": inside & (((py // period) + (px // period)) % 2 == 0),
         "diagonal": inside & (((py + px) // period) % 2 == 0),
         "cross": inside & ((np.abs(py) < r / 4) | (np.abs(px) < r / 4)),
+        "diamond": (np.abs(py + 0.5) + np.abs(px + 0.5)) < r,
+        "dot": (py**2 + px**2) < (0.5 * r) ** 2,
+        "antidiagonal": inside & (((py - px) // period) % 2 == 0),
+        "xcross": inside & ((np.abs(py - px) < r / 3) | (np.abs(py + px) < r / 3)),
+        "halfdisk": inside & (py < 0),
+        "quarters": inside & ((py + 0.5) * (px + 0.5) > 0),
+        "bullseye": ((py**2 + px**2) < (0.35 * r) ** 2) | (inside & ((py**2 + px**2)
+                                                                     > (0.7 * r) ** 2)),
     }
+    names = (*_PATTERNS, *_MORE_PATTERNS) if distinct else _PATTERNS
     patches = []
     for k in range(len(FINDINGS)):
         cell_y, cell_x = divmod(k + 1, 4)  # a 4x4 grid; skip the top-left corner
         cy = int((cell_y + 0.5) * size / 4)
         cx = int((cell_x + 0.5) * size / 4)
-        patches.append((cy, cx, shapes[_PATTERNS[k % len(_PATTERNS)]].astype(np.float32) * 80))
+        patches.append((cy, cx, shapes[names[k % len(names)]].astype(np.float32) * 80))
     return base.astype(np.float32), patches
 
 
-def _draw(row: SynthRow, size: int, seed: int) -> tuple[np.ndarray, dict[int, Box]]:
-    """The float image of ``row`` and, per finding drawn, its patch's box (x, y, w, h)."""
+def _draw(row: SynthRow, size: int, seed: int,
+          distinct: bool = False) -> tuple[np.ndarray, dict[int, Box]]:
+    """The float image of ``row`` and, per finding drawn, its patch's box (x, y, w, h).
+
+    The boxes (and every random draw) do not depend on ``distinct``, only the patterns do.
+    """
     rng = np.random.default_rng([seed, row.patient, row.follow_up])
-    base, patches = _canvas(size)
+    base, patches = _canvas(size, distinct)
     img = base * rng.uniform(0.85, 1.15) + rng.uniform(-15, 15)
     img += rng.standard_normal((size, size), dtype=np.float32) * 4
     jitter = max(1, size // 40)
@@ -172,9 +193,17 @@ def _finding_index(finding: str | int) -> int:
     raise ValueError(f"unknown finding {finding!r}; findings: {', '.join(FINDINGS)}")
 
 
-def render(row: SynthRow, size: int, seed: int) -> Image.Image:
-    """Draw one image: background with jitter and noise, plus each finding's pattern."""
-    return _to_image(_draw(row, size, seed)[0], row)
+def render(row: SynthRow, size: int, seed: int,
+           distinct_patterns: bool = False) -> Image.Image:
+    """Draw one image: background with jitter and noise, plus each finding's pattern.
+
+    Args:
+        row: the image's metadata.
+        size: side of the square image.
+        seed: the dataset's seed.
+        distinct_patterns: a pattern of its own per finding (see :func:`write_synthetic`).
+    """
+    return _to_image(_draw(row, size, seed, distinct_patterns)[0], row)
 
 
 def _to_image(img: np.ndarray, row: SynthRow) -> Image.Image:
@@ -185,12 +214,13 @@ def _to_image(img: np.ndarray, row: SynthRow) -> Image.Image:
     return gray
 
 
-def _write_chunk(args: tuple[list[tuple[Path, SynthRow]], int, int]) -> list[dict[int, Box]]:
+def _write_chunk(args: tuple[list[tuple[Path, SynthRow]], int, int, bool]
+                 ) -> list[dict[int, Box]]:
     """Render and save a chunk; return each image's boxes (drawn anyway, so free here)."""
-    items, size, seed = args
+    items, size, seed, distinct = args
     boxes = []
     for path, row in items:
-        img, drawn = _draw(row, size, seed)
+        img, drawn = _draw(row, size, seed, distinct)
         _to_image(img, row).save(path, format="PNG")
         boxes.append(drawn)
     return boxes
@@ -254,6 +284,7 @@ def write_synthetic(
     workers: int = 1,
     progress: bool = False,
     box_fraction: float = 0.5,
+    distinct_patterns: bool = False,
 ) -> list[SynthRow]:
     """Write a synthetic ChestX-ray14 release under ``out`` and return its rows.
 
@@ -269,6 +300,11 @@ def write_synthetic(
         progress: show a progress bar.
         box_fraction: share of the (image, finding) pairs positive for one of the 8 boxed
             findings whose box is listed in ``BBox_List_2017.csv`` (0: no box file).
+        distinct_patterns: draw each of the 14 findings with a pattern of its own instead of
+            7 patterns shared by two findings each (told apart only by their cells). Opt-in
+            (the default images stay as they are): with it, a finding's evidence lies only
+            inside its box, which the pointing-game test of Grad-CAM relies on. Labels,
+            boxes and every other file are the same either way.
     """
     if dialect not in ("2017", "2020"):
         raise ValueError(f"dialect must be '2017' or '2020', got {dialect!r}")
@@ -285,7 +321,8 @@ def write_synthetic(
     for folder in {p.parent for p, _ in items}:
         folder.mkdir(parents=True, exist_ok=True)
     chunk = 64
-    jobs = [(items[i : i + chunk], size, seed) for i in range(0, len(items), chunk)]
+    jobs = [(items[i : i + chunk], size, seed, distinct_patterns)
+            for i in range(0, len(items), chunk)]
     from tqdm import tqdm
 
     bar = tqdm(total=len(items), unit="img", disable=not progress, desc="synth")

@@ -9,18 +9,33 @@ The layer is the last one with a spatial grid, found from the model's class:
   token reaches the head, so their gradient is zero.)
 
 The map is ReLU'd, upsampled bilinearly to the input size and scaled to [0, 1] per image.
+
+Upsampling puts each map cell where its receptive field is centred, not at the centre of an
+even tiling (what ``F.interpolate(..., align_corners=False)`` and captum's
+``LayerAttribution.interpolate`` assume). The two differ for strided convolutions and poolings
+with padding: ResNet's and EfficientNet's stride-32 maps are centred at ``32 i``, not
+``32 i + 15.5`` (half a cell off), DenseNet-121's at ``32 i + 14``. :func:`map_geometry` traces
+the stride and offset through every ``conv2d``/``max_pool2d``/``avg_pool2d`` of the forward
+pass (a ``TorchFunctionMode``; weights do not matter); where it cannot (a ViT's tokens reshaped
+to a grid, an adaptive pooling), the even tiling is assumed, which is exact for ViT's patches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["default_layer", "gradcam"]
+__all__ = ["Axis", "default_layer", "gradcam", "map_geometry", "upsample"]
+
+# One spatial axis of a feature map: cell i is centred on input pixel ``stride * i + offset``
+# (pixel j spans [j - 0.5, j + 0.5]).
+Axis = tuple[float, float]
 
 
 class _TokenGrid(nn.Module):
@@ -91,6 +106,163 @@ def _normalise(cam: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, cam / top.clamp(min=torch.finfo(cam.dtype).tiny), 0.0)
 
 
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    values = tuple(int(v) for v in value)
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
+
+
+def _conv_args(args: tuple, kwargs: dict) -> tuple[Any, ...]:
+    """``(kernel, stride, padding, dilation)`` of a ``conv2d`` call, each a pair."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation")
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    kernel = tuple(bound["weight"].shape[-2:])
+    stride, dilation = _pair(bound.get("stride", 1)), _pair(bound.get("dilation", 1))
+    padding = bound.get("padding", 0)
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":  # torch pads the odd extra pixel on the far side
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    return kernel, stride, _pair(padding), dilation
+
+
+def _pool_args(args: tuple, kwargs: dict, max_pool: bool) -> tuple[Any, ...]:
+    """``(kernel, stride, padding, dilation)`` of a ``max_pool2d``/``avg_pool2d`` call."""
+    names = ("input", "kernel_size", "stride", "padding", *(("dilation",) if max_pool else ()))
+    bound = {**dict(zip(names, args, strict=False)), **kwargs}
+    kernel = _pair(bound["kernel_size"])
+    stride = bound.get("stride")
+    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
+    return kernel, stride, _pair(bound.get("padding", 0)), _pair(bound.get("dilation", 1))
+
+
+def _tensors(args: tuple) -> Iterator[torch.Tensor]:
+    """The tensors among ``args``, looking one level into lists (``cat``'s first argument)."""
+    for arg in args:
+        if isinstance(arg, (list, tuple)):
+            yield from (a for a in arg if isinstance(a, torch.Tensor))
+        elif isinstance(arg, torch.Tensor):
+            yield arg
+
+
+class _GeometryMode(torch.overrides.TorchFunctionMode):
+    """Follows which input pixel each cell of every 4-d activation is centred on.
+
+    A tensor's geometry is ``(h_axis, w_axis, Axis, Axis)``. ``conv2d`` and the two strided
+    poolings compose it (cell ``i`` of ``kernel k, stride s, padding p, dilation d`` is centred
+    on input cell ``s i - p + d (k - 1) / 2``); ``permute`` moves the axes (ConvNeXt's
+    channels-last blocks); any other op passes its first traced input's geometry on when the
+    output keeps that input's rank and spatial sizes (norms, activations, ``cat``, residual
+    sums), and drops it otherwise (flatten, adaptive pooling, interpolation).
+    """
+
+    _DROP = ("adaptive", "interpolate", "upsample", "grid_sample", "pixel_shuffle", "unfold")
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self._geometry: dict[int, tuple[weakref.ref, tuple]] = {}
+        self.record(images, (2, 3, (1.0, 0.0), (1.0, 0.0)))
+
+    def record(self, tensor: torch.Tensor, geometry: tuple) -> None:
+        self._geometry[id(tensor)] = (weakref.ref(tensor), geometry)
+
+    def lookup(self, tensor: Any) -> tuple | None:
+        entry = self._geometry.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        result = out[0] if isinstance(out, tuple) and out else out
+        if not isinstance(result, torch.Tensor) or result.ndim < 3:
+            return out
+        source = self.lookup(args[0]) if args else None
+        name = getattr(func, "__name__", "")
+        if func is F.conv2d or func is F.max_pool2d or func is F.avg_pool2d:
+            if source is not None and source[:2] == (result.ndim - 2, result.ndim - 1):
+                kernel, stride, padding, dilation = (
+                    _conv_args(args, kwargs) if func is F.conv2d
+                    else _pool_args(args, kwargs, max_pool=func is F.max_pool2d))
+                axes = [(step * s, offset + step * (d * (k - 1) / 2 - p))
+                        for (step, offset), k, s, p, d in zip(
+                            source[2:], kernel, stride, padding, dilation, strict=True)]
+                self.record(result, (*source[:2], *axes))
+        elif name == "permute" and source is not None:
+            dims = args[1:] if len(args) > 2 else args[1] if len(args) > 1 else kwargs["dims"]
+            dims = [int(d) % result.ndim for d in dims]
+            self.record(result, (dims.index(source[0]), dims.index(source[1]), *source[2:]))
+        elif not any(word in name for word in self._DROP):
+            for arg in _tensors(args):
+                found = self.lookup(arg)
+                if (found is not None and arg.ndim == result.ndim
+                        and all(arg.shape[a] == result.shape[a] for a in found[:2])):
+                    self.record(result, found)
+                    break
+        return out
+
+
+def map_geometry(model: nn.Module, images: torch.Tensor,
+                 layer: nn.Module) -> tuple[Axis, Axis] | None:
+    """Where ``layer``'s output cells sit on the input: ``((stride, offset) of y, of x)``.
+
+    Runs ``model`` once on ``images`` (no gradient) while tracing strides and paddings (see
+    :class:`_GeometryMode`); the weights play no part.
+
+    Args:
+        model: the classifier.
+        images: a preprocessed batch (one image is enough).
+        layer: a module of ``model`` whose output is ``[B, C, h, w]``.
+
+    Returns:
+        Per axis ``(stride, offset)``: cell ``i`` is centred on input pixel
+        ``stride * i + offset``; ``None`` when the layer's grid is not traceable to the input.
+    """
+    seen: list[tuple | None] = []
+    mode = _GeometryMode(images)
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        found = mode.lookup(output)
+        seen.append(found if found is not None and found[:2] == (2, 3) else None)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), mode:
+            model(images)
+    finally:
+        handle.remove()
+    if not seen or seen[-1] is None:
+        return None
+    return seen[-1][2], seen[-1][3]
+
+
+def upsample(cam: torch.Tensor, size: tuple[int, int],
+             geometry: tuple[Axis, Axis] | None = None) -> torch.Tensor:
+    """Bilinear ``[B, 1, h, w]`` -> ``[B, 1, H, W]``, each cell at its receptive field's centre.
+
+    Args:
+        cam: the map at the layer's resolution.
+        size: ``(H, W)`` of the input.
+        geometry: from :func:`map_geometry`; ``None`` assumes the cells tile the input evenly
+            (cell ``i`` centred on ``(i + 0.5) H / h - 0.5``, as ``align_corners=False``).
+
+    Returns:
+        The map at the input's resolution; beyond the outermost cell centres the border value
+        is repeated (as ``F.interpolate`` does).
+    """
+    (h, w), (out_h, out_w) = cam.shape[-2:], size
+    if geometry is None:
+        geometry = ((out_h / h, out_h / h / 2 - 0.5), (out_w / w, out_w / w / 2 - 0.5))
+    coords = []
+    for (stride, offset), cells, pixels in zip(geometry, (h, w), (out_h, out_w), strict=True):
+        cell = (torch.arange(pixels, dtype=torch.float64, device=cam.device) - offset) / stride
+        coords.append((2 * cell / (cells - 1) - 1) if cells > 1 else torch.zeros_like(cell))
+    grid_y, grid_x = torch.meshgrid(coords[0], coords[1], indexing="ij")
+    grid = torch.stack([grid_x, grid_y], dim=-1).to(cam.dtype).expand(cam.shape[0], -1, -1, -1)
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def gradcam(model: nn.Module, images: torch.Tensor, class_index: int | Sequence[int],
             layer: nn.Module | str | None = None) -> torch.Tensor:
     """Grad-CAM heatmaps of ``class_index`` for a batch of preprocessed images.
@@ -127,14 +299,14 @@ def gradcam(model: nn.Module, images: torch.Tensor, class_index: int | Sequence[
         inputs = images.detach().clone().requires_grad_(True)
         with torch.no_grad():
             classes = model(inputs[:1]).shape[-1]
+        geometry = None if is_vit else map_geometry(model, images[:1].detach(), module)
         bad = [k for k in targets if not 0 <= k < classes]
         if bad:
             raise ValueError(f"class_index {bad[0]} is outside the model's {classes} outputs")
         with torch.enable_grad():
             cam = LayerGradCam(model, module).attribute(inputs, target=targets,
                                                         relu_attributions=True)
-    cam = F.interpolate(cam.detach().float(), size=images.shape[-2:], mode="bilinear",
-                        align_corners=False)
+    cam = upsample(cam.detach().float(), tuple(images.shape[-2:]), geometry)
     return _normalise(cam[:, 0])
 
 
