@@ -23,12 +23,9 @@ from typing import Any
 
 import torch
 
-DEFAULT_MODELS = ("densenet121", "vit_b_16")
-PLANS: dict[str, list[Any]] = {
-    "head": ["head"],
-    "last_blocks": ["head", {"last_blocks": 2}],
-    "full": ["all"],
-}
+from dist_ft.bench.suites import FREEZE_MODELS, FREEZE_PLANS
+
+DEFAULT_MODELS, PLANS = FREEZE_MODELS, FREEZE_PLANS
 
 
 def measure(model_name: str, plan: str, batch: int, image_size: int,

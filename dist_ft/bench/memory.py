@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
+from dist_ft.bench.suites import MEMORY_BACKENDS, MEMORY_MODELS
 from dist_ft.config.schema import Recipe
 
-BACKENDS = ("ddp", "zero1", "zero2", "zero3")
-DEFAULT_MODELS = ("densenet121", "convnext_base", "vit_l_16")
+BACKENDS, DEFAULT_MODELS = MEMORY_BACKENDS, MEMORY_MODELS
 COMPONENTS = ("params", "grads", "optimizer")
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from dist_ft.bench.suites import OPTIMIZER_MODELS
+
 KERNELS = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-DEFAULT_MODELS = ("resnet18", "densenet121", "convnext_base")
+DEFAULT_MODELS = OPTIMIZER_MODELS
 
 
 def _step_seconds(params: list[torch.nn.Parameter], kwargs: dict[str, Any],

@@ -84,7 +84,7 @@ def _add_eval(suites: argparse._SubParsersAction) -> None:
 
 
 def _add_optimizer(suites: argparse._SubParsersAction) -> None:
-    from dist_ft.bench.optimizer import DEFAULT_MODELS
+    from dist_ft.bench.suites import OPTIMIZER_MODELS as DEFAULT_MODELS
 
     p = _suite(suites, "optimizer", "AdamW step time per kernel: for_loop, foreach, fused")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
@@ -128,7 +128,8 @@ def _add_trainer(suites: argparse._SubParsersAction) -> None:
 
 
 def _add_memory(suites: argparse._SubParsersAction) -> None:
-    from dist_ft.bench.memory import BACKENDS, DEFAULT_MODELS
+    from dist_ft.bench.suites import MEMORY_BACKENDS as BACKENDS
+    from dist_ft.bench.suites import MEMORY_MODELS as DEFAULT_MODELS
 
     p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP and "
                "ZeRO-1/2/3 vs the ZeRO formulas")
@@ -141,7 +142,8 @@ def _add_memory(suites: argparse._SubParsersAction) -> None:
 
 
 def _add_freeze(suites: argparse._SubParsersAction) -> None:
-    from dist_ft.bench.freeze import DEFAULT_MODELS, PLANS
+    from dist_ft.bench.suites import FREEZE_MODELS as DEFAULT_MODELS
+    from dist_ft.bench.suites import FREEZE_PLANS as PLANS
 
     p = _suite(suites, "freeze", "step time and memory: head-only, last blocks, full training")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
