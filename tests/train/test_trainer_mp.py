@@ -131,9 +131,13 @@ def test_three_stages_freeze_train_and_carry_moments(runs: dict[str, Path], back
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
 def test_final_weights_load_into_the_model_factory(runs: dict[str, Path], backend: str) -> None:
-    path = runs[backend] / "final" / "model.safetensors"
-    model = build_model(ModelConfig(name="resnet18", num_classes=14, pretrained=str(path)))
-    assert torch.equal(model.fc.weight, load_file(path)["fc.weight"])
+    for kind in ("final", "best"):  # best/: written collectively by 2 ranks, consolidated
+        path = runs[backend] / kind / "model.safetensors"
+        model = build_model(ModelConfig(name="resnet18", num_classes=14, pretrained=str(path)))
+        assert torch.equal(model.fc.weight, load_file(path)["fc.weight"])
+    best = json.loads((runs[backend] / "best" / "metrics.json").read_text())
+    assert best["selected_by"]["monitor"] == "val/auroc_mean"
+    assert best["auroc_mean"] == best["selected_by"]["value"]
 
 
 # ZeRO-1 and ZeRO-2 are one DeepSpeed optimizer class (stage_1_and_2); ZeRO-1 keeps its
