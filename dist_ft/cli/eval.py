@@ -190,7 +190,7 @@ class LocalizationSection:
             read_bbox_csv,
             render_localization_markdown,
         )
-        from dist_ft.train.evaluate import load_trained
+        from dist_ft.train.scoring import load_trained
 
         dataset = build_dataset(req.data, req.split)
         if not hasattr(dataset, "paths"):
@@ -210,13 +210,9 @@ class LocalizationSection:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; the main process prints the report (or JSON)."""
-    from dist_ft.train.evaluate import (
-        EvalRequest,
-        OutputPathError,
-        Weights,
-        evaluate,
-        model_classes,
-    )
+    from dist_ft.train.evaluate import EvalRequest, Weights, evaluate
+    from dist_ft.train.output_safety import OutputPathError
+    from dist_ft.train.scoring import model_classes
 
     resolved = resolve_weights(args.target, args.weights)
     config = recipe_of(resolved, args.config)

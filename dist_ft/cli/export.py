@@ -41,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, verify, report."""
-    from dist_ft.train.evaluate import OutputPathError, Weights
+    from dist_ft.train.evaluate import Weights
     from dist_ft.train.export import export_model
+    from dist_ft.train.output_safety import OutputPathError
 
     resolved = resolve_weights(args.target, args.weights)
     config = recipe_of(resolved, args.config)

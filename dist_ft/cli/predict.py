@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         collect_images,
         predict_images,
     )
-    from dist_ft.train.evaluate import OutputPathError, check_outputs, load_trained, model_classes
+    from dist_ft.train.output_safety import OutputPathError, check_outputs
+    from dist_ft.train.scoring import load_trained, model_classes
 
     def usage(message: str) -> int:
         print(f"dist-ft predict: error: {message}", file=sys.stderr)

@@ -310,6 +310,24 @@ def gradcam(model: nn.Module, images: torch.Tensor, class_index: int | Sequence[
     return _normalise(cam[:, 0])
 
 
+def cell_size(model: nn.Module, image_size: int, channels: int = 3,
+              layer: nn.Module | str | None = None) -> float | None:
+    """Input pixels between two cells of the map Grad-CAM weights (its resolution), at
+    ``image_size``: 32 for a ResNet's ``layer4``, a ViT's patch size. None when unknown.
+
+    A heatmap cannot place a peak more finely than this, so boxes smaller than it cannot be
+    localized whatever the model learned (the localization report says so).
+    """
+    from torchvision.models import VisionTransformer
+
+    if layer is None and isinstance(model, VisionTransformer):
+        return float(model.patch_size)
+    module = _resolve_layer(model, layer if layer is not None else default_layer(model))
+    images = torch.zeros(1, channels, image_size, image_size)
+    geometry = map_geometry(model, images, module)
+    return None if geometry is None else float(max(axis[0] for axis in geometry))
+
+
 def _resolve_layer(model: nn.Module, layer: nn.Module | str) -> nn.Module:
     if isinstance(layer, nn.Module):
         return layer

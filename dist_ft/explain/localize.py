@@ -29,7 +29,7 @@ from torch import nn
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError
 from dist_ft.data.transforms import BatchNormalize
-from dist_ft.explain.gradcam import gradcam
+from dist_ft.explain.gradcam import cell_size, gradcam
 from dist_ft.explain.predict import load_image_tensor
 
 # The box file spells one finding differently from Data_Entry_2017.csv.
@@ -299,6 +299,7 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
             f"model's classes ({', '.join(classes)})")
     sizes: dict[str, tuple[int, int]] = {}
     per_box: list[tuple[Box, bool, float]] = []
+    box_sides: list[float] = []  # the shorter side of each box, in heatmap pixels
     for finding in dict.fromkeys(b.finding for b in usable):
         of_finding = [b for b in usable if b.finding == finding]
         names = list(dict.fromkeys(b.image for b in of_finding))
@@ -312,7 +313,9 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
                 if box.image not in sizes:
                     sizes[box.image] = _image_size(Path(image_paths[box.image]))
                 w, h = sizes[box.image]
-            hit, iou = box_scores(by_name[box.image], scale_box(box, w, h, image_size),
+            corners = scale_box(box, w, h, image_size)
+            box_sides.append(min(corners[2] - corners[0], corners[3] - corners[1]))
+            hit, iou = box_scores(by_name[box.image], corners,
                                   threshold, tolerance_px * image_size / min(w, h))
             per_box.append((box, hit, iou))
 
@@ -331,6 +334,10 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
                 for f in classes if any(p[0].finding == f for p in per_box)}
     return {
         "threshold": threshold, "tolerance_px": tolerance_px, "image_size": image_size,
+        # The map's resolution beside the boxes': a peak cannot be placed more finely than
+        # a cell, so boxes smaller than one are a limit of the input size, not of the model.
+        "map_cell_px": cell_size(model, image_size, 3, layer),  # normalized input: 3 channels
+        "median_box_px": float(np.median(box_sides)),
         "findings": findings,
         "overall": summary(per_box),
         "skipped": {"no_image": len(no_image), "not_a_class": len(other)},
@@ -356,6 +363,14 @@ def render_localization_markdown(report: Mapping[str, Any]) -> str:
                      f"{s['mean_iou']:.3f} [{ci(s['mean_iou_ci'])}] |")
     skipped = report["skipped"]
     note = f"\n{report['ci']}."
+    cell, box = report.get("map_cell_px"), report.get("median_box_px")
+    if cell is not None and box is not None:
+        note += (f" Heatmap cells are {cell:g} px apart at {report['image_size']} px input; the "
+                 f"median box is {box:.0f} px.")
+        if cell > box:
+            note += (" **The map is coarser than the boxes**: a peak lands on a cell, so low "
+                     "hit rates here measure the resolution as much as the model; evaluate at "
+                     "a larger data.image_size.")
     if report.get("tolerance_px"):
         note += (f" Pointing game: a maximum within {report['tolerance_px']:g} px (box list "
                  "pixels) of the box counts as a hit.")

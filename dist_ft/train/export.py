@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from dist_ft.config.schema import Recipe
-from dist_ft.train.evaluate import atomic_output, check_outputs, load_trained, recipe_inputs
+from dist_ft.train.output_safety import atomic_output, check_outputs, recipe_inputs
+from dist_ft.train.scoring import load_trained
 
 
 class ExportError(RuntimeError):

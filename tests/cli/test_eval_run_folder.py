@@ -24,14 +24,8 @@ from dist_ft.cli.eval import resolve_weights
 from dist_ft.cli.main import main
 from dist_ft.config import ConfigError, load_recipe
 from dist_ft.data.findings import FINDINGS
-from dist_ft.train.evaluate import (
-    EvalProcesses,
-    earlier_test_uses,
-    load_trained,
-    match_classes,
-    read_evaluations,
-    score_split,
-)
+from dist_ft.train.eval_record import earlier_test_uses, read_evaluations
+from dist_ft.train.scoring import EvalProcesses, load_trained, match_classes, score_split
 from tests.conftest import CONFIGS, CliResult
 
 RESAMPLES = "20"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_ft.train.evaluate import read_evaluations
+from dist_ft.train.eval_record import read_evaluations
 from tests.cli.test_eval_run_folder import make_run
 from tests.conftest import REPO, plain_env
 
