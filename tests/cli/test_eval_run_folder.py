@@ -213,7 +213,10 @@ def test_localize_scores_heatmaps_against_the_twins_boxes(run: Path, tmp_path: P
     loc = json.loads(result.out)["localization"]
     assert loc["overall"]["boxes"] > 0 and 0 <= loc["overall"]["hit_rate"] <= 1
     assert loc["boxes_file"].endswith("BBox_List_2017.csv")
-    assert "### Localization (test images" in (tmp_path / "eval_test.md").read_text()
+    # resnet18 at 32 px: one layer4 cell per 32 px, the twin's boxes about 7 px: said.
+    assert loc["map_cell_px"] == 32 and loc["median_box_px"] < 32
+    text = (tmp_path / "eval_test.md").read_text()
+    assert "### Localization (test images" in text and "The map is coarser than the boxes" in text
     missing = cli("eval", str(run), "--split", "test", "--localize", str(tmp_path / "no.csv"),
                   "--out", str(tmp_path))
     assert missing.code == 2 and f"--localize {tmp_path / 'no.csv'}: no such file" in missing.err
