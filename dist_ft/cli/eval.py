@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dist_ft import exitcodes
 from dist_ft.config import ConfigError, Recipe, load_recipe
-from dist_ft.rundir import WEIGHTS, RunDir
+from dist_ft.rundir import RunDir
 
 if TYPE_CHECKING:  # torch-free at import: the CLI loads dist_ft.train lazily
     from dist_ft.train.evaluate import EvalRequest
@@ -68,7 +68,7 @@ def resolve_weights(target: Path, choice: str | None = None) -> ResolvedWeights:
     """
     if target.is_dir():
         run = RunDir(target)
-        best, final = run.best / WEIGHTS, run.final / WEIGHTS
+        best, final = run.best_weights, run.final_weights
         if choice is not None:
             path = best if choice == "best" else final
             if not path.is_file():
@@ -87,11 +87,13 @@ def resolve_weights(target: Path, choice: str | None = None) -> ResolvedWeights:
     if choice is not None:
         raise ConfigError([f"--weights {choice} chooses within a run folder; {target} is a "
                            "file: pass the run folder instead, or drop --weights"])
-    # A file of a run sits in RUN/final/ or RUN/best/.
+    # A file of a run sits in RUN/final/ or RUN/best/ beside the run's recipe.yaml; anything
+    # else is a loose file (its record goes beside it, never into an unrelated folder).
     run = RunDir(target.expanduser().absolute().parent.parent)
     parent = target.expanduser().absolute().parent
-    kind = parent.name if parent in (run.best, run.final) and run.holds_run() else "file"
-    return ResolvedWeights(target, run.root if run.holds_run() else None, kind)
+    of_run = parent in (run.best, run.final) and run.recipe.is_file()
+    return ResolvedWeights(target, run.root if of_run else None,
+                           parent.name if of_run else "file")
 
 
 def recipe_of(resolved: ResolvedWeights, config: Path | None) -> Path:

@@ -27,12 +27,11 @@ from dist_ft.evaluation.bootstrap import (
 from dist_ft.evaluation.calibration import calibration
 from dist_ft.evaluation.compare import align, compare_with_weights
 from dist_ft.evaluation.operating import apply_thresholds, choose_thresholds
-from dist_ft.evaluation.plots import plot_reliability, plot_roc
 from dist_ft.evaluation.references import OFFICIAL_SPLIT_NOTE
 from dist_ft.evaluation.scored import Scored
 from dist_ft.evaluation.subgroups import AGE_BANDS, subgroup_masks
 
-__all__ = ["analyze", "plot_reliability", "plot_roc", "render_markdown"]
+__all__ = ["analyze", "render_markdown"]
 
 # Subgroups reuse the first resamples of the main bootstrap (restricted to their images): three
 # columns of subgroups cost three more passes over the test set, so fewer resamples keep the

@@ -34,6 +34,7 @@ from dist_ft.train.metrics import classification_metrics
 from dist_ft.train.output_safety import atomic_output, check_outputs, data_inputs
 from dist_ft.train.scoring import (
     ClassMatch,
+    EmptySplitError,
     EvalProcesses,
     SplitScores,
     load_trained,
@@ -70,12 +71,25 @@ class Weights:
 
     @classmethod
     def from_file(cls, path: str | Path, recipe: Recipe, kind: str = "file") -> Weights:
-        """Weights at ``path`` with epoch/step from the ``metrics.json`` beside it."""
+        """Weights at ``path`` with the epoch and step they were written at: from their own
+        safetensors header (dist-ft writes them there), else the ``metrics.json`` beside."""
         path = Path(path)
-        metrics = read_json(path.with_name(METRICS))
-        metrics = metrics if isinstance(metrics, dict) else {}
-        selected = metrics.get("selected_by")  # best/: what model selection recorded
-        source = selected if isinstance(selected, dict) else metrics
+        source: dict[str, Any] = {}
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                header = fh.metadata() or {}
+            if "epoch" in header and "step" in header:
+                source = {k: int(header[k]) for k in ("epoch", "step")
+                          if header[k].isdigit()}
+        except Exception:  # not a safetensors file: strict loading names the problem later
+            pass
+        if not source:
+            metrics = read_json(path.with_name(METRICS))
+            metrics = metrics if isinstance(metrics, dict) else {}
+            selected = metrics.get("selected_by")  # best/: what model selection recorded
+            source = selected if isinstance(selected, dict) else metrics
         epoch, step = source.get("epoch"), source.get("step")
         return cls(path, recipe, kind, epoch if isinstance(epoch, int) else None,
                    step if isinstance(step, int) else None)
@@ -217,8 +231,12 @@ def _evaluate(req: EvalRequest, procs: EvalProcesses) -> dict[str, Any] | None:
     score = _scorer(req.weights, req, procs)
     test, match = score(req.split)
     val = other = None
+    val_missing = None
     if test.multilabel and req.use_val and req.split == "test":
-        val, _ = score("val")
+        try:
+            val, _ = score("val")
+        except EmptySplitError as exc:  # only the operating points need it
+            val_missing = f"no operating points: {exc}"
     if test.multilabel and req.compare is not None:
         other, _ = _scorer(req.compare, req, procs)(req.split)
     if not procs.is_main:
@@ -226,6 +244,9 @@ def _evaluate(req: EvalRequest, procs: EvalProcesses) -> dict[str, Any] | None:
     history = earlier_test_uses(read_evaluations(req.record)) if req.split == "test" else None
     if test.multilabel:
         report = _multilabel_report(req, test, val, other, procs.device)
+        if val_missing is not None:
+            report["notes"].append(val_missing)
+            report["markdown"] += f"\n- {val_missing}\n"
     else:
         report = classification_metrics(test.scores, test.targets, False, test.classes)
         report["markdown"] = single_label_table(report, req.split, len(test.scores))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dist_ft.config.schema import Recipe
-from dist_ft.train.output_safety import atomic_output, check_outputs, recipe_inputs
+from dist_ft.train.output_safety import atomic_output, check_outputs, data_inputs
 from dist_ft.train.scoring import load_trained
 
 
@@ -95,7 +95,7 @@ def export_model(recipe: Recipe, weights: str | Path, fmt: str, out: str | Path 
         raise ValueError(f"format must be torchscript or onnx, got {fmt!r}")
     weights = Path(weights)
     outputs = export_paths(weights, fmt, out, quantize)
-    files, folders = recipe_inputs(recipe)
+    files, folders = data_inputs(recipe.data)
     check_outputs(outputs, {"weights": weights, **files, **(protect or {})}, folders, "--out")
     path = outputs[0]
     model = load_trained(recipe, weights)

@@ -123,11 +123,18 @@ class Monitor:
         """Checkpointable state (the configuration too, to detect a changed monitor)."""
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a checkpoint of another monitor keeps only its counts'
-        absence: the best so far of another metric means nothing for this one."""
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Restore :meth:`state_dict`.
+
+        Returns:
+            False when the checkpoint monitored another metric or direction (a resume that
+            accepted a changed ``trainer.monitor``): nothing is restored, the best so far of
+            another metric means nothing for this one, so the next evaluation starts the
+            selection anew (and replaces ``best/``).
+        """
         if state.get("name") != self.name or state.get("mode") != self.mode:
-            return
+            return False
         for key in ("best", "best_epoch", "best_step", "gain_best", "evals_without_gain"):
             setattr(self, key, state.get(key))
         self.evals_without_gain = int(self.evals_without_gain or 0)
+        return True

@@ -4,7 +4,7 @@ This module owns the rule every writing command (``eval``, ``export``, ``predict
 before any work: :func:`check_outputs` refuses an output that is an input file (also through a
 hard link), lies inside an input folder (``data.root``, ``data.cache``), is a folder, or cannot
 be written, naming the output, the input and the option to change (:class:`OutputPathError`).
-:func:`recipe_inputs`/:func:`data_inputs` name what a recipe reads, and :func:`atomic_output`
+:func:`data_inputs` names what a recipe's data section reads, and :func:`atomic_output`
 writes a file so that a failure never leaves it half written. It loads no torch.
 """
 
@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dist_ft.config.schema import DataConfig, Recipe
+from dist_ft.config.schema import DataConfig
 
 
 class OutputPathError(ValueError):
@@ -29,11 +29,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def recipe_inputs(recipe: Recipe) -> tuple[dict[str, Path], dict[str, Path]]:
-    """The files and folders a recipe's data section reads, by their recipe key."""
-    return data_inputs(recipe.data)
 
 
 def data_inputs(data: DataConfig) -> tuple[dict[str, Path], dict[str, Path]]:

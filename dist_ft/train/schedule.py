@@ -69,9 +69,10 @@ class LrSchedule:
             self.cooldown_left -= 1
             self.bad_epochs = 0
         if self.cfg.name == "plateau" and self.bad_epochs > self.cfg.plateau_patience:
+            before = self.plateau_scale
             self.plateau_scale = max(self.plateau_scale * self.cfg.gamma, self.cfg.min_lr_scale)
             self.bad_epochs, self.cooldown_left = 0, self.cfg.plateau_cooldown
-            return True
+            return self.plateau_scale < before  # at min_lr_scale nothing changes
         return False
 
     def state_dict(self) -> dict:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from dist_ft.config.schema import DataConfig, ModelConfig, Recipe
 from dist_ft.data.datasets import build_dataset, class_names
+from dist_ft.data.label_map import CHESTXRAY14_TO_CHEXPERT
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchNormalize, BatchResize
 from dist_ft.models.factory import build_model
@@ -33,8 +34,15 @@ from dist_ft.models.weights import load_weights_strict
 from dist_ft.train.consistency import gather_objects
 from dist_ft.train.runtime import ensure_process_group_env, has_cuda
 
-# Findings named differently by other labellers (CheXpert, MIMIC-CXR) -> ChestX-ray14's name.
-CLASS_ALIASES = {"pleural effusion": "effusion", "pleural_effusion": "effusion"}
+
+def _alias_key(name: str) -> str:
+    return name.strip().lower().replace("-", " ").replace("_", " ")
+
+
+# Findings named differently by other labellers (CheXpert, MIMIC-CXR) -> ChestX-ray14's name,
+# from the data layer's one mapping table.
+CLASS_ALIASES = {_alias_key(other): _alias_key(ours)
+                 for ours, other in CHESTXRAY14_TO_CHEXPERT.items() if other != ours}
 
 
 def load_trained(recipe: Recipe, weights: str | Path) -> torch.nn.Module:
@@ -213,9 +221,8 @@ class ClassMatch:
 
 
 def _class_key(name: str) -> str:
-    key = name.strip().lower().replace("-", " ")
-    key = CLASS_ALIASES.get(key, key)
-    return key.replace(" ", "_")
+    key = _alias_key(name)
+    return CLASS_ALIASES.get(key, key)
 
 
 def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> ClassMatch:
@@ -243,6 +250,10 @@ def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> 
         data_only=[c for j, c in enumerate(data_classes) if j not in data_used])
 
 
+class EmptySplitError(ValueError):
+    """A split to score has no images."""
+
+
 def score_split(model: torch.nn.Module, model_classes: Sequence[str], data: DataConfig,
                 split: str, image_size: int, procs: EvalProcesses,
                 batch_size: int | None = None) -> tuple[SplitScores, ClassMatch]:
@@ -250,8 +261,13 @@ def score_split(model: torch.nn.Module, model_classes: Sequence[str], data: Data
 
     Raises:
         ValueError: the model and the data share no class.
+        EmptySplitError: the split has no images (every rank alike: before any collective).
     """
     dataset = build_dataset(data, split)
+    if len(dataset) == 0:
+        raise EmptySplitError(
+            f"the {split} split of {data.format} data at {data.cache or data.root} has no "
+            f"images (data.val_fraction, data.test_fraction, data.split_files?)")
     classes = list(dataset.classes)
     match = (match_classes(model_classes, classes) if dataset.multilabel else
              ClassMatch(list(range(len(classes))), list(range(len(classes))), classes))

@@ -15,6 +15,7 @@ reporting (:mod:`dist_ft.train.reporting`), checkpoints and what an exact resume
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -422,7 +423,12 @@ class Trainer:
         p.last_metrics = metrics
         monitor = self.monitor
         new_best, gain = monitor.update(metrics, p.epoch, p.step)
-        if self.schedule.observe(metric_value(metrics, monitor.name), gain):
+        value = metric_value(metrics, monitor.name)
+        if math.isnan(value):
+            log.warning("%s is undefined at epoch %d (no positives or no negatives in the "
+                        "validation split?): no model selected, patience counts on",
+                        monitor.name, p.epoch)
+        if self.schedule.observe(value, gain):
             log.info("plateau: %s without a gain for %d evaluations; lr x%g (now x%g)",
                      monitor.name, self.recipe.schedule.plateau_patience + 1,
                      self.recipe.schedule.gamma, self.schedule.plateau_scale)
@@ -432,7 +438,7 @@ class Trainer:
             self._save_best(metrics)
         patience = cfg.early_stopping_patience
         if patience and monitor.evals_without_gain >= patience:
-            log.info("early stopping: %s without a gain in %d evaluations (best %.4f at epoch "
+            log.info("early stopping: %s without a gain in %d evaluations (best %s at epoch "
                      "%s)", monitor.name, patience, monitor.best, monitor.best_epoch)
             return True
         return False
@@ -453,8 +459,13 @@ class Trainer:
 
     def _write_weights(self, weights: Path, metrics_path: Path, state: dict[str, torch.Tensor],
                        metrics: dict[str, Any], about: dict[str, Any] | None = None) -> None:
-        """Consolidated fp32 weights (torchvision names) and their metrics, each atomically;
-        the safetensors header names the model, plan, run and (``about``) the selection."""
+        """Consolidated fp32 weights (torchvision names) and their metrics, each atomically.
+
+        The safetensors header names the model, plan, run and (``about``) the epoch, step and
+        selection: the weights describe themselves, so a crash between the two renames
+        leaves at worst a stale ``metrics.json`` beside them, never a wrong description read
+        from the weights (``dist-ft eval`` reads the header first).
+        """
         from safetensors.torch import save_file
 
         weights.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +473,8 @@ class Trainer:
         header = {"model": self.recipe.model.name, "digest": self.plan.digest,
                   "run_id": self.run_id, **{k: str(v) for k, v in (about or {}).items()}}
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=header)
+        with open(tmp, "rb") as fh:  # on disk before the rename makes it the weights
+            os.fsync(fh.fileno())
         tmp.replace(weights)
         write_json_atomic(metrics_path, metrics)
 
@@ -508,7 +521,11 @@ class Trainer:
         p = self.progress
         p.load_state_dict(state["progress"])
         self.schedule.load_state_dict(state["schedule"])
-        self.monitor.load_state_dict(state.get("monitor", {}))
+        if not self.monitor.load_state_dict(state.get("monitor", {})) and "monitor" in state:
+            log.warning("resume: the checkpoint selected best/ by %s (%s), this run by %s (%s): "
+                        "selection starts anew and the next evaluation replaces best/",
+                        state["monitor"].get("name"), state["monitor"].get("mode"),
+                        self.monitor.name, self.monitor.mode)
         if self.monitor.best is not None and self.reporter is not None:
             self.reporter.status_extra["best"] = self.monitor.selected()
         self._enter_stage(p.stage, carry=False, snapshot=False)
@@ -547,7 +564,8 @@ class Trainer:
         log.info("final weights identical on %d rank(s)", self.world)
         if self.main:
             self._write_weights(self.run.final_weights, self.run.final_metrics, state,
-                                self.progress.last_metrics)
+                                self.progress.last_metrics,
+                                {"epoch": self.progress.epoch, "step": self.progress.step})
             self.reporter.status("finished", self.progress,
                                  score=self.progress.last_metrics.get("score"))
         self.reporter.close()

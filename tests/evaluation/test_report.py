@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dist_ft import jsonio
+from dist_ft.evaluation.plots import plot_reliability, plot_roc
 from dist_ft.evaluation.references import REFERENCES
-from dist_ft.evaluation.report import analyze, plot_reliability, plot_roc, render_markdown
+from dist_ft.evaluation.report import analyze, render_markdown
 from dist_ft.evaluation.scored import Scored
 from tests.evaluation.conftest import synthetic
 
