@@ -14,9 +14,9 @@ Building a split checks the whole source's splits first: a patient in two splits
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from dist_ft.data.splits import (
     list_files,
     resolve_splits,
 )
-from dist_ft.data.table import SampleTable
+from dist_ft.data.table import SampleTable, read_csv_rows
 from dist_ft.data.transforms import default_load_size
 
 log = logging.getLogger(__name__)
@@ -162,20 +162,20 @@ def load_size(cfg: DataConfig) -> int:
     return cfg.load_size or default_load_size(cfg.image_size)
 
 
-def _drop_missing(paths: list[Path], names: np.ndarray, cfg: DataConfig, split: str,
-                  where: str) -> np.ndarray:
-    """Mask of the images that exist; an error naming the first missing unless skipping."""
-    exists = np.fromiter((Path(p).is_file() for p in paths), dtype=bool, count=len(paths))
+def _drop_missing(exists: np.ndarray, names: np.ndarray, cfg: DataConfig, split: str,
+                  source: str, root: Path) -> np.ndarray:
+    """``exists`` back, after an error naming the first missing image (a warning when
+    ``data.on_bad_image=skip``); ``source`` lists the images, expected under ``root``."""
     if exists.all():
         return exists
     missing = [str(n) for n, ok in zip(names, exists, strict=True) if not ok]
     if cfg.on_bad_image == "error":
         raise MetadataError(
-            f"{len(missing)} {split} image(s) of {where} are missing, first {missing[0]!r}; "
-            "set data.on_bad_image=skip to train without them"
+            f"{len(missing)} {split} image(s) of {source} are not under {root}, "
+            f"first {missing[0]!r}; set data.on_bad_image=skip to train without them"
         )
-    log.warning("%d %s images of %s missing (skipped), first %s", len(missing), split, where,
-                missing[0])
+    log.warning("%d %s images missing under %s (skipped), first %s; listed in %s",
+                len(missing), split, root, missing[0], source)
     return exists
 
 
@@ -207,16 +207,8 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
         mask &= np.isin(meta.views, views)
     meta = meta.subset(mask)
     found = find_images(root)
-    missing = [n for n in meta.images if n not in found]
-    if missing:
-        if cfg.on_bad_image == "error":
-            raise MetadataError(
-                f"{len(missing)} {split} image(s) of {meta.source.name} are not under {root}, "
-                f"first {missing[0]!r}; set data.on_bad_image=skip to train without them"
-            )
-        log.warning("%d %s images missing under %s (skipped), first %s",
-                    len(missing), split, root, missing[0])
-        meta = meta.subset(np.isin(meta.images, list(found)))
+    exists = np.fromiter((n in found for n in meta.images), dtype=bool, count=len(meta.images))
+    meta = meta.subset(_drop_missing(exists, meta.images, cfg, split, meta.source.name, root))
     paths = [found[n] for n in meta.images]
     info = {"image": meta.images.astype(str), "patient": meta.patients.astype(str),
             "view": meta.views.astype(str), "sex": meta.sexes.astype(str),
@@ -263,25 +255,20 @@ def read_csv_table(cfg: DataConfig) -> SampleTable:
     otherwise by image (with a warning that names ``csv.patient_column``).
 
     Raises:
-        MetadataError: unreadable file, missing columns, non-0/1 labels, unknown label
-            names, bad split names (naming file, line and column).
+        MetadataError: unreadable or empty file, missing columns, labels other than 0/1
+            (blank included), unknown label names, bad split names (naming file, line and
+            column).
     """
     assert cfg.csv is not None  # guaranteed by DataConfig
     spec = cfg.csv
     root = Path(cfg.root) if cfg.root else Path(spec.file).parent
     path = Path(spec.file)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise MetadataError(f"data.csv.file: cannot read {path}: {exc.strerror}") from None
-    header = list(rows[0]) if rows else []
     needed = [spec.path_column, *(spec.label_columns or []),
               *filter(None, [spec.label_column, spec.split_column, spec.patient_column])]
-    missing = [c for c in needed if c not in header]
-    if missing:
-        raise MetadataError(f"{path}: missing column {', '.join(map(repr, missing))}; "
-                            f"header is {', '.join(header)}")
+    rows = read_csv_rows(path, needed)
+    if not rows:
+        raise MetadataError(f"{path}: no rows after the header (data.csv.file lists one image "
+                            "per row)")
     classes, targets = _csv_targets(rows, spec.label_columns, spec.label_column, spec.separator,
                                     spec.classes, path)
     images = np.array([r[spec.path_column].strip() for r in rows], dtype=object)
@@ -326,11 +313,18 @@ def _csv_targets(rows: list[dict[str, str]], label_columns: list[str] | None,
                  label_column: str | None, separator: str, fixed: list[str] | None,
                  path: Path) -> tuple[list[str], np.ndarray]:
     if label_columns is not None:
-        try:
-            targets = np.array([[float(r[c]) for c in label_columns] for r in rows],
-                               dtype=np.float32)
-        except ValueError as exc:
-            raise MetadataError(f"{path}: label columns must hold 0/1 values ({exc})") from None
+        targets = np.zeros((len(rows), len(label_columns)), dtype=np.float32)
+        for k, r in enumerate(rows):
+            for j, c in enumerate(label_columns):
+                text = (r[c] or "").strip()  # None: the row is short of columns
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = math.nan
+                if value not in (0.0, 1.0):  # blank, 2, -1, nan, text
+                    raise MetadataError(f"{path}:{k + 2}: column {c!r}: label {text!r}; "
+                                        "expected 0 or 1")
+                targets[k, j] = value
         return list(label_columns), targets
     assert label_column is not None  # guaranteed by CsvConfig
     label_lists = [[x.strip() for x in r[label_column].split(separator) if x.strip()]
@@ -347,9 +341,46 @@ def _csv_targets(rows: list[dict[str, str]], label_columns: list[str] | None,
     return list(classes), targets
 
 
+# Tables read in this process: config JSON -> (stamp of its files, table). Train and val
+# (and class_names) share one parse: MIMIC-CXR-JPG's CSVs hold 377k rows.
+_TABLES: dict[str, tuple[tuple, SampleTable]] = {}
+_MAX_TABLES = 2
+
+
+def _stamp(cfg: DataConfig, source: Path) -> tuple:
+    """Size and modification time of the files a table is read from, to notice a rewrite."""
+    lists = cfg.split_files.model_dump().values() if cfg.split_files else ()
+    stamp = []
+    for file in [source, *filter(None, lists)]:
+        try:
+            stat = Path(file).stat()
+            stamp.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
 def read_table(cfg: DataConfig) -> SampleTable:
     """The labelled source of a CSV, CheXpert or MIMIC-CXR-JPG recipe as a table with splits,
-    its targets renamed to the shared ChestX-ray14 findings under ``data.labels_as``."""
+    its targets renamed to the shared ChestX-ray14 findings under ``data.labels_as``.
+
+    The table is cached per config in this process and read again when its source file (or
+    a split file) changes; callers must not modify its arrays.
+    """
+    key = cfg.model_dump_json()
+    if key in _TABLES:
+        stamp, table = _TABLES[key]
+        if stamp == _stamp(cfg, table.source):
+            return table
+    table = _read_table(cfg)
+    _TABLES.pop(key, None)
+    while len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))  # the oldest
+    _TABLES[key] = (_stamp(cfg, table.source), table)
+    return table
+
+
+def _read_table(cfg: DataConfig) -> SampleTable:
     readers = {"csv": read_csv_table, "chexpert": read_chexpert, "mimic_cxr": read_mimic}
     if cfg.format not in readers:
         raise ValueError(f"read_table reads csv, chexpert or mimic_cxr, not {cfg.format}")
@@ -379,16 +410,13 @@ def table_dataset(cfg: DataConfig, split: str) -> Dataset:
                                 "data.views")
         mask &= np.isin(table.views, cfg.views)
     table = table.subset(mask)
-    exists = _drop_missing(list(table.paths), table.images, cfg, split, str(table.source))
-    table = table.subset(exists)
+    exists = np.fromiter((Path(p).is_file() for p in table.paths), dtype=bool,
+                         count=len(table))
+    root = Path(cfg.root) if cfg.root else Path(table.source).parent  # csv: beside the file
+    table = table.subset(_drop_missing(exists, table.images, cfg, split, str(table.source), root))
     channels = 3 if cfg.format == "csv" else 1  # radiographs are grey
     return LabelledImages(list(table.paths), table.labels, table.classes, True, channels,
                           load_size(cfg), cfg.on_bad_image, sample_info=table.sample_info())
-
-
-def csv_dataset(cfg: DataConfig, split: str) -> Dataset:
-    """A multi-label CSV: a path column and label columns or a separated label column."""
-    return table_dataset(cfg, split)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> Dataset:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dist_ft.data.images import ImageError
+# The module, not ImageError: images imports this module at its top (an import cycle).
+from dist_ft.data import images
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128  # a DICOM file: a 128-byte preamble, then b"DICM"
@@ -65,8 +66,9 @@ def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
     if "PixelData" not in ds:
-        raise ImageError(f"{path}: DICOM file has no pixel data (PixelData element missing); "
-                         "it is not an image (a report or a structured document?)")
+        raise images.ImageError(f"{path}: DICOM file has no pixel data (PixelData element "
+                                "missing); it is not an image (a report or a structured "
+                                "document?)")
     try:
         return ds.pixel_array
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/ValueError ...
@@ -79,7 +81,8 @@ def _pixels(ds: Any, path: Path) -> np.ndarray:
                     "pylibjpeg-openjpeg (JPEG 2000), or python-gdcm; or decompress the file "
                     "first (gdcmconv --raw IN OUT).")
         reason = " ".join(str(exc).split())  # pydicom lists plugins on tab-indented lines
-        raise ImageError(f"{path}: cannot decode DICOM pixel data ({reason}).{hint}") from None
+        raise images.ImageError(
+            f"{path}: cannot decode DICOM pixel data ({reason}).{hint}") from None
 
 
 def read_dicom(path: str | Path) -> Image.Image:
@@ -108,7 +111,7 @@ def read_dicom(path: str | Path) -> Image.Image:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
-        raise ImageError(f"{path}: cannot read as DICOM ({exc})") from None
+        raise images.ImageError(f"{path}: cannot read as DICOM ({exc})") from None
     arr = _pixels(ds, path)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -124,7 +127,8 @@ def read_dicom(path: str | Path) -> Image.Image:
         if window is not None:
             values = apply_voi_lut(values, ds)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise ImageError(f"{path}: malformed DICOM rescale or window elements ({exc})") from None
+        raise images.ImageError(
+            f"{path}: malformed DICOM rescale or window elements ({exc})") from None
     if window is None:
         window = (float(np.min(values)), float(np.max(values)))
     gray = _to_uint8(values, *window)

@@ -9,6 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# The module, not its names: dicom imports ImageError from here, so whichever of the two is
+# imported first, the other's attributes are looked up at call time. (pydicom itself loads
+# on the first DICOM read.)
+from dist_ft.data import dicom
+
 
 class ImageError(ValueError):
     """An image is missing, empty, truncated, not decodable or over PIL's decompression-bomb
@@ -45,10 +50,8 @@ def _open(path: Path) -> Image.Image:
     if size == 0:
         raise ImageError(f"{path}: image file is empty (0 bytes)")
     # DICOM by suffix here; by its magic bytes only once PIL gives up (no extra read per PNG).
-    from dist_ft.data.dicom import DICOM_SUFFIXES, has_dicom_magic, read_dicom
-
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom(path)
+    if path.suffix.lower() in dicom.DICOM_SUFFIXES:
+        return dicom.read_dicom(path)
     try:
         # PIL only warns between 1x and 2x its pixel limit and raises an Exception subclass
         # above; both become one ImageError, so on_bad_image=skip treats a bomb like any bad
@@ -64,8 +67,8 @@ def _open(path: Path) -> Image.Image:
             "(data.on_bad_image=skip; dist-ft data prepare --on-bad-image skip)"
         ) from None
     except UnidentifiedImageError as exc:
-        if has_dicom_magic(path):
-            return read_dicom(path)
+        if dicom.has_dicom_magic(path):
+            return dicom.read_dicom(path)
         raise ImageError(f"{path}: cannot decode image ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: cannot decode image ({exc})") from None

@@ -10,7 +10,7 @@ in the targets: the loss and the metrics leave them out.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -106,30 +106,3 @@ def as_chestxray14(targets: np.ndarray, classes: Sequence[str]) -> tuple[np.ndar
     column = {name: i for i, name in enumerate(classes)}
     picks = [column[CHESTXRAY14_TO_CHEXPERT[f]] for f in SHARED_CHESTXRAY14]
     return targets[:, picks], list(SHARED_CHESTXRAY14)
-
-
-def match_outputs(model_classes: Sequence[str], data_classes: Sequence[str],
-                  aliases: Mapping[str, str] | None = None) -> list[tuple[int, int]]:
-    """Pairs ``(model column, dataset column)`` of the findings both name, in dataset order.
-
-    Args:
-        model_classes: the model's output names (e.g. :data:`FINDINGS`).
-        data_classes: the dataset's ``classes``.
-        aliases: dataset name -> model name where they are spelled differently (default:
-            CheXpert's spelling -> ChestX-ray14's, e.g. ``Pleural Effusion`` -> ``Effusion``).
-
-    Raises:
-        ValueError: the two share no finding.
-    """
-    if aliases is None:
-        aliases = {v: k for k, v in CHESTXRAY14_TO_CHEXPERT.items()}
-    model_index = {name: i for i, name in enumerate(model_classes)}
-    pairs = []
-    for j, name in enumerate(data_classes):
-        i = model_index.get(name, model_index.get(aliases.get(name, "")))
-        if i is not None:
-            pairs.append((i, j))
-    if not pairs:
-        raise ValueError(f"the model's classes ({', '.join(model_classes)}) and the data's "
-                         f"({', '.join(data_classes)}) share no finding")
-    return pairs

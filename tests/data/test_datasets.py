@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from dist_ft.config.schema import CsvConfig, DataConfig
 from dist_ft.data.cache import prepare_cache
-from dist_ft.data.datasets import build_dataset
+from dist_ft.data.datasets import build_dataset, read_table
 from dist_ft.data.metadata import MetadataError
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 
@@ -102,6 +102,41 @@ def test_csv_dataset_with_label_columns_and_missing_column(tmp_path: Path) -> No
     missing = DataConfig(format="csv", csv=CsvConfig(file=str(path), label_columns=["a", "c"]))
     with pytest.raises(MetadataError, match=r"missing column 'c'"):
         build_dataset(missing, "train")
+
+
+@pytest.mark.parametrize("value", ["nan", "2", "-1", "", "yes"])
+def test_csv_label_columns_reject_anything_but_0_and_1(tmp_path: Path, value: str) -> None:
+    rows = [{"path": f"{i}.png", "a": "1", "b": "0"} for i in range(4)]
+    rows[2]["b"] = value
+    path = _csv(tmp_path, rows)
+    cfg = DataConfig(format="csv", csv=CsvConfig(file=str(path), label_columns=["a", "b"]))
+    with pytest.raises(MetadataError,
+                       match=rf"labels\.csv:4: column 'b': label '{value}'; expected 0 or 1"):
+        build_dataset(cfg, "train")
+
+
+def test_a_header_only_csv_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("path,a\n")
+    cfg = DataConfig(format="csv", csv=CsvConfig(file=str(path), label_columns=["a"]))
+    with pytest.raises(MetadataError, match=r"labels\.csv: no rows after the header"):
+        build_dataset(cfg, "train")
+    path.write_bytes(b"path,a\n\xff\xfe,1\n")  # not UTF-8: named, not a UnicodeDecodeError
+    with pytest.raises(MetadataError, match=r"labels\.csv: cannot read"):
+        build_dataset(cfg, "train")
+
+
+def test_a_table_is_parsed_once_per_config_until_its_file_changes(tmp_path: Path) -> None:
+    rows = [{"path": f"{i}.png", "a": str(i % 2)} for i in range(10)]
+    path = _csv(tmp_path, rows)
+    cfg = DataConfig(format="csv", csv=CsvConfig(file=str(path), label_columns=["a"]))
+    first = read_table(cfg)
+    assert read_table(cfg) is first
+    assert read_table(cfg.model_copy(update={"batch_size": 3})) is not first  # another config
+    _csv(tmp_path, rows[:8])
+    again = read_table(cfg)
+    assert again is not first and len(again) == 8
+    assert sum(len(build_dataset(cfg, s)) for s in ("train", "val", "test")) == 8
 
 
 def test_batch_augment_is_reproducible_and_shaped() -> None:
