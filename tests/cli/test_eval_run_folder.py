@@ -113,6 +113,12 @@ def test_resolve_weights_prefers_best_then_final(tmp_path: Path) -> None:
         resolve_weights(run / "final" / "model.safetensors", "best")
     with pytest.raises(ConfigError, match="not a finished run folder"):
         resolve_weights(tmp_path)
+    # A file in some best/ beside no recipe.yaml is a loose file: nothing is written above it.
+    loose = tmp_path / "downloads" / "best" / "model.safetensors"
+    loose.parent.mkdir(parents=True)
+    loose.write_bytes(b"z")
+    (tmp_path / "downloads" / "logs").mkdir()
+    assert (resolve_weights(loose).kind, resolve_weights(loose).run) == ("file", None)
 
 
 # ----------------------------------------------------------------- the report

@@ -43,6 +43,9 @@ def test_step_and_plateau() -> None:
     reduced = [plateau.observe(m, g) for m, g in zip((0.5, 0.6, 0.6, 0.6, 0.7), gains, strict=True)]
     assert reduced == [False, False, False, True, False]
     assert plateau.factor(50) == pytest.approx(0.1)
+    floor = LrSchedule(ScheduleConfig(name="plateau", plateau_patience=0, min_lr_scale=0.1),
+                       100, 10)
+    assert [floor.observe(1.0, False) for _ in range(3)] == [True, False, False]  # at the floor
     clone = LrSchedule(ScheduleConfig(name="plateau"), 100, 10)
     clone.load_state_dict(plateau.state_dict())
     assert clone.factor(50) == plateau.factor(50)
