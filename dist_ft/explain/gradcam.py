@@ -25,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Axis", "default_layer", "gradcam", "map_geometry", "upsample"]
+__all__ = ["Axis", "MapSpec", "cell_size", "default_layer", "gradcam", "map_geometry", "map_spec",
+           "model_device_dtype", "upsample"]
 
 # One spatial axis of a feature map: cell i is centred on input pixel ``stride * i + offset``
 # (pixel j spans [j - 0.5, j + 0.5]).
@@ -203,22 +205,16 @@ class _GeometryMode(torch.overrides.TorchFunctionMode):
         return out
 
 
-def map_geometry(model: nn.Module, images: torch.Tensor,
-                 layer: nn.Module) -> tuple[Axis, Axis] | None:
-    """Where ``layer``'s output cells sit on the input: ``((stride, offset) of y, of x)``.
+def _trace(model: nn.Module, images: torch.Tensor,
+           layer: nn.Module | None) -> tuple[int, tuple[Axis, Axis] | None]:
+    """One no-grad forward of ``images``: the model's output count and ``layer``'s geometry.
 
-    Runs ``model`` once on ``images`` (no gradient) while tracing strides and paddings (see
-    :class:`_GeometryMode`); the weights play no part.
-
-    Args:
-        model: the classifier.
-        images: a preprocessed batch (one image is enough).
-        layer: a module of ``model`` whose output is ``[B, C, h, w]``.
-
-    Returns:
-        Per axis ``(stride, offset)``: cell ``i`` is centred on input pixel
-        ``stride * i + offset``; ``None`` when the layer's grid is not traceable to the input.
+    ``layer=None`` skips the tracing (a ViT's token grid, whose tiling is even) and only
+    counts the outputs.
     """
+    if layer is None:
+        with torch.no_grad():
+            return int(model(images).shape[-1]), None
     seen: list[tuple | None] = []
     mode = _GeometryMode(images)
 
@@ -229,12 +225,115 @@ def map_geometry(model: nn.Module, images: torch.Tensor,
     handle = layer.register_forward_hook(hook)
     try:
         with torch.no_grad(), mode:
-            model(images)
+            classes = int(model(images).shape[-1])
     finally:
         handle.remove()
     if not seen or seen[-1] is None:
-        return None
-    return seen[-1][2], seen[-1][3]
+        return classes, None
+    return classes, (seen[-1][2], seen[-1][3])
+
+
+def map_geometry(model: nn.Module, images: torch.Tensor,
+                 layer: nn.Module) -> tuple[Axis, Axis] | None:
+    """Where ``layer``'s output cells sit on the input: ``((stride, offset) of y, of x)``.
+
+    Runs ``model`` once on ``images`` (no gradient) while tracing strides and paddings (see
+    :class:`_GeometryMode`); the weights play no part.
+
+    Args:
+        model: the classifier.
+        images: a preprocessed batch (one image is enough), on the model's device and dtype.
+        layer: a module of ``model`` whose output is ``[B, C, h, w]``.
+
+    Returns:
+        Per axis ``(stride, offset)``: cell ``i`` is centred on input pixel
+        ``stride * i + offset``; ``None`` when the layer's grid is not traceable to the input.
+    """
+    return _trace(model, images, layer)[1]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What Grad-CAM needs to know of a (model, layer, input size) besides the images.
+
+    Computed once by :func:`map_spec` and passed to :func:`gradcam` for every batch, so a
+    batch costs no extra forward pass.
+
+    Attributes:
+        size: ``(H, W)`` of the input it was traced at.
+        classes: the model's number of outputs.
+        geometry: the layer's cell centres (:func:`map_geometry`), ``None`` for an even tiling.
+        cell_px: input pixels between two cells (largest stride; a ViT's patch size), ``None``
+            when unknown.
+    """
+
+    size: tuple[int, int]
+    classes: int
+    geometry: tuple[Axis, Axis] | None
+    cell_px: float | None
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype an input must have to run through ``model``.
+
+    Those of its first floating parameter (or buffer); the default dtype on the CPU for a
+    model without weights.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``(device, dtype)``.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    floating = [t for t in tensors if t.is_floating_point()]
+    if floating:
+        return floating[0].device, floating[0].dtype
+    # No float weights (a parameter-free model): the default dtype, on the weights' device.
+    return (tensors[0].device if tensors else torch.device("cpu")), torch.get_default_dtype()
+
+
+def _spec(model: nn.Module, probe: torch.Tensor, module: nn.Module, is_vit: bool) -> MapSpec:
+    """:class:`MapSpec` from one forward of ``probe`` (``[1, C, H, W]``)."""
+    classes, geometry = _trace(model, probe, None if is_vit else module)
+    if is_vit:
+        cell: float | None = float(model.patch_size)
+    else:
+        cell = None if geometry is None else float(max(axis[0] for axis in geometry))
+    return MapSpec((int(probe.shape[-2]), int(probe.shape[-1])), classes, geometry, cell)
+
+
+def _is_vit_grid(model: nn.Module, layer: nn.Module | str | None) -> bool:
+    """Whether Grad-CAM uses a ViT's token grid (the default layer of a ViT)."""
+    return layer in (None, "encoder.layers[-1]") and _family(model) == "vit"
+
+
+def map_spec(model: nn.Module, size: int | tuple[int, int], channels: int = 3,
+             layer: nn.Module | str | None = None) -> MapSpec:
+    """Output count and map geometry of ``model`` at an input size, from one forward pass.
+
+    The probe input is zeros on the device and in the dtype of the model's parameters (the
+    weights play no part in the geometry).
+
+    Args:
+        model: the classifier.
+        size: the input side, or ``(H, W)``.
+        channels: the channels the model takes (3 after :class:`BatchNormalize`).
+        layer: Grad-CAM's layer, as for :func:`gradcam`.
+
+    Returns:
+        The spec to pass to :func:`gradcam` for inputs of that size.
+
+    Raises:
+        ValueError: no default layer for the model, or a path that names no module.
+    """
+    height, width = _pair(size)
+    device, dtype = model_device_dtype(model)
+    probe = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
+    is_vit = _is_vit_grid(model, layer)
+    module = model if is_vit else _resolve_layer(
+        model, layer if layer is not None else default_layer(model))
+    return _spec(model, probe, module, is_vit)
 
 
 def upsample(cam: torch.Tensor, size: tuple[int, int],
@@ -264,23 +363,28 @@ def upsample(cam: torch.Tensor, size: tuple[int, int],
 
 
 def gradcam(model: nn.Module, images: torch.Tensor, class_index: int | Sequence[int],
-            layer: nn.Module | str | None = None) -> torch.Tensor:
+            layer: nn.Module | str | None = None, *,
+            spec: MapSpec | None = None) -> torch.Tensor:
     """Grad-CAM heatmaps of ``class_index`` for a batch of preprocessed images.
 
     Args:
         model: a classifier (eval mode is kept as is; parameters need not require grad).
-        images: ``[B, C, H, W]`` float, as the model takes them (resized and normalised).
+        images: ``[B, C, H, W]`` float, as the model takes them (resized and normalised), on
+            the model's device and in its dtype.
         class_index: the output to explain: one index for all images, or one per image.
         layer: the layer whose activations are weighted: a module of ``model`` or its dotted
             path; default :func:`default_layer`.
+        spec: :func:`map_spec` of this model and layer at the images' size; computed here
+            (one extra forward of one image) when not given. Pass it when mapping many
+            batches.
 
     Returns:
-        ``[B, H, W]`` float heatmaps in [0, 1] (each image's maximum is 1 unless the map is
+        ``[B, H, W]`` float32 heatmaps in [0, 1] (each image's maximum is 1 unless the map is
         all zero), on the images' device.
 
     Raises:
-        ValueError: no default layer for the model, a path that names no module, or a
-            ``class_index`` outside the model's outputs.
+        ValueError: no default layer for the model, a path that names no module, a
+            ``class_index`` outside the model's outputs, or a ``spec`` of another size.
     """
     from captum.attr import LayerGradCam
 
@@ -290,23 +394,27 @@ def gradcam(model: nn.Module, images: torch.Tensor, class_index: int | Sequence[
                else [int(k) for k in class_index])
     if len(targets) != images.shape[0]:
         raise ValueError(f"class_index has {len(targets)} entries for {images.shape[0]} images")
-    is_vit = layer in (None, "encoder.layers[-1]") and _family(model) == "vit"
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    if spec is not None and spec.size != size:
+        raise ValueError(f"spec was traced at {spec.size[0]}x{spec.size[1]} px but the images "
+                         f"are {size[0]}x{size[1]}; call map_spec(model, {size}) for them")
+    is_vit = _is_vit_grid(model, layer)
     with contextlib.ExitStack() as stack:
         if is_vit:
             module = stack.enter_context(_vit_grid(model))
         else:
             module = _resolve_layer(model, layer if layer is not None else default_layer(model))
-        inputs = images.detach().clone().requires_grad_(True)
-        with torch.no_grad():
-            classes = model(inputs[:1]).shape[-1]
-        geometry = None if is_vit else map_geometry(model, images[:1].detach(), module)
-        bad = [k for k in targets if not 0 <= k < classes]
+        if spec is None:
+            spec = _spec(model, images[:1].detach(), module, is_vit)
+        bad = [k for k in targets if not 0 <= k < spec.classes]
         if bad:
-            raise ValueError(f"class_index {bad[0]} is outside the model's {classes} outputs")
+            raise ValueError(f"class_index {bad[0]} is outside the model's {spec.classes} "
+                             "outputs")
+        inputs = images.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             cam = LayerGradCam(model, module).attribute(inputs, target=targets,
                                                         relu_attributions=True)
-    cam = upsample(cam.detach().float(), tuple(images.shape[-2:]), geometry)
+    cam = upsample(cam.detach().float(), size, spec.geometry)
     return _normalise(cam[:, 0])
 
 
@@ -316,16 +424,10 @@ def cell_size(model: nn.Module, image_size: int, channels: int = 3,
     ``image_size``: 32 for a ResNet's ``layer4``, a ViT's patch size. None when unknown.
 
     A heatmap cannot place a peak more finely than this, so boxes smaller than it cannot be
-    localized whatever the model learned (the localization report says so).
+    localized whatever the model learned (the localization report says so). Runs one forward
+    pass on the model's device (:func:`map_spec`'s ``cell_px``).
     """
-    from torchvision.models import VisionTransformer
-
-    if layer is None and isinstance(model, VisionTransformer):
-        return float(model.patch_size)
-    module = _resolve_layer(model, layer if layer is not None else default_layer(model))
-    images = torch.zeros(1, channels, image_size, image_size)
-    geometry = map_geometry(model, images, module)
-    return None if geometry is None else float(max(axis[0] for axis in geometry))
+    return map_spec(model, image_size, channels, layer).cell_px
 
 
 def _resolve_layer(model: nn.Module, layer: nn.Module | str) -> nn.Module:

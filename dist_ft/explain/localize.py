@@ -29,7 +29,8 @@ from torch import nn
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError
 from dist_ft.data.transforms import BatchNormalize
-from dist_ft.explain.gradcam import cell_size, gradcam
+from dist_ft.evaluation.bootstrap import confidence_interval, patient_bootstrap
+from dist_ft.explain.gradcam import MapSpec, gradcam, map_spec, model_device_dtype
 from dist_ft.explain.predict import load_image_tensor
 
 # The box file spells one finding differently from Data_Entry_2017.csv.
@@ -187,6 +188,8 @@ def bootstrap_mean_by_group(values: np.ndarray, groups: np.ndarray, resamples: i
                             seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of ``values.mean()``, resampling whole groups.
 
+    The cluster bootstrap of :mod:`dist_ft.evaluation.bootstrap` (groups as patients).
+
     Args:
         values: one value per box.
         groups: the group (image) of each value; groups are drawn with replacement.
@@ -198,34 +201,47 @@ def bootstrap_mean_by_group(values: np.ndarray, groups: np.ndarray, resamples: i
     """
     if len(values) == 0:
         return math.nan, math.nan
-    _, inverse = np.unique(groups, return_inverse=True)
-    sums = np.bincount(inverse, weights=values)
-    counts = np.bincount(inverse).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    draw = rng.integers(0, len(sums), size=(resamples, len(sums)))
-    means = sums[draw].sum(axis=1) / counts[draw].sum(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return float(low), float(high)
+    weights = patient_bootstrap(np.asarray(groups), resamples, seed)  # [R, N] multiplicities
+    means = weights @ np.asarray(values, dtype=np.float64) / weights.sum(axis=1)
+    return confidence_interval(means, alpha=0.05)
 
 
 def heatmaps_for(model: nn.Module, paths: Sequence[Path], class_index: int, image_size: int,
                  batch_size: int = 16, channels: int = 1,
-                 layer: nn.Module | str | None = None) -> np.ndarray:
+                 layer: nn.Module | str | None = None, *,
+                 spec: MapSpec | None = None) -> np.ndarray:
     """Grad-CAM maps ``[N, image_size, image_size]`` of one class for image files.
 
     Images are decoded, resized as the loaders do (shorter side, centre crop) and
-    ImageNet-normalised; the model runs on the device its parameters are on.
+    ImageNet-normalised; the model runs on the device and in the dtype of its parameters.
+
+    Args:
+        model: the classifier (eval mode).
+        paths: the image files.
+        class_index: the output to explain.
+        image_size: the model's input side.
+        batch_size: images per Grad-CAM batch.
+        channels: channels decoded from each file (1 grayscale, 3 RGB); the model gets 3.
+        layer: Grad-CAM's layer (default: the family's).
+        spec: :func:`dist_ft.explain.gradcam.map_spec` of this model and layer at
+            ``image_size``; computed once here when not given (pass it across calls).
+
+    Returns:
+        float32 maps in [0, 1], in the order of ``paths``.
 
     Raises:
         dist_ft.data.images.ImageError: an image is unreadable (named).
     """
-    device = next(model.parameters()).device
+    device, dtype = model_device_dtype(model)
+    if spec is None:
+        spec = map_spec(model, image_size, 3, layer)
     normalize = BatchNormalize().to(device)
     out = []
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([load_image_tensor(p, image_size, channels)
                              for p in paths[start : start + batch_size]]).to(device)
-        out.append(gradcam(model, normalize(batch), class_index, layer).cpu().numpy())
+        images = normalize(batch).to(dtype)  # BatchNormalize yields float32
+        out.append(gradcam(model, images, class_index, layer, spec=spec).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, image_size, image_size), np.float32)
 
 
@@ -297,6 +313,8 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
             f"none of the {len(boxes)} boxes can be scored: {len(no_image)} are of images not "
             f"among the {len(image_paths)} given, {len(other)} of findings not among the "
             f"model's classes ({', '.join(classes)})")
+    # One probe forward for the whole report: class count, cell centres and resolution.
+    spec = map_spec(model, image_size, 3, layer)  # normalized input: 3 channels
     sizes: dict[str, tuple[int, int]] = {}
     per_box: list[tuple[Box, bool, float]] = []
     box_sides: list[float] = []  # the shorter side of each box, in heatmap pixels
@@ -304,7 +322,7 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
         of_finding = [b for b in usable if b.finding == finding]
         names = list(dict.fromkeys(b.image for b in of_finding))
         maps = heatmaps_for(model, [Path(image_paths[n]) for n in names], index[finding],
-                            image_size, batch_size, channels, layer)
+                            image_size, batch_size, channels, layer, spec=spec)
         by_name = dict(zip(names, maps, strict=True))
         for box in of_finding:
             if box_image_size is not None:
@@ -336,7 +354,7 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
         "threshold": threshold, "tolerance_px": tolerance_px, "image_size": image_size,
         # The map's resolution beside the boxes': a peak cannot be placed more finely than
         # a cell, so boxes smaller than one are a limit of the input size, not of the model.
-        "map_cell_px": cell_size(model, image_size, 3, layer),  # normalized input: 3 channels
+        "map_cell_px": spec.cell_px,
         "median_box_px": float(np.median(box_sides)),
         "findings": findings,
         "overall": summary(per_box),

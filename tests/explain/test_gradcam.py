@@ -12,7 +12,7 @@ from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 from torchvision.models.resnet import BasicBlock
 
 from dist_ft.config.architectures import FAMILIES
-from dist_ft.explain.gradcam import default_layer, gradcam
+from dist_ft.explain.gradcam import cell_size, default_layer, gradcam, map_spec
 
 SIZE = 64
 
@@ -104,3 +104,50 @@ def test_real_densenet121_builds_and_maps() -> None:
     model = get_model("densenet121", weights=None, num_classes=14).eval()
     cam = gradcam(model, torch.randn(1, 3, SIZE, SIZE), 0)
     assert cam.shape == (1, SIZE, SIZE) and torch.isfinite(cam).all()
+
+
+def _forwards(model: nn.Module) -> tuple[list[torch.Tensor], object]:
+    """Record the input of every forward pass of ``model``; returns the list and the handle."""
+    seen: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_spec_saves_the_probe_and_follows_the_model_dtype(family: str) -> None:
+    """The probe input follows the model (float64 here; a CPU float32 probe would fail), and a
+    spec passed in leaves captum's forward as the only one, with the same maps."""
+    model = tiny(family).double()
+    images = torch.randn(3, 3, SIZE, SIZE, dtype=torch.float64)
+    seen, handle = _forwards(model)
+    spec = map_spec(model, SIZE)
+    assert [(t.dtype, t.device, tuple(t.shape)) for t in seen] == [
+        (torch.float64, images.device, (1, 3, SIZE, SIZE))]
+    assert spec.classes == 4 and spec.cell_px == (8.0 if family == "vit" else 32.0)
+    seen.clear()
+    with_spec = gradcam(model, images, 2, spec=spec)
+    assert len(seen) == 1
+    seen.clear()
+    without = gradcam(model, images, 2)
+    assert len(seen) == 2  # the probe, then captum's
+    handle.remove()
+    torch.testing.assert_close(with_spec, without)
+    assert with_spec.dtype == torch.float32 and with_spec.device == images.device
+    assert cell_size(model, SIZE) == spec.cell_px
+    with pytest.raises(ValueError, match="spec was traced at 64x64 px but the images are 32x32"):
+        gradcam(model, images[..., :32, :32], 0, spec=spec)
+    with pytest.raises(ValueError, match="class_index 4 is outside the model's 4 outputs"):
+        gradcam(model, images, 4, spec=spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model() -> None:
+    model = tiny("densenet").cuda()
+    images = torch.randn(2, 3, SIZE, SIZE, device="cuda")
+    spec = map_spec(model, SIZE)
+    assert cell_size(model, SIZE) == spec.cell_px == 8.0
+    cam = gradcam(model, images, 1, spec=spec)
+    assert cam.device.type == "cuda"
+    torch.testing.assert_close(cam.cpu(), gradcam(model.cpu(), images.cpu(), 1), atol=1e-4,
+                               rtol=1e-3)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torchvision.models import DenseNet
 
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.synth import BBOX_HEADER, BBOX_LIST, image_boxes, write_synthetic
@@ -14,6 +16,8 @@ from dist_ft.explain.localize import (
     BoxFileError,
     bootstrap_mean_by_group,
     box_scores,
+    heatmaps_for,
+    localization_report,
     read_bbox_csv,
     render_localization_markdown,
     scale_box,
@@ -114,3 +118,28 @@ def test_markdown_renders_every_finding() -> None:
     text = render_localization_markdown(report)
     assert "| Mass | 3 | 0.667 [0.200-0.900] | 0.400 [0.300-0.500] |" in text
     assert "**all**" in text and "1 box(es) of images not evaluated" in text
+
+
+def test_report_probes_the_model_once(tmp_path: Path) -> None:
+    """One probe forward per report, then one per Grad-CAM batch; a float64 model works."""
+    write_synthetic(tmp_path, images=24, size=64, seed=2, box_fraction=1.0)
+    paths = {p.name: p for p in tmp_path.glob("images_*/images/*.png")}
+    boxes = read_bbox_csv(tmp_path / BBOX_LIST)
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,
+                     num_classes=len(FINDINGS)).double().eval()
+    batches: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    report = localization_report(model, 64, paths, boxes, list(FINDINGS), batch_size=4,
+                                 resamples=50)
+    handle.remove()
+    per_finding = {}
+    for box in boxes:
+        per_finding.setdefault(box.finding, set()).add(box.image)
+    expected = sum(-(-len(names) // 4) for names in per_finding.values())
+    assert len(batches) == 1 + expected and batches[0] == 1
+    assert report["overall"]["boxes"] == len(boxes) and report["map_cell_px"] == 8.0
+    low, high = report["overall"]["mean_iou_ci"]
+    assert low <= report["overall"]["mean_iou"] <= high
+    maps = heatmaps_for(model, [paths[n] for n in sorted(paths)[:3]], 0, 64, batch_size=2)
+    assert maps.shape == (3, 64, 64) and maps.dtype == np.float32 and np.isfinite(maps).all()
