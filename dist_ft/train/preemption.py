@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -27,6 +28,11 @@ from dist_ft.train.consistency import cpu_group, gather_objects
 log = logging.getLogger("dist_ft.train")
 
 WATCHED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Inside a Slurm job, a SIGTERM may be the first half of a preemption notice: submitit sends
+# SIGTERM, then SIGUSR2 (two scancel calls). Acting on the SIGTERM alone at the next step
+# would stop without the requeue the SIGUSR2 asks for, so a lone SIGTERM waits this long
+# for its partner (Slurm's KillWait, 30 s by default, leaves room for it).
+TERM_GRACE_S = 2.0
 
 
 class Preempted(Exception):
@@ -53,6 +59,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: set[int] = set()
+        self.term_at: float | None = None  # time.monotonic() of the first SIGTERM
         self._previous: dict[int, Any] = {}
         self._group: Any = None
 
@@ -72,7 +79,18 @@ class StopSignals:
             # abort itself (marking the run failed, releasing the lock) is not cut short.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             raise KeyboardInterrupt
+        if signum == signal.SIGTERM and self.term_at is None:
+            self.term_at = time.monotonic()
         self.received.add(signum)
+
+    def _ready(self) -> set[int]:
+        """The received signals to act on now (a lone SIGTERM in a Slurm job waits, above)."""
+        ready = set(self.received)
+        if (signal.SIGTERM in ready and signal.SIGUSR2 not in ready and self.term_at is not None
+                and "SLURM_JOB_ID" in os.environ
+                and time.monotonic() - self.term_at < TERM_GRACE_S):
+            ready.discard(signal.SIGTERM)
+        return ready
 
     def restore(self) -> None:
         """Put the previous handlers back."""
@@ -82,7 +100,8 @@ class StopSignals:
 
     def agreed(self) -> list[str]:
         """Names of the watched signals that any rank has received (a collective call)."""
-        flags = torch.tensor([int(s in self.received) for s in WATCHED], dtype=torch.int32)
+        ready = self._ready()
+        flags = torch.tensor([int(s in ready) for s in WATCHED], dtype=torch.int32)
         dist = torch.distributed
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)

@@ -209,3 +209,27 @@ def test_validation_auroc_leaves_out_ignored_labels() -> None:
     assert got["auroc"]["b"] == pytest.approx(kept["auroc"]["b"])
     assert math.isnan(got["auroc"]["c"])
     assert got["auroc_mean"] == pytest.approx((got["auroc"]["a"] + got["auroc"]["b"]) / 2)
+
+
+def test_a_lone_sigterm_in_a_slurm_job_waits_briefly_for_the_sigusr2_of_a_preemption(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's preemption is SIGTERM then SIGUSR2 (two scancel calls): a step boundary
+    between them must not stop the run on SIGTERM alone (no requeue)."""
+    import signal
+
+    from dist_ft.train import preemption
+
+    outside = preemption.StopSignals()
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    outside._record(signal.SIGTERM, None)
+    assert outside.agreed() == ["SIGTERM"]  # not in Slurm: stop at once
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    stops = preemption.StopSignals()
+    stops._record(signal.SIGTERM, None)
+    assert stops.agreed() == []  # within the grace: wait for a SIGUSR2
+    stops._record(signal.SIGUSR2, None)
+    assert stops.agreed() == ["SIGUSR2", "SIGTERM"]  # a preemption: checkpoint and requeue
+    lone = preemption.StopSignals()
+    lone._record(signal.SIGTERM, None)
+    lone.term_at -= preemption.TERM_GRACE_S  # scontrol requeue / scancel: no SIGUSR2 comes
+    assert lone.agreed() == ["SIGTERM"]
