@@ -42,20 +42,6 @@ def cpu_group() -> Any:
     return _CPU_GROUP["group"]
 
 
-def ranks_flagging(flag: bool) -> list[int]:
-    """The ranks on which ``flag`` is true (a collective call; ``[0]``/``[]`` alone).
-
-    One all-reduce of a one-hot vector over :func:`cpu_group`: cheap enough for every step.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [0] if flag else []
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-    flags[dist.get_rank()] = int(flag)
-    dist.all_reduce(flags, group=cpu_group())
-    return [r for r, f in enumerate(flags.tolist()) if f]
-
-
 class RankMismatchError(RuntimeError):
     """Ranks disagree on the plan or on replicated weights; the message names ranks and params."""
 

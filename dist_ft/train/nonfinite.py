@@ -1,7 +1,8 @@
 """The non-finite loss policy: every rank decides alike whether a step's update happens.
 
-Each micro-batch's "loss is finite" flag stays on the device until the step boundary (one
-sync per step); there one small all-reduce tells every rank whether any rank saw NaN/inf.
+Each micro-batch's "loss is finite" flag stays on the device until the step's last forward
+(one sync per step); then the step's one small all-reduce (:mod:`dist_ft.train.step_flags`)
+tells every rank which ranks saw NaN/inf.
 ``trainer.nonfinite_loss=stop`` then stops every rank before the update; ``skip`` drops the
 update on every rank, until ``trainer.nonfinite_max_in_row`` steps in a row.
 """
@@ -14,7 +15,6 @@ from collections.abc import Callable
 import torch
 
 from dist_ft.config.schema import TrainerConfig
-from dist_ft.train.consistency import ranks_flagging
 from dist_ft.train.progress import Progress
 
 log = logging.getLogger("dist_ft.train")
@@ -42,17 +42,24 @@ class NonFinitePolicy:
             else self.window_finite & finite
         return finite
 
-    def skip_step(self, progress: Progress, last_checkpoint: Callable[[], object]) -> bool:
-        """At a step boundary: True to drop this step's update (a collective call).
+    def take_window(self) -> bool:
+        """Whether any loss of this step was not finite (this rank); starts the next step."""
+        finite = self.window_finite is None or bool(self.window_finite)  # one sync per step
+        self.window_finite = None
+        return not finite
 
-        ``last_checkpoint`` is called (for the message) only when a loss was not finite.
+    def skip_step(self, progress: Progress, ranks: list[int],
+                  last_checkpoint: Callable[[], object]) -> bool:
+        """At a step boundary: True to drop this step's update.
+
+        Args:
+            progress: the run's counters (skips are counted there).
+            ranks: the ranks whose loss was not finite in this step (every rank's view).
+            last_checkpoint: called (for the message) only when a loss was not finite.
 
         Raises:
             NonFiniteLoss: the policy says stop (``stop``, or too many skips in a row).
         """
-        finite = self.window_finite is None or bool(self.window_finite)  # one sync per step
-        self.window_finite = None
-        ranks = ranks_flagging(not finite)
         p, cfg = progress, self.cfg
         if not ranks:
             p.nonfinite_in_row = 0

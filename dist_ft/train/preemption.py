@@ -2,8 +2,9 @@
 SIGTERM (Slurm's kill, ``scontrol requeue``, ``scancel``) and SIGINT (Ctrl-C) end a run cleanly.
 
 The handler only records the signal: no I/O, no collectives inside it. At every optimizer-step
-boundary the loop calls :meth:`StopSignals.agreed`, one tiny all-reduce over a CPU (gloo)
-group, so every rank learns at the same step that some rank was signalled; then every rank
+boundary the loop sends :meth:`StopSignals.pending` in the step's one small all-reduce
+(:mod:`dist_ft.train.step_flags`), so every rank learns at the same step that some rank was
+signalled; then every rank
 takes part in one checkpoint and the run stops (and, after SIGUSR2, requeues itself through
 :func:`requeue_job`). A second SIGINT aborts at once (``KeyboardInterrupt``): the run is then
 marked failed, and no checkpoint it was writing looks complete.
@@ -20,14 +21,11 @@ import time
 from types import FrameType
 from typing import Any
 
-import torch
-
 from dist_ft.cluster import requeue_command
-from dist_ft.train.consistency import cpu_group, gather_objects
+from dist_ft.train.consistency import gather_objects
+from dist_ft.train.step_flags import WATCHED, StepFlags
 
 log = logging.getLogger("dist_ft.train")
-
-WATCHED = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # Inside a Slurm job, a SIGTERM may be the first half of a preemption notice: submitit sends
 # SIGTERM, then SIGUSR2 (two scancel calls). Acting on the SIGTERM alone at the next step
 # would stop without the requeue the SIGUSR2 asks for, so a lone SIGTERM waits this long
@@ -55,13 +53,12 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """Records SIGUSR2/SIGTERM/SIGINT on this rank; :meth:`agreed` tells which any rank got."""
+    """Records SIGUSR2/SIGTERM/SIGINT on this rank; :meth:`pending` says which to act on."""
 
     def __init__(self) -> None:
         self.received: set[int] = set()
         self.term_at: float | None = None  # time.monotonic() of the first SIGTERM
         self._previous: dict[int, Any] = {}
-        self._group: Any = None
 
     def install(self) -> None:
         """Install the handlers (main thread only; elsewhere signals stay as they were)."""
@@ -69,9 +66,6 @@ class StopSignals:
             return
         for sig in WATCHED:
             self._previous[sig] = signal.signal(sig, self._record)
-        dist = torch.distributed
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = cpu_group()
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and signum in self.received:
@@ -83,7 +77,7 @@ class StopSignals:
             self.term_at = time.monotonic()
         self.received.add(signum)
 
-    def _ready(self) -> set[int]:
+    def pending(self) -> set[int]:
         """The received signals to act on now (a lone SIGTERM in a Slurm job waits, above)."""
         ready = set(self.received)
         if (signal.SIGTERM in ready and signal.SIGUSR2 not in ready and self.term_at is not None
@@ -99,13 +93,14 @@ class StopSignals:
         self._previous.clear()
 
     def agreed(self) -> list[str]:
-        """Names of the watched signals that any rank has received (a collective call)."""
-        ready = self._ready()
-        flags = torch.tensor([int(s in ready) for s in WATCHED], dtype=torch.int32)
-        dist = torch.distributed
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        return [s.name for s, f in zip(WATCHED, flags.tolist(), strict=True) if f]
+        """Names of the watched signals that any rank has received (a collective call).
+
+        The training loop gets the same answer from its step's :class:`StepFlags`; this is
+        the standalone form.
+        """
+        flags = StepFlags()
+        flags.start(nonfinite=False, signals=self.pending())
+        return flags.wait().signals
 
 
 def requeue_job(signals: list[str], max_requeues: int, main: bool) -> tuple[bool, str]:

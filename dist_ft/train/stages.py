@@ -135,6 +135,8 @@ class StageSwitcher:
         self.accelerator, self.recipe, self.plan = accelerator, recipe, plan
         self.rebuild, self.stage_weights = rebuild, stage_weights
         self.keys = state_keys(recipe.optim)
+        # Each entry: stage, step, seconds, and whether an engine was torn down and rebuilt.
+        self.entries: list[dict[str, Any]] = []
 
     def enter(self, index: int, model: Any, optimizer: Any, progress: Progress,
               carry: bool, snapshot: bool = True) -> tuple[Any, Any]:
@@ -147,7 +149,7 @@ class StageSwitcher:
         from dist_ft.train.consistency import check_plan_consistency
 
         acc, save = self.accelerator, self.recipe.trainer.save_stage_weights
-        started = time.perf_counter()
+        started, rebuilt = time.perf_counter(), optimizer is not None
         moments: dict[str, dict[str, torch.Tensor]] = {}
         if optimizer is None:
             module = model
@@ -171,11 +173,13 @@ class StageSwitcher:
         check_plan_consistency(acc, self.plan, f"entering stage {index} ({stage.name})")
         if save and snapshot:
             self.save_weights(f"stage{index}_start", model, optimizer, moments=bool(moments))
+        seconds = time.perf_counter() - started
+        self.entries.append({"stage": index, "step": progress.step, "seconds": round(seconds, 3),
+                             "rebuilt": rebuilt})
         log.info("stage %d '%s' at step %d: %s trainable params in %d groups, %d BN layers "
                  "frozen, moments carried for %d tensors, rebuilt in %.2f s; optimizer state "
                  "on this rank: %d elements", index, stage.name, progress.step,
-                 f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded,
-                 time.perf_counter() - started,
+                 f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded, seconds,
                  engine.optimizer_state_elements(acc, model, self.keys))
         return model, optimizer
 

@@ -47,6 +47,7 @@ from dist_ft.train.checkpoint import (
 from dist_ft.train.consistency import (
     check_plan_consistency,
     check_replicas,
+    cpu_group,
     gather_objects,
 )
 from dist_ft.train.inputs import build_inputs
@@ -68,6 +69,7 @@ from dist_ft.train.runtime import (
 )
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import StageSwitcher, set_bn_modes
+from dist_ft.train.step_flags import StepFlags
 from dist_ft.train.validation import evaluate_exact
 
 log = logging.getLogger("dist_ft.train")
@@ -108,20 +110,45 @@ class Trainer:
         self.nonfinite = NonFinitePolicy(recipe.trainer)
         self.gaps: list[float] = []
         self.stops = StopSignals()
+        self.flags = StepFlags()
+        self.signals: list[str] = []  # stop signals any rank had at the last step's flags
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Build everything, claim the run folder, and resume or enter the first stage."""
+        """Build everything, claim the run folder, and resume or enter the first stage.
+
+        Each phase's seconds go to ``status.json`` (``setup_s``): where a start-up goes.
+        """
+        times: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            times[name] = round(now - clock, 3)
+            clock = now
+
         self._setup_processes()
+        phase("processes")
         claim = self._setup_run_folder()
+        phase("run_folder")
         self._setup_model()
+        phase("model")
         self._setup_data()
+        phase("data")
         self._setup_schedule()
         if claim.checkpoint is not None:
             self._load(claim.checkpoint)
+            phase("resume")
         else:
             self._enter_stage(0, carry=False)
+            phase("engine")
         self._setup_reporting(claim)
+        phase("reporting")
+        assert self.reporter is not None
+        self.reporter.status_extra["setup_s"] = times
+        log.info("set-up in %.2f s: %s", sum(times.values()),
+                 ", ".join(f"{k} {v:.2f}" for k, v in times.items()))
 
     def _setup_processes(self) -> None:
         ensure_process_group_env()  # the launcher's world size, for a global batch
@@ -134,10 +161,11 @@ class Trainer:
         self.main = acc.is_main_process
         self.stops.install()  # record SIGUSR2/SIGTERM/SIGINT from here on; acted on at steps
         dist = torch.distributed
-        if dist.is_initialized() and dist.get_world_size() > 1 and not (
-                engine.is_deepspeed(acc) or acc.distributed_type.name.startswith("MULTI_")):
-            raise TrainingError(f"{dist.get_world_size()} processes but Accelerate chose "
-                                f"{acc.distributed_type}: ranks would train separately")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if not (engine.is_deepspeed(acc) or acc.distributed_type.name.startswith("MULTI_")):
+                raise TrainingError(f"{dist.get_world_size()} processes but Accelerate chose "
+                                    f"{acc.distributed_type}: ranks would train separately")
+            cpu_group()  # the step flags' group: created (a collective) at the same point
         from accelerate.utils import set_seed
 
         set_seed(self.recipe.trainer.seed)
@@ -273,6 +301,8 @@ class Trainer:
         model = self.base_module if self.model is None else self.model
         self.model, self.optimizer = self.stages.enter(index, model, self.optimizer,
                                                        self.progress, carry, snapshot)
+        if self.reporter is not None:  # every stage entry's cost (an engine rebuild)
+            self.reporter.status_extra["stage_entries"] = self.stages.entries
         self.backend = engine.step_backend(self.acc, self.model, self.optimizer)
         self.grad_check_pending = True
 
@@ -289,6 +319,7 @@ class Trainer:
         """Run until ``trainer.max_steps``/``trainer.epochs`` or early stopping."""
         acc, recipe, p = self.acc, self.recipe, self.progress
         assert self.reporter is not None and self.backend is not None
+        self.reporter.status_extra["train_started_at"] = time.time()
         stop = p.step >= self.total_steps
         while not stop:
             if self._stage_due() != p.stage:
@@ -315,15 +346,20 @@ class Trainer:
                     window_start, window_images = now, 0
                     self._log_step(loss, rate)
                 every = recipe.trainer.checkpoint_every_steps
+                slow = False  # a checkpoint or an engine rebuild: where signals tend to land
                 if every and p.step % every == 0 and p.step < self.total_steps:
                     self.save()
+                    slow = True
                 if p.step < self.total_steps and self._stage_due() != p.stage:
                     self._enter_stage(self._stage_due(), carry=True)
                     self._train_mode()
-                if p.step < self.total_steps:
-                    signals = self.stops.agreed()
-                    if signals:
-                        self._stop_on_signal(signals)
+                    slow = True
+                if slow and not self.signals and p.step < self.total_steps:
+                    # Alike on every rank: ask again now rather than at the next step, so a
+                    # stop reuses the checkpoint just written instead of writing another.
+                    self.signals = self.stops.agreed()
+                if p.step < self.total_steps and self.signals:
+                    self._stop_on_signal(self.signals)
             else:  # the epoch ran to its end
                 p.epoch += 1
                 p.samples_in_epoch = 0
@@ -333,6 +369,9 @@ class Trainer:
                     check_replicas(acc, engine.unwrap(acc, self.model), f"after epoch {p.epoch}")
                 if p.step < self.total_steps and not stop:
                     self.save()
+                    self.signals = self.signals or self.stops.agreed()  # as after a save above
+                    if self.signals:
+                        self._stop_on_signal(self.signals)
             stop = stop or p.step >= self.total_steps
         if not p.last_metrics or p.samples_in_epoch:
             self._end_of_epoch_eval()
@@ -358,6 +397,8 @@ class Trainer:
                     group["lr"] = group["base_lr"] * factor
             loss = self.loss_fn(self.model(x), targets)
             finite = self.nonfinite.observe(loss)
+            if boundary:  # the step's flags travel while the backward runs
+                self.flags.start(self.nonfinite.take_window(), self.stops.pending())
             backend.backward(loss)
             skip = boundary and self._skip_step()
             if boundary and not skip:
@@ -371,9 +412,13 @@ class Trainer:
         return loss.detach(), finite
 
     def _skip_step(self) -> bool:
-        """Whether this step's update is dropped (trainer.nonfinite_loss; a collective call)."""
+        """Whether this step's update is dropped (trainer.nonfinite_loss), from the step's
+        flags; also records the stop signals they carry."""
         step = self.progress.step + 1
-        skip = self.nonfinite.skip_step(self.progress, self.run.latest_checkpoint)
+        agreed = self.flags.wait()
+        self.signals = agreed.signals
+        skip = self.nonfinite.skip_step(self.progress, agreed.nonfinite_ranks,
+                                        self.run.latest_checkpoint)
         if skip:
             assert self.reporter is not None
             self.reporter.skipped(self.progress, step)

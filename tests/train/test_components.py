@@ -233,3 +233,20 @@ def test_a_lone_sigterm_in_a_slurm_job_waits_briefly_for_the_sigusr2_of_a_preemp
     lone._record(signal.SIGTERM, None)
     lone.term_at -= preemption.TERM_GRACE_S  # scontrol requeue / scancel: no SIGUSR2 comes
     assert lone.agreed() == ["SIGTERM"]
+
+
+def test_step_flags_carry_the_nonfinite_ranks_and_the_signals_in_one_reduction() -> None:
+    import signal
+
+    from dist_ft.train.step_flags import StepFlags
+
+    flags = StepFlags()
+    with pytest.raises(RuntimeError, match="without start"):
+        flags.wait()
+    flags.start(nonfinite=True, signals={signal.SIGTERM})
+    agreed = flags.wait()
+    assert (agreed.nonfinite_ranks, agreed.signals) == ([0], ["SIGTERM"])
+    flags.start(nonfinite=False, signals=set())
+    assert flags.wait() == type(agreed)([], [])
+    with pytest.raises(RuntimeError):  # one wait per start
+        flags.wait()
