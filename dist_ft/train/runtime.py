@@ -182,6 +182,9 @@ def build_accelerator(recipe: Recipe) -> Any:
             zero3_save_16bit_model=False,
         )
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+        # Explicitly: Accelerate drops a 0.0 from the config and DeepSpeed's default then
+        # clips at 1.0, so trainer.grad_clip_norm=null would still clip.
+        plugin.deepspeed_config["gradient_clipping"] = cfg.grad_clip_norm or 0.0
         plugin.deepspeed_config.setdefault("steps_per_print", 10**9)
     precision = cfg.precision if cuda else "no"
     # Without CUDA, Accelerate treats a multi-process run as distributed (MULTI_CPU, gloo)
