@@ -19,23 +19,97 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from dist_ft.data.cache import CacheReader, prepare_cache
-from dist_ft.data.datasets import CachedImages, LabelledImages
+from dist_ft.data.datasets import CachedImages, LabelledImages, collate
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import find_images
 from dist_ft.data.transforms import BatchAugment, BatchNormalize
 
 
-def _images_per_s(dataset: Any, batch_size: int, workers: int, augment: BatchAugment) -> float:
-    """Loader + batched augmentation + normalisation: all the pipeline does before the model."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    normalize = BatchNormalize()
+def _device() -> torch.device:
+    """Where training would augment: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images_per_s(dataset: Any, batch_size: int, workers: int, augment: BatchAugment,
+                  device: torch.device | None = None) -> float:
+    """Loader + batched augmentation + normalisation: all the pipeline does before the model.
+
+    As in training: the loader collates with :func:`collate` (pinned on CUDA), the batch is
+    copied to ``device`` and augmented there; the clock stops after a synchronize.
+    """
+    device = device or torch.device("cpu")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    normalize = BatchNormalize().to(device)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     seen = 0
     for images, _ in loader:
-        normalize(augment(images, generator))
+        augment(images.to(device, non_blocking=True), generator, normalize)
         seen += len(images)
+    _sync(device)
     return seen / (time.perf_counter() - start)
+
+
+STAGES = ("read", "collate", "host_to_device", "augment")
+
+
+def _stage_seconds(dataset: Any, batch_size: int, augment: BatchAugment,
+                   device: torch.device) -> dict[str, float]:
+    """Seconds spent in each stage over one pass, in this process, batch by batch.
+
+    ``read`` is what the loader's fetch does (``__getitems__`` where the dataset has it, else
+    one ``__getitem__`` per sample), ``collate`` stacks the samples, ``host_to_device`` copies
+    a pinned batch with ``non_blocking`` and waits for it (pinning, done by the loader's
+    pin-memory thread, is not counted; 0 on CPU: nothing is copied), ``augment`` is
+    :class:`BatchAugment` + :class:`BatchNormalize` on ``device``, synchronized.
+    """
+    normalize = BatchNormalize().to(device)
+    generator = torch.Generator().manual_seed(0)
+    batched = callable(getattr(dataset, "__getitems__", None))
+    spent = dict.fromkeys(STAGES, 0.0)
+    for first in range(0, len(dataset), batch_size):
+        index = list(range(first, min(first + batch_size, len(dataset))))
+        t0 = time.perf_counter()
+        data = dataset.__getitems__(index) if batched else [dataset[i] for i in index]
+        t1 = time.perf_counter()
+        images, _ = collate(data)
+        t2 = time.perf_counter()
+        spent["read"] += t1 - t0
+        spent["collate"] += t2 - t1
+        if device.type == "cuda":  # on CPU nothing is copied: 0, not the clock's noise
+            images = images.pin_memory()
+            t3 = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            _sync(device)
+            spent["host_to_device"] += time.perf_counter() - t3
+        t4 = time.perf_counter()
+        augment(images, generator, normalize)
+        _sync(device)
+        spent["augment"] += time.perf_counter() - t4
+    return spent
+
+
+def _breakdown(dataset: Any, batch_size: int, augment: BatchAugment, device: torch.device,
+               passes: int) -> dict[str, dict[str, Any]]:
+    """Per stage (median of ``passes``): ms per batch and the images/s it alone would allow."""
+    runs = [_stage_seconds(dataset, batch_size, augment, device) for _ in range(passes)]
+    batches = -(-len(dataset) // batch_size)
+    out: dict[str, dict[str, Any]] = {}
+    for stage in [*STAGES, "total"]:
+        seconds = statistics.median(
+            sum(r.values()) if stage == "total" else r[stage] for r in runs)
+        entry: dict[str, Any] = {"ms_per_batch": 1e3 * seconds / batches,
+                                 "images_per_s": len(dataset) / seconds if seconds else None}
+        if stage == "host_to_device" and device.type != "cuda":
+            entry["note"] = "n/a (cpu)"
+        out[stage] = entry
+    return out
 
 
 def bench_data(
@@ -77,11 +151,16 @@ def bench_data(
     png = LabelledImages(paths, reader.labels[rows], list(FINDINGS), True, 1, reader.size)
     cached = CachedImages(reader, rows)
 
+    device = _device()
     png_runs, cache_runs = [], []
-    _images_per_s(cached, batch_size, workers, augment)  # warm the page cache
+    _images_per_s(cached, batch_size, workers, augment, device)  # warm the page cache
     for _ in range(repeats):
-        png_runs.append(_images_per_s(png, batch_size, workers, augment))
-        cache_runs.append(_images_per_s(cached, batch_size, workers, augment))
+        png_runs.append(_images_per_s(png, batch_size, workers, augment, device))
+        cache_runs.append(_images_per_s(cached, batch_size, workers, augment, device))
+    # Stage by stage, in this process: the cache's median of `repeats` passes; one PNG pass
+    # (its decode dwarfs the rest, so noise does not matter).
+    breakdown = {"cache": _breakdown(cached, batch_size, augment, device, repeats),
+                 "png": _breakdown(png, batch_size, augment, device, 1)}
 
     # prepare (one worker: decode, resize, write shard, checksum) vs a bare PIL loop.
     size = reader.size
@@ -125,6 +204,9 @@ def bench_data(
         "pil_loop_images_per_s": pil_s,
         "prepare_vs_pil": prep_s / pil_s,
         "runs": {"png": png_runs, "cache": cache_runs, "prepare": prepare_runs, "pil": pil_runs},
+        "breakdown": breakdown,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
         "images": len(rows),
         "prepare_images": len(subset),
         "source_size": list(Image.open(paths[0]).size),
@@ -175,7 +257,37 @@ def format_table(result: dict[str, Any]) -> str:
         f"| bare PIL decode + resize loop | {r['pil_loop_images_per_s']:.1f} |",
         f"| **prepare / PIL loop** | **{r['prepare_vs_pil']:.0%}** |",
         *_model_rows(r.get("model")),
+        *_breakdown_rows(r),
     ])
+
+
+_STAGE_NAMES = {"read": "read (dataset fetch)", "collate": "collate",
+                "host_to_device": "host -> device copy", "augment": "augment + normalize",
+                "total": "**sum of stages**"}
+
+
+def _breakdown_rows(r: dict[str, Any]) -> list[str]:
+    breakdown = r.get("breakdown")
+    if not breakdown:
+        return []
+
+    def cells(entry: dict[str, Any]) -> str:
+        if entry.get("note"):
+            return f"{entry['note']} | -"
+        rate = entry["images_per_s"]
+        return f"{entry['ms_per_batch']:.2f} | {'-' if rate is None else f'{rate:,.0f}'}"
+
+    return [
+        "",
+        f"stages, one after another in one process ({r.get('device', 'cpu')}, "
+        f"{r.get('threads', '?')} torch threads), per batch of {r['batch_size']}; images/s is "
+        "what that stage alone would allow:",
+        "",
+        "| stage | cache ms/batch | cache images/s | PNG ms/batch | PNG images/s |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {_STAGE_NAMES[stage]} | {cells(breakdown['cache'][stage])} | "
+          f"{cells(breakdown['png'][stage])} |" for stage in _STAGE_NAMES),
+    ]
 
 
 def _model_rows(model: dict[str, Any] | None) -> list[str]:

@@ -482,9 +482,29 @@ class CacheReader:
 
     def image(self, row: int) -> np.ndarray:
         """The uint8 ``[S, S]`` image of ``row`` (a view into the memory map)."""
+        shard, offset = divmod(int(row), self.shard_size)
+        return self._shard(shard)[offset]
+
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The uint8 ``[n, S, S]`` images of ``rows`` (in that order), copied out of the maps.
+
+        Rows are copied in ascending order, so a batch walks each shard's pages front to back
+        (what the OS read-ahead serves best), each straight to its position in ``out`` (uint8
+        ``[n, S, S]``, allocated when not given): one copy per image, where a fancy index
+        (gather, then scatter back to the asked order) makes two.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if out is None:
+            out = np.empty((len(rows), self.size, self.size), dtype=np.uint8)
+        for k in np.argsort(rows, kind="stable").tolist():
+            shard, offset = divmod(int(rows[k]), self.shard_size)
+            out[k] = self._shard(shard)[offset]
+        return out
+
+    def _shard(self, shard: int) -> np.ndarray:
+        """The memory map of one shard, opened once per process."""
         if os.getpid() != self._pid:  # a forked loader worker opens its own maps
             self._maps, self._pid = {}, os.getpid()
-        shard, offset = divmod(int(row), self.shard_size)
         arr = self._maps.get(shard)
         if arr is None:
             file = self.path / f"{_shard_name(shard)}.npy"
@@ -494,4 +514,4 @@ class CacheReader:
                 raise CacheError(f"{file}: cannot read this cache shard ({exc}); run "
                                  "dist-ft data prepare again to rebuild it") from None
             self._maps[shard] = arr
-        return arr[offset]
+        return arr

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheReader
@@ -123,6 +123,47 @@ class CachedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(np.array(self.reader.image(self.rows[i]))).unsqueeze(0)
         return image, _target(self.targets[i], True)
+
+    def __getitems__(self, indices: Sequence[int]) -> StackedBatch:
+        """A whole batch in one read (``DataLoader`` calls this instead of ``__getitem__``).
+
+        The same images and targets as ``[self[i] for i in indices]``, already stacked:
+        :func:`collate` passes them through, torch's ``default_collate`` still works.
+        """
+        index = np.asarray(indices, dtype=np.int64)
+        # Torch-owned memory (not a numpy array's): a loader worker can move it to shared
+        # memory, and pin_memory can copy it, as with default_collate's output.
+        images = torch.empty((len(index), 1, self.load_size, self.load_size), dtype=torch.uint8)
+        self.reader.read(self.rows[index], out=images.numpy()[:, 0])
+        targets = torch.from_numpy(np.ascontiguousarray(self.targets[index], dtype=np.float32))
+        return StackedBatch(images, targets)
+
+
+class StackedBatch(Sequence):
+    """A batch read at once: ``images`` uint8 ``[B, C, L, L]`` and ``targets`` ``[B, ...]``.
+
+    Indexing yields per-sample ``(image, target)`` views, so code that collates samples
+    (torch's ``default_collate``) gets the same batch; :func:`collate` skips that copy.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)  # ends iteration (Sequence iterates until IndexError)
+        return self.images[k], self.targets[k]
+
+
+def collate(batch: Sequence) -> list[torch.Tensor]:
+    """``default_collate``, but a :class:`StackedBatch` is passed through as
+    ``[images, targets]`` (what ``default_collate`` makes of ``(image, target)`` samples)."""
+    if isinstance(batch, StackedBatch):
+        return [batch.images, batch.targets]
+    return default_collate(batch)
 
 
 def _target(value: np.ndarray, multilabel: bool) -> torch.Tensor:

@@ -48,9 +48,13 @@ class BatchAugment(nn.Module):
         self.size, self.crop_scale, self.ratio = size, crop_scale, ratio
         self.hflip, self.rotation_deg = hflip, rotation_deg
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
-        """uint8 or float ``[B, C, H, W]`` -> float ``[B, C, size, size]`` (0..255 scale)."""
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                normalize: BatchNormalize | None = None) -> torch.Tensor:
+        """uint8 or float ``[B, C, H, W]`` -> float ``[B, C, size, size]`` (0..255 scale).
+
+        With ``normalize``, returns ``normalize(self(images, generator))`` (the same values),
+        normalising each CPU chunk while it is still in cache.
+        """
         b = images.shape[0]
 
         def uniform(low: float, high: float) -> torch.Tensor:
@@ -70,10 +74,62 @@ class BatchAugment(nn.Module):
             torch.stack([w * flip * cos, -h * sin, cx], dim=1),
             torch.stack([w * flip * sin, h * cos, cy], dim=1),
         ], dim=1).to(images.device)
-        grid = F.affine_grid(theta, [b, images.shape[1], self.size, self.size],
-                             align_corners=False)
-        return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                             align_corners=False)
+        # grid_sample's CPU kernel splits its work over the batch only: a chunk never holds
+        # fewer samples than there are threads.
+        step = b if images.device.type != "cpu" else max(_cpu_chunk(images.shape, self.size),
+                                                         torch.get_num_threads())
+        if step >= b:
+            warped = _warp(images, theta, self.size)
+            return warped if normalize is None else normalize(warped)
+        # On CPU, a few samples at a time: each chunk's float copy, grid and output stay in
+        # cache instead of streaming ~30 MB per batch of 32 through memory (per-sample math,
+        # so the result is bit-identical to one call on the whole batch).
+        channels = images.shape[1] if normalize is None else normalize.channels(images.shape[1])
+        out = torch.empty((b, channels, self.size, self.size), dtype=torch.float32,
+                          device=images.device)
+        for start in range(0, b, step):
+            part = slice(start, start + step)
+            warped = _warp(images[part], theta[part], self.size)
+            if normalize is None:
+                out[part] = warped
+            else:
+                normalize(warped, out=out[part])
+        return out
+
+
+# Bytes of float input, grid and output that one CPU chunk of BatchAugment may touch.
+_CPU_CHUNK_BYTES = 4 << 20
+
+
+def _cpu_chunk(shape: torch.Size, size: int) -> int:
+    """Samples per chunk for ``[B, C, H, W]`` inputs warped to ``size``: 4 at 1x256 -> 224."""
+    channels, height, width = shape[1:]
+    per_sample = 4 * (channels * height * width + (2 + channels) * size * size)
+    return max(1, _CPU_CHUNK_BYTES // per_sample)
+
+
+def _warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    grid = affine_grid(theta, size, size)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, C, height, width], align_corners=False)``, up to rounding.
+
+    Computed as two ``[B, H, W]`` planes (x and y), each one broadcast sum of a per-column
+    and a per-row term, returned as a ``[B, H, W, 2]`` view: affine_grid's
+    ``[B, H*W, 3] @ [B, 3, 2]`` batched matmul (a poor shape for BLAS) took longer on CPU
+    than the resampling itself, and an add whose innermost dimension is the 2 coordinates
+    does not vectorise. ``grid_sample`` reads the view as it is.
+    """
+    # Pixel centres in [-1, 1], exactly as affine_grid spaces them (align_corners=False).
+    xs = torch.linspace(-1, 1, width, device=theta.device) * (width - 1) / width
+    ys = torch.linspace(-1, 1, height, device=theta.device) * (height - 1) / height
+    # grid[b, i, j, k] = theta[b, k, 0] * xs[j] + (theta[b, k, 1] * ys[i] + theta[b, k, 2])
+    along_x = theta[:, :, 0, None] * xs  # [B, 2, W]
+    along_y = theta[:, :, 1, None] * ys + theta[:, :, 2, None]  # [B, 2, H]
+    return (along_x[:, :, None, :] + along_y[:, :, :, None]).permute(0, 2, 3, 1)
 
 
 class BatchResize(nn.Module):
@@ -102,10 +158,16 @@ class BatchNormalize(nn.Module):
         self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255),
                              persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise a batch; one channel is replicated to three."""
+    @staticmethod
+    def channels(channels: int) -> int:
+        """Output channels for inputs of ``channels``: one is replicated to three."""
+        return 3 if channels == 1 else channels
+
+    def forward(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise a batch (into ``out`` when given); one channel is replicated to three."""
         x = images.float()
         # (x - mean) / std as one fused x * s + b; a 1-channel input broadcasts to 3 channels.
-        shape = (x.shape[0], 3 if x.shape[1] == 1 else x.shape[1], *x.shape[2:])
-        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        if out is None:
+            shape = (x.shape[0], self.channels(x.shape[1]), *x.shape[2:])
+            out = torch.empty(shape, dtype=torch.float32, device=x.device)
         return torch.addcmul(-self.mean * self.inv_std, x, self.inv_std, out=out)

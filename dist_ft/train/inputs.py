@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dist_ft.config.schema import DataConfig
-from dist_ft.data.datasets import build_dataset
+from dist_ft.data.datasets import build_dataset, collate
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
 
@@ -38,7 +38,8 @@ class TrainingInputs:
 
     def train_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Augmented, normalized training images (on the images' device)."""
-        return self.normalize(self.augment(images, self.generator))
+        # = normalize(augment(images)), normalising each CPU chunk of the warp while in cache.
+        return self.augment(images, self.generator, self.normalize)
 
     def eval_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Resized, normalized evaluation images."""
@@ -66,8 +67,11 @@ def build_inputs(cfg: DataConfig, seed: int, rank: int, world: int, device: torc
             dataset.bad_image_log = bad_image_log
     train_sampler = ShardedSampler(len(train_set), rank, world, seed=seed)
     val_sampler = ShardedSampler(len(val_set), rank, world, shuffle=False, pad=False)
+    # collate: default_collate, except that a cache's batch, read whole by
+    # CachedImages.__getitems__ (one memmap read per batch), is passed through as it is.
     loader_args = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                   "pin_memory": device.type == "cuda", "persistent_workers": cfg.num_workers > 0}
+                   "pin_memory": device.type == "cuda", "persistent_workers": cfg.num_workers > 0,
+                   "collate_fn": collate}
     aug = cfg.augment
     return TrainingInputs(
         train_set=train_set, val_set=val_set, train_sampler=train_sampler,

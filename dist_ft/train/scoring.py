@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dist_ft.config.schema import DataConfig, ModelConfig, Recipe
-from dist_ft.data.datasets import build_dataset, class_names
+from dist_ft.data.datasets import build_dataset, class_names, collate
 from dist_ft.data.label_map import CHESTXRAY14_TO_CHEXPERT
 from dist_ft.data.sampler import ShardedSampler
 from dist_ft.data.transforms import BatchNormalize, BatchResize
@@ -171,7 +171,7 @@ def score_dataset(model: torch.nn.Module, dataset: Any, image_size: int, batch_s
     sampler = ShardedSampler(len(dataset), procs.rank, procs.world, shuffle=False, pad=False)
     cuda = procs.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=cuda)
+                        pin_memory=cuda, collate_fn=collate)
     resize, normalize = BatchResize(image_size), BatchNormalize().to(procs.device)
     scores, targets = [], []
     with torch.inference_mode():
