@@ -1,15 +1,16 @@
-"""The hand-written Accelerate loop that ``dist-ft bench trainer`` compares ``dist-ft train`` with.
+"""The step-isolating loop of ``dist-ft bench trainer``: the tutorial's step on dist-ft's data.
 
-What a user would write in an afternoon: torchvision model, a DistributedSampler, AdamW,
-``accelerator.prepare``, forward / ``accelerator.backward`` / step. It shares with dist-ft
-only what must be equal for the comparison to measure the trainer: the recipe's model,
-dataset, batch size, batched GPU-side augmentation, backend (DDP or DeepSpeed ZeRO-N with the
-same clipping) and gloo/NCCL choice. No freeze plan, schedule, logging, checkpoints, signal
-handling or evaluation: those are what dist-ft adds, so their cost is what the ratio shows.
+The tutorial loop (:mod:`dist_ft.bench.tutorial_loop`) differs from ``dist-ft train`` in two
+places at once: the data path (per-sample PIL vs dist-ft's loader and batched augmentation)
+and the step (plain forward / backward / ``optimizer.step`` vs dist-ft's trainer). This loop
+takes dist-ft's data path (the recipe's dataset, sampler and batched augmentation) and the
+tutorial's step (torchvision model, Adam with torch's defaults, ``accelerator.prepare``,
+``accelerator.backward``, the recipe's backend and clipping), so that ``dist-ft`` vs this
+loop measures the step alone, and this loop vs the tutorial the data path alone.
 
 Run under ``accelerate launch`` (one process per rank)::
 
-    accelerate launch --multi_gpu --num_processes 2 -m dist_ft.bench.baseline RECIPE \\
+    accelerate launch --multi_gpu --num_processes 2 -m dist_ft.bench.step_loop RECIPE \\
         --steps 60 --every 5 --out rates.json
 """
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dist_ft.config import load_recipe
 from dist_ft.data.datasets import build_dataset
 from dist_ft.data.transforms import BatchAugment, BatchNormalize
+from dist_ft.train.runtime import with_global_batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=5, help="window length in steps")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.recipe)
+    # The per-process batch dist-ft trains with (data.global_batch_size, if set, split).
+    recipe = with_global_batch(load_recipe(args.recipe), int(os.environ.get("WORLD_SIZE", "1")))
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -50,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe.trainer
     plugin = None
     if cfg.backend == "deepspeed":
-        plugin = DeepSpeedPlugin(zero_stage=cfg.zero_stage,
-                                 gradient_clipping=cfg.grad_clip_norm or 0.0)
+        plugin = DeepSpeedPlugin(zero_stage=cfg.zero_stage)
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+        # Set explicitly: left out, DeepSpeed clips at 1.0.
+        plugin.deepspeed_config["gradient_clipping"] = cfg.grad_clip_norm or 0.0
     acc = Accelerator(cpu=not cuda and plugin is None, deepspeed_plugin=plugin,
                       kwargs_handlers=[InitProcessGroupKwargs(
                           backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=10))])
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler,
                         num_workers=data.num_workers, pin_memory=cuda,
                         persistent_workers=data.num_workers > 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr,
-                                  weight_decay=recipe.optim.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
     model, optimizer = acc.prepare(model, optimizer)
     augment = BatchAugment(data.image_size, data.augment.crop_scale, data.augment.ratio,
                            hflip=data.augment.hflip, rotation_deg=data.augment.rotation_deg)
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(cfg.seed)
 
     model.train()
+    loop_started_at = time.time()
     windows: list[list[float]] = []
     step, epoch = 0, 0
     start, images = time.perf_counter(), 0
@@ -98,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 break
         epoch += 1
     if acc.is_main_process:
-        args.out.write_text(json.dumps({"windows": windows, "loss": float(loss),
-                                        "world_size": acc.num_processes}))
+        args.out.write_text(json.dumps({"windows": windows, "loss": float(loss.detach()),
+                                        "world_size": acc.num_processes,
+                                        "loop_started_at": loop_started_at}))
     acc.wait_for_everyone()
     torch.distributed.destroy_process_group()
     return 0

@@ -23,6 +23,7 @@ from dist_ft.config import load_recipe
 from dist_ft.config.load import recipe_to_dict, validate_recipe
 from dist_ft.config.schema import Recipe
 from dist_ft.rundir import RunDir
+from dist_ft.train.runtime import with_global_batch
 
 
 class BenchError(RuntimeError):
@@ -65,7 +66,8 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 def run_logged(argv: list[str], log: Path, timeout: float = 900) -> dict[str, float]:
-    """Run ``argv`` with its output in ``log``; its wall seconds and the CPU steal meanwhile.
+    """Run ``argv`` with its output in ``log``: its wall seconds, the CPU steal meanwhile, and
+    when it was launched (``launched_at``, Unix time: start-up ends when its loop begins).
 
     Raises:
         BenchError: the command failed (the message holds the end of its output).
@@ -73,14 +75,15 @@ def run_logged(argv: list[str], log: Path, timeout: float = 900) -> dict[str, fl
     env = {k: v for k, v in os.environ.items() if k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("PYTHONUNBUFFERED", "1")
-    start, before = time.perf_counter(), cpu_jiffies()
+    start, before, launched_at = time.perf_counter(), cpu_jiffies(), time.time()
     with open(log, "w") as fh:
         done = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
                               timeout=timeout, check=False)
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise BenchError(f"{' '.join(argv)} exited {done.returncode}; end of {log}:\n{tail}")
-    return {"wall_s": time.perf_counter() - start, "cpu_steal": steal_share(before, cpu_jiffies())}
+    return {"wall_s": time.perf_counter() - start, "cpu_steal": steal_share(before, cpu_jiffies()),
+            "launched_at": launched_at}
 
 
 def rate_after(windows: list[tuple[int, float, float]], warmup: int) -> dict[str, Any]:
@@ -111,14 +114,15 @@ def dist_ft_windows(run_dir: Path, batch: int, world: int) -> list[tuple[int, fl
 
 
 def bench_recipe_data(path: str | Path, overrides: list[str], out: Path, steps: int,
-                      every: int) -> dict[str, Any]:
+                      every: int, stages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The recipe a throughput run trains: one full-model stage, one epoch, no checkpoints.
 
     A single stage keeps engine rebuilds out of the measured windows (their cost is a
-    stage-boundary cost, logged separately by the trainer); one epoch keeps evaluation out.
+    stage-boundary cost, logged separately by the trainer; ``stages`` replaces the plan to
+    measure it); one epoch keeps evaluation out.
     """
     data = recipe_to_dict(load_recipe(path, overrides))
-    data["plan"]["stages"] = [{"name": "full", "start_step": 0, "include": ["all"]}]
+    data["plan"]["stages"] = stages or [{"name": "full", "start_step": 0, "include": ["all"]}]
     data["trainer"].update(max_steps=steps, epochs=1, checkpoint_every_steps=None)
     data["logging"].update(every_steps=every, per_rank=False)
     data["output_dir"] = str(out)
@@ -131,9 +135,9 @@ def probe_recipe(path: str | Path, overrides: list[str], steps: int, every: int)
 
 
 def bench_recipe(path: str | Path, overrides: list[str], out: Path, steps: int,
-                 every: int) -> tuple[Recipe, Path]:
+                 every: int, stages: list[dict[str, Any]] | None = None) -> tuple[Recipe, Path]:
     """Write the bench recipe (:func:`bench_recipe_data`) beside ``out``; validated + path."""
-    data = bench_recipe_data(path, overrides, out, steps, every)
+    data = bench_recipe_data(path, overrides, out, steps, every, stages)
     recipe_path = out.with_suffix(".yaml")
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -164,26 +168,30 @@ def images_needed(steps: int, batch: int, world: int) -> int:
 
 
 def run_dist_ft(recipe: Recipe, recipe_path: Path, processes: int, warmup: int) -> dict[str, Any]:
-    """One ``dist-ft train`` run on ``processes`` processes; its rate after warm-up."""
+    """One ``dist-ft train`` run on ``processes`` processes: its rate after warm-up, its
+    start-up (launch to first step) with the trainer's own set-up phases, its stage entries."""
     out = Path(recipe.output_dir)
     timing = run_logged(launch_command(processes, ["dist_ft", "train", str(recipe_path)]),
                         out.with_suffix(".log"))
     windows = dist_ft_windows(out, recipe.data.batch_size, processes)
-    return {**rate_after(windows, warmup), **timing}
+    status = json.loads(RunDir(out).status.read_text())
+    return {**rate_after(windows, warmup), **timing,
+            "startup_s": status["train_started_at"] - timing["launched_at"],
+            "setup_s": status.get("setup_s", {}), "stage_entries": status.get("stage_entries", [])}
 
 
-def run_baseline(recipe: Recipe, recipe_path: Path, processes: int, warmup: int,
-                 every: int) -> dict[str, Any]:
-    """One run of the hand-written loop (:mod:`dist_ft.bench.baseline`); its rate."""
-    out = Path(recipe.output_dir)
+def run_loop(module: str, args: list[str], out: Path, processes: int,
+             warmup: int) -> dict[str, Any]:
+    """One run of a hand-written loop (``python -m MODULE ARGS --out FILE``, e.g.
+    :mod:`dist_ft.bench.tutorial_loop`): its rate after warm-up and its start-up."""
     out.mkdir(parents=True, exist_ok=True)
-    result = out / "baseline.json"
-    steps = recipe.trainer.max_steps or 0
-    timing = run_logged(launch_command(processes, [
-        "dist_ft.bench.baseline", str(recipe_path), "--steps", str(steps), "--every", str(every),
-        "--out", str(result)]), out.with_suffix(".log"))
-    windows = [(int(s), n, t) for s, n, t in json.loads(result.read_text())["windows"]]
-    return {**rate_after(windows, warmup), **timing}
+    result = out / "loop.json"
+    timing = run_logged(launch_command(processes, [module, *args, "--out", str(result)]),
+                        out.with_suffix(".log"))
+    doc = json.loads(result.read_text())
+    windows = [(int(s), n, t) for s, n, t in doc["windows"]]
+    return {**rate_after(windows, warmup), **timing,
+            "startup_s": doc["loop_started_at"] - timing["launched_at"]}
 
 
 def prepare_runs(recipe: str | Path, overrides: list[str], data: Path | None, steps: int,
@@ -194,6 +202,7 @@ def prepare_runs(recipe: str | Path, overrides: list[str], data: Path | None, st
     probe = probe_recipe(recipe, base, steps, every)
     if data is not None:
         size = probe.data.load_size or probe.data.image_size
-        ensure_synthetic(data, images_needed(steps, probe.data.batch_size, world), size)
+        batch = with_global_batch(probe, world).data.batch_size
+        ensure_synthetic(data, images_needed(steps, batch, world), size)
         base.append(f"data.root={data.resolve()}")
     return probe, base

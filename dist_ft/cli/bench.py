@@ -10,7 +10,7 @@ from pathlib import Path
 SMOKE = "configs/chestxray14_smoke.yaml"
 EXAMPLES = """\
 examples:
-  dist-ft bench trainer --json                          # dist-ft train vs a hand-written loop
+  dist-ft bench trainer --json                          # dist-ft train vs the tutorial loop
   dist-ft bench memory                                  # DDP / ZeRO-1/2/3 bytes vs formulas
   dist-ft bench freeze                                  # head / last blocks / full
   dist-ft bench optimizer                               # AdamW kernels: loop, foreach, fused
@@ -22,6 +22,7 @@ examples:
   dist-ft bench data /tmp/cxr_1024 --cache /tmp/cxr_1024_cache --json
   dist-ft bench aggregate --data /tmp/tb_bench          # 1,000,000 scalars vs tbparse
   dist-ft bench eval --images 2000 --json               # dist-ft eval vs a plain loop
+  dist-ft bench cli --repeats 5                         # start-up of commands without a model
 """
 
 
@@ -64,6 +65,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_scaling(suites)
     _add_optimizer(suites)
     _add_eval(suites)
+    _add_cli(suites)
+
+
+def _add_cli(suites: argparse._SubParsersAction) -> None:
+    from dist_ft.bench.suites import CLI_COMMANDS
+
+    p = _suite(suites, "cli", "wall time of the commands that need no model (fresh processes), "
+               "next to python alone and import torch")
+    p.add_argument("--commands", nargs="+", choices=list(CLI_COMMANDS), default=None,
+                   metavar="NAME", help=f"only these, of: {', '.join(CLI_COMMANDS)}")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each, alternating")
+    p.add_argument("--data", type=Path,
+                   help="ChestX-ray14 metadata folder for `data stats` (default: the repo's "
+                   "copy of the real metadata, else a synthetic one of the same size)")
+    _add_output_args(p)
+    p.set_defaults(run=run_cli_bench)
 
 
 def _add_eval(suites: argparse._SubParsersAction) -> None:
@@ -118,9 +135,15 @@ def _suite(suites: argparse._SubParsersAction, name: str,
 
 
 def _add_trainer(suites: argparse._SubParsersAction) -> None:
-    p = _suite(suites, "trainer", "samples/s of dist-ft train vs a hand-written Accelerate loop")
-    _add_run_args(p, steps=40, repeats=3)
+    p = _suite(suites, "trainer", "samples/s of dist-ft train vs the tutorial Accelerate loop, "
+               "under DDP and ZeRO-2; start-up and engine rebuilds")
+    _add_run_args(p, steps=45, repeats=3)
+    p.set_defaults(warmup=5)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--backends", nargs="+", default=["ddp", "zero2"],
+                   choices=["ddp", "zero1", "zero2", "zero3"])
+    p.add_argument("--no-stage-changes", action="store_true",
+                   help="skip the three-stage run that times engine rebuilds")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
                    help="also time dist-ft with these overrides, alternating with the others "
                    "(an A/B), e.g. for_loop:optim.implementation=for_loop")
@@ -228,7 +251,8 @@ def run_trainer(args: argparse.Namespace) -> int:
             raise ConfigError([f"--variant {spec!r}: use NAME:KEY=VALUE[,KEY=VALUE...]"])
         variants[name] = values.split(",")
     result = bench_trainer(recipe, _data_arg(args), overrides, args.processes,
-                           args.steps, args.warmup, args.every, args.repeats, variants)
+                           args.steps, args.warmup, args.every, args.repeats,
+                           tuple(args.backends), variants, not args.no_stage_changes)
     return _emit(result, args, format_table(result))
 
 
@@ -275,4 +299,12 @@ def run_optimizer(args: argparse.Namespace) -> int:
     from dist_ft.bench.optimizer import bench_optimizer, format_table
 
     result = bench_optimizer(args.models, args.repeats)
+    return _emit(result, args, format_table(result))
+
+
+def run_cli_bench(args: argparse.Namespace) -> int:
+    """``bench cli``."""
+    from dist_ft.bench.cli_speed import bench_cli, format_table
+
+    result = bench_cli(args.commands, args.repeats, args.data)
     return _emit(result, args, format_table(result))
