@@ -13,6 +13,7 @@ the per-task logs in ``ROOT/submitit/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -20,6 +21,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,9 +228,32 @@ def build_executor(sub: Submission) -> Any:
     return executor
 
 
+@contextlib.contextmanager
+def _render_without_slurm() -> Iterator[None]:
+    """Let submitit build its Slurm executor where ``srun`` is not on PATH, to render only.
+
+    submitit refuses the executor outright on a laptop or a login node without Slurm
+    (``Could not detect "srun"``), though the script it writes does not depend on Slurm
+    being here; a dry run only renders it, and real submission checks for ``sbatch`` first.
+    """
+    from submitit.slurm.slurm import SlurmExecutor
+
+    if shutil.which("srun") is not None:
+        yield
+        return
+    found = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 2)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SlurmExecutor.affinity = found  # type: ignore[method-assign]
+
+
 def submitit_sbatch(sub: Submission) -> str:
-    """The exact sbatch script submitit would submit for this submission (Slurm only)."""
-    executor = build_executor(sub)
+    """The exact sbatch script submitit would submit for this submission (Slurm only; it
+    renders on machines without Slurm too)."""
+    with _render_without_slurm():
+        executor = build_executor(sub)
     inner = executor._executor  # submitit's own SlurmExecutor renders its own script
     if sub.kind == "sweep":
         inner.parameters["map_count"] = len(sub.tasks)

@@ -206,3 +206,26 @@ def test_a_submission_into_a_folder_holding_a_run_needs_resume(run_cli, tmp_path
     assert f"output_dir {out} already holds a run: pass --resume to continue it" in refused.err
     assert sorted(p.name for p in out.iterdir()) == ["status.json"]
     assert run_cli("submit", str(SMOKE), f"output_dir={out}", "--dry-run", "--resume").code == 0
+
+
+def test_dry_run_renders_the_job_on_a_machine_without_slurm(tmp_path: Path) -> None:
+    """A laptop or a login node without Slurm: no srun or sbatch on PATH. The dry run renders
+    the same sbatch script; real submission still says sbatch is missing."""
+    import sys
+
+    from tests.conftest import REPO, plain_env
+
+    env = {**plain_env(), "PATH": str(Path(sys.executable).parent), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "dist_ft", "submit", str(SMOKE), "--nodes", "4",
+            "--gpus-per-node", "8", f"output_dir={tmp_path / 'run'}"]
+    dry = subprocess.run([*argv, "--dry-run", "--json"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=120)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    here = subprocess.run([*argv, "--dry-run", "--json"], capture_output=True, text=True,
+                          env={**env, "PATH": f"{env['PATH']}:/usr/bin:/bin"}, cwd=tmp_path,
+                          timeout=120)
+    assert json.loads(dry.stdout)["sbatch"] == json.loads(here.stdout)["sbatch"]
+    assert "#SBATCH --nodes=4" in json.loads(dry.stdout)["sbatch"].splitlines()
+    real = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert real.returncode != 0 and "sbatch is not on PATH" in real.stderr
