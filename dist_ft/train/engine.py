@@ -39,6 +39,13 @@ def zero_stage(accelerator: Any) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
+def backend_name(accelerator: Any) -> str:
+    """What runs, in words: ``DeepSpeed ZeRO-2``, ``DDP`` or ``one process``."""
+    if is_deepspeed(accelerator):
+        return f"DeepSpeed ZeRO-{zero_stage(accelerator)}"
+    return "DDP" if accelerator.num_processes > 1 else "one process"
+
+
 def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
     """The user's module inside DDP / the DeepSpeed engine."""
     return accelerator.unwrap_model(model)

@@ -255,9 +255,9 @@ class Trainer:
         assert self.reporter is not None
         self.reporter.open(p, self.total_steps, texts, purge)
         self.reporter.status("running", p)
-        log.info("run %s, rank %d/%d on %s, backend %s (ZeRO-%d), %d train / %d val images, "
+        log.info("run %s, rank %d/%d on %s, %s, %d train / %d val images, "
                  "%d steps of %d images", self.run_id, self.rank, self.world, self.acc.device,
-                 recipe.trainer.backend, engine.zero_stage(self.acc),
+                 engine.backend_name(self.acc),
                  len(self.inputs.train_set), len(self.inputs.val_set), self.total_steps,
                  recipe.data.batch_size * self.world * recipe.trainer.grad_accum_steps)
 

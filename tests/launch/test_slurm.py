@@ -50,7 +50,7 @@ def test_two_nodes_train_to_completion_and_metrics_come_back(
     logs = [(out / "submitit" / f"{job}_{t}_log.out").read_text() for t in (0, 1)]
     assert "node=0(2), global_rank=0(2)" in logs[0] and "node=1(2), global_rank=1(2)" in logs[1]
     assert "rank 1/2" in (out / "logs" / "rank1.log").read_text()
-    assert "backend deepspeed (ZeRO-2)" in (out / "logs" / "rank0.log").read_text()
+    assert ", DeepSpeed ZeRO-2, " in (out / "logs" / "rank0.log").read_text()
     listed = json.loads(dist_ft(["jobs", str(out), "--json"], slurm_cluster).stdout)
     assert listed["tasks"][0]["scheduler_state"] == "COMPLETED"
     assert listed["tasks"][0]["run_state"] == "finished"

@@ -250,3 +250,20 @@ def test_step_flags_carry_the_nonfinite_ranks_and_the_signals_in_one_reduction()
     assert flags.wait() == type(agreed)([], [])
     with pytest.raises(RuntimeError):  # one wait per start
         flags.wait()
+
+
+def test_the_log_names_the_backend_that_runs() -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dist_ft.train.engine import backend_name
+
+    def acc(kind: DistributedType, processes: int, stage: int = 0) -> SimpleNamespace:
+        plugin = SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(distributed_type=kind, num_processes=processes,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert backend_name(acc(DistributedType.DEEPSPEED, 2, 3)) == "DeepSpeed ZeRO-3"
+    assert backend_name(acc(DistributedType.MULTI_CPU, 2)) == "DDP"
+    assert backend_name(acc(DistributedType.NO, 1)) == "one process"
