@@ -463,11 +463,34 @@ class TrainerConfig(Section):
     save_stage_weights: bool = False  # full weights + moments at each stage boundary
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
 class LoggingConfig(Section):
-    """``logging``: TensorBoard and console cadence."""
+    """``logging``: console and tracker cadence, and which trackers record the run."""
 
     every_steps: PositiveInt = 10
-    tensorboard: bool = True
+    # tensorboard: the run folder's tb/ (what `dist-ft aggregate` and `eval --best` read);
+    # mlflow, wandb: through Accelerate's tracker API, offline by default (MLflow file store
+    # under the run folder, W&B offline mode); they need the optional extras.
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("logging.tensorboard was replaced by logging.trackers "
+                             "(a list of tensorboard, mlflow, wandb)")
+        return data
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique_trackers(cls, trackers: list[str]) -> list[str]:
+        dupes = sorted({t for t in trackers if trackers.count(t) > 1})
+        if dupes:
+            raise ValueError(f"trackers must be unique; repeated: {', '.join(dupes)}")
+        return trackers
     per_rank: bool = False  # every rank also logs its own loss and speed to tb/rank{r}/
 
 
