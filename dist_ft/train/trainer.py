@@ -664,6 +664,24 @@ def _lost_peer_message(trainer: Trainer, exc: BaseException) -> str:
             f"[{first[:300]}]")
 
 
+def done_summary(trainer: Trainer, metrics: dict[str, Any], final: Path) -> str:
+    """The lines ``dist-ft train`` ends with: the validation score named as what it is, the
+    selected and the last weights, and where TensorBoard's logs are."""
+    if "auroc_mean" in metrics:
+        score = f"validation mean AUROC {metrics['auroc_mean']:.4f}"
+    else:
+        score = f"validation accuracy {metrics['accuracy']:.4f}"
+    lines = [f"done: {trainer.progress.step} steps, {score}"]
+    m = trainer.monitor
+    if m.best is not None:
+        lines.append(f"  best weights ({m.name} {m.best:.4f} at epoch {m.best_epoch}): "
+                     f"{trainer.run.best_weights}")
+    lines.append(f"  last weights: {final}")
+    if trainer.run.tb.exists():
+        lines.append(f"  TensorBoard: tensorboard --logdir {trainer.run.tb}")
+    return "\n".join(lines)
+
+
 def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = False,
                  accept_changes: Sequence[str] = ()) -> dict[str, Any]:
     """Set up, train and finish one run on this process; what ``dist-ft train`` runs.
@@ -682,13 +700,7 @@ def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = Fa
         metrics = trainer.train()
         final = trainer.finish()
         if trainer.main:
-            score = metrics.get("auroc_mean", metrics.get("accuracy"))
-            m = trainer.monitor
-            best = (f"; best {m.name} {m.best:.4f} at epoch {m.best_epoch}: "
-                    f"{trainer.run.best_weights}" if m.best is not None else "")
-            print(f"done: {trainer.progress.step} steps, validation score {score:.4f}; "
-                  f"last weights {final}{best}; TensorBoard: tensorboard --logdir "
-                  f"{trainer.run.tb}", flush=True)
+            print(done_summary(trainer, metrics, final), flush=True)
     except Preempted:
         raise
     except BaseException as exc:

@@ -31,7 +31,9 @@ def test_one_plain_process_trains_through_all_stages(
     result = _train(f"data.root={tiny_cxr14_session}", f"output_dir={tmp_path}", *FAST,
                     "data.val_fraction=0.3", backend)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "done: 6 steps" in result.stdout
+    assert "done: 6 steps, validation mean AUROC " in result.stdout
+    assert f"last weights: {tmp_path / 'final' / 'model.safetensors'}" in result.stdout
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in result.stdout
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert (tmp_path / "best" / "model.safetensors").is_file()  # consolidated under ZeRO too
     metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
