@@ -73,8 +73,10 @@ class Section(BaseModel):
 
     # allow_inf_nan=False: every float of a recipe is a finite hyperparameter; .inf or nan
     # would reach the optimizer or the schedule and only fail (or silently diverge) later.
+    # use_attribute_docstrings: the docstring under each field is its description, which
+    # config/reference.py turns into the key reference (docs/config-reference.md).
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              allow_inf_nan=False)
+                              allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 class Rule(Section):
@@ -90,11 +92,19 @@ class Rule(Section):
     """
 
     keyword: Literal["head", "stem", "all"] | None = None
+    """``head`` (the classifier), ``stem`` (the layers before the first block) or ``all``; in
+    YAML the bare word."""
     glob: str | None = None
+    """A glob on parameter names or module paths (``features.denseblock4``, ``layer*.bn*``);
+    in YAML any other bare string."""
     regex: str | None = None
+    """A regular expression searched (``re.search``) in parameter names."""
     blocks: list[str] | None = Field(default=None, min_length=1)
+    """These blocks, by name (``dist-ft plan`` lists a model's blocks)."""
     last_blocks: PositiveInt | None = None
+    """The last N body blocks (the head excluded)."""
     from_block: str | None = None
+    """This block and every later one, the head included."""
 
     @model_validator(mode="before")
     @classmethod
@@ -142,10 +152,14 @@ class ModelConfig(Section):
     """``model``: which torchvision architecture, its weights and its output size."""
 
     name: str
-    pretrained: Annotated[str, PathValue(PRETRAINED_KEYWORDS)] = Field(
-        default="none", description="none | imagenet | PATH to a .pt/.safetensors state_dict"
-    )
+    """The torchvision architecture to fine-tune (``densenet121``, ``resnet50``, ``vit_b_16``,
+    ...)."""
+    pretrained: Annotated[str, PathValue(PRETRAINED_KEYWORDS)] = "none"
+    """Initial weights: ``none`` (random), ``imagenet`` (torchvision's) or the PATH of a
+    .pt/.safetensors state_dict."""
     num_classes: PositiveInt = 14
+    """Outputs of the new classifier head: the number of classes or findings (ChestX-ray14:
+    14)."""
 
     @field_validator("name")
     @classmethod
@@ -175,9 +189,13 @@ class AugmentConfig(Section):
         0.7,
         1.0,
     )
+    """Range of a random crop's area, as a fraction of the image."""
     ratio: tuple[Annotated[Float, Field(gt=0)], Annotated[Float, Field(gt=0)]] = (0.75, 4 / 3)
+    """Range of a random crop's aspect ratio (width / height)."""
     hflip: bool = True
+    """Flip half of the training images horizontally."""
     rotation_deg: Annotated[Float, Field(ge=0, le=45)] = 5.0
+    """Rotate by an angle drawn uniformly in [-rotation_deg, rotation_deg] degrees."""
 
 
 class CsvConfig(Section):
@@ -190,15 +208,24 @@ class CsvConfig(Section):
     """
 
     file: Annotated[str, PathValue()]
+    """PATH of the CSV file, one row per image."""
     path_column: str = "path"
+    """Column of image paths, relative to ``data.root`` (default: the CSV's folder)."""
     label_columns: list[str] | None = None
+    """0/1 columns, one per class (set this or ``label_column``)."""
     label_column: str | None = None
+    """One column of class names joined by ``separator`` (set this or ``label_columns``)."""
     separator: str = "|"
+    """What joins the class names in ``label_column``."""
     classes: list[str] | None = None
+    """The order of the classes (default: their names, sorted)."""
     split_column: str | None = None
-    # Rows of one patient stay in one split (random splits are by patient); without it rows
-    # are split by image, which leaks patients across splits when they have several images.
+    """Column holding train/val/test (default: random splits by ``data.val_fraction`` and
+    ``data.test_fraction``)."""
     patient_column: str | None = None
+    """Column of patient ids: rows of one patient stay in one split (random splits are by
+    patient); without it rows are split by image, which leaks patients across splits when
+    they have several images."""
 
     @model_validator(mode="after")
     def _one_label_source(self) -> CsvConfig:
@@ -216,9 +243,13 @@ class SplitFilesConfig(Section):
     """
 
     train_val: Annotated[str, PathValue()] | None = None
+    """PATH of the train+validation list (validation carved from it by patient)."""
     train: Annotated[str, PathValue()] | None = None
+    """PATH of the training list (with ``val``)."""
     val: Annotated[str, PathValue()] | None = None
+    """PATH of the validation list (with ``train``)."""
     test: Annotated[str, PathValue()] | None = None
+    """PATH of the test list."""
 
     @model_validator(mode="after")
     def _combination(self) -> SplitFilesConfig:
@@ -243,7 +274,10 @@ class ChexpertLabelsConfig(Section):
     """
 
     uncertain: UncertainPolicy = "ones"
+    """An uncertain (-1) label becomes 1 (``ones``, U-Ones), 0 (``zeros``, U-Zeros) or is
+    masked out of loss and metrics (``ignore``)."""
     per_finding: dict[str, UncertainPolicy] = Field(default_factory=dict)
+    """``uncertain`` per CheXpert column name, overriding it (``Edema: ones``)."""
 
 
 class DataConfig(Section):
@@ -251,33 +285,51 @@ class DataConfig(Section):
 
     format: Literal["chestxray14", "imagefolder", "csv", "chexpert",
                     "mimic_cxr"] = "chestxray14"
+    """Dataset layout: ChestX-ray14, an ImageFolder tree, a generic CSV, CheXpert or
+    MIMIC-CXR."""
     root: Annotated[str, PathValue()] | None = None
+    """PATH of the dataset folder (images and metadata; for csv, the base of image paths)."""
     cache: Annotated[str, PathValue()] | None = None
+    """PATH of a shard cache written by ``dist-ft data prepare`` (chestxray14), read instead
+    of decoding images."""
     image_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
+    """Side in pixels of the square images the model sees."""
     load_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
-    batch_size: PositiveInt = 32  # per process (micro-batch)
-    # The images of one optimizer step over all processes; when set, batch_size is derived
-    # from it at start (global / (processes x trainer.grad_accum_steps)), so a recipe keeps
-    # its hyperparameters whatever the number of GPUs it runs on.
+    """Side images are loaded at before cropping (default: image_size x 256/224)."""
+    batch_size: PositiveInt = 32
+    """Images per process per forward pass (the micro-batch)."""
     global_batch_size: PositiveInt | None = None
+    """The images of one optimizer step over all processes; when set, batch_size is derived
+    from it at start (global / (processes x trainer.grad_accum_steps)), so a recipe keeps
+    its hyperparameters whatever the number of GPUs it runs on."""
     num_workers: NonNegInt = 4
+    """DataLoader worker processes per training process."""
     val_fraction: Fraction = 0.1
+    """Fraction carved out for validation where the data has no validation split."""
     test_fraction: Fraction = 0.2
+    """Fraction held out for testing where the data has no test split."""
     split_seed: Int = 0
+    """Seed of the random split (the same seed gives the same split)."""
     views: list[Annotated[str, Field(min_length=1)]] | None = None
+    """Keep only images of these views (``PA``, ``AP``, ...; default: all)."""
     frontal_only: bool = False
-    # An unreadable image: stop naming it, or train on (replaced by the next image, recorded
-    # in OUTPUT_DIR/logs/bad_images.rank*.jsonl).
+    """Keep only frontal views (PA, AP)."""
     on_bad_image: Literal["error", "skip"] = "error"
-    # Compare every cache shard's sha256 with the manifest before training (main process).
+    """An unreadable image: stop naming it, or train on (replaced by the next image, recorded
+    in OUTPUT_DIR/logs/bad_images.rank*.jsonl)."""
     verify_cache: bool = True
+    """Compare every cache shard's sha256 with the manifest before training (main process)."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Augmentation of training images."""
     csv: CsvConfig | None = None
+    """The CSV file and its columns (required with ``format: csv``)."""
     split_files: SplitFilesConfig | None = None
+    """Image list files that fix the splits (chestxray14 or csv)."""
     chexpert: ChexpertLabelsConfig = Field(default_factory=ChexpertLabelsConfig)
-    # Present CheXpert/MIMIC-CXR targets as the findings they share with ChestX-ray14, under
-    # ChestX-ray14 names, to validate a ChestX-ray14 model externally.
+    """How CheXpert-labeller values become targets (chexpert, mimic_cxr)."""
     labels_as: Literal["chestxray14"] | None = None
+    """Present CheXpert/MIMIC-CXR targets as the findings they share with ChestX-ray14, under
+    ChestX-ray14 names, to validate a ChestX-ray14 model externally."""
 
     @model_validator(mode="after")
     def _sources(self) -> DataConfig:
@@ -305,12 +357,19 @@ class StageConfig(Section):
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    """The stage's name in logs, plots and checkpoints."""
     start_epoch: NonNegInt | None = None
+    """Epoch the stage starts at (the first stage: 0); every stage uses epochs or steps."""
     start_step: NonNegInt | None = None
+    """Optimizer step the stage starts at (the first stage: 0)."""
     include: Annotated[list[Rule], Field(min_length=1)]
+    """Rules selecting what trains in this stage."""
     exclude: list[Rule] = Field(default_factory=list)
+    """Rules selecting what stays frozen although included (exclude wins)."""
     bn_policy: BnPolicy | None = None
+    """This stage's ``plan.bn_policy`` (default: the plan's)."""
     lr_scale: PositiveFloat = 1.0
+    """Multiplies every learning rate during this stage."""
 
     @model_validator(mode="after")
     def _one_start(self) -> StageConfig:
@@ -323,9 +382,12 @@ class PlanConfig(Section):
     """``plan``: ordered freeze stages. The default trains everything from the start."""
 
     bn_policy: BnPolicy = "freeze"
+    """Frozen BatchNorm layers: ``freeze`` runs them in eval mode (statistics kept), ``train``
+    keeps updating their statistics."""
     stages: Annotated[list[StageConfig], Field(min_length=1)] = Field(
         default_factory=lambda: [StageConfig(name="full", start_epoch=0, include=["all"])]
     )
+    """The freeze stages, in order of start."""
 
     @model_validator(mode="after")
     def _ordered(self) -> PlanConfig:
@@ -367,10 +429,15 @@ class GroupConfig(Section):
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")]
+    """The group's name in logs and plots (``default`` is reserved)."""
     match: Annotated[list[Rule], Field(min_length=1)]
+    """Rules selecting the group's parameters."""
     lr: PositiveFloat | None = None
+    """The group's absolute base lr (or set ``lr_scale``)."""
     lr_scale: PositiveFloat | None = None
+    """Multiplies ``optim.lr`` for this group (or set ``lr``)."""
     weight_decay: NonNegFloat | None = None
+    """The group's weight decay (default: ``optim.weight_decay``)."""
 
     @model_validator(mode="after")
     def _lr_or_scale(self) -> GroupConfig:
@@ -383,20 +450,32 @@ class OptimConfig(Section):
     """``optim``: optimizer, base lr and weight decay, parameter groups, layer decay."""
 
     name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """The optimizer (sgd with ``momentum``)."""
     lr: PositiveFloat = 1e-3
+    """Base learning rate of every group without its own (the peak after warmup)."""
     weight_decay: NonNegFloat = 0.01
+    """Weight decay of every group without its own."""
     betas: tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]] = (
         0.9,
         0.999,
     )
+    """Adam(W)'s moment coefficients (beta1, beta2)."""
     eps: PositiveFloat = 1e-8
+    """Adam(W)'s epsilon, added to the denominator."""
     momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    """SGD's momentum."""
     layer_decay: Annotated[Float, Field(gt=0, le=1)] | None = None
+    """Layer-wise lr decay d: block k's lr is multiplied by d ** (depth - k) (stem 0, head
+    depth)."""
     no_decay_1d: bool = True
+    """No weight decay on 1-D parameters (biases, norm scales)."""
     groups: list[GroupConfig] = Field(default_factory=list)
+    """Named parameter groups; a parameter joins the first that matches, else ``default``."""
     # auto: torch's fused Adam(W) kernel (one pass over memory per step: several times the
     # speed of the default per-tensor loop, see README Performance); SGD keeps torch's default.
     implementation: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """Optimizer kernel; ``auto``: torch's fused Adam(W) (several times faster), torch's
+    default for sgd."""
 
     @model_validator(mode="after")
     def _unique_groups(self) -> OptimConfig:
@@ -413,54 +492,83 @@ class ScheduleConfig(Section):
     """``schedule``: lr schedule; it scales every group alike, keeping their ratios."""
 
     name: Literal["constant", "cosine", "step", "plateau"] = "cosine"
+    """The schedule after warmup: constant, cosine decay, step decay or reduce on plateau."""
     warmup_steps: NonNegInt = 0
-    # The floor of cosine and plateau decay, as a fraction of each group's planned lr.
+    """Steps of linear warmup up to the planned lr."""
     min_lr_scale: Annotated[Float, Field(ge=0, le=1)] = 0.0
+    """The floor of cosine and plateau decay, as a fraction of each group's planned lr."""
     step_epochs: PositiveInt = 10
-    # The factor of step decay and of each plateau reduction (CheXNet: 0.1).
+    """Step decay multiplies the lr by ``gamma`` every this many epochs."""
     gamma: Annotated[Float, Field(gt=0, le=1)] = 0.1
+    """The factor of step decay and of each plateau reduction (CheXNet: 0.1)."""
     # Plateau (torch's ReduceLROnPlateau semantics, on trainer.monitor): reduce after more than
     # plateau_patience evaluations without a gain, a gain being a change of the monitored metric
     # beyond plateau_threshold (a fraction of the best with threshold_mode rel, a value with abs;
     # early stopping counts gains the same way); after a reduction, plateau_cooldown
     # evaluations pass before counting again.
     plateau_patience: NonNegInt = 2
+    """Plateau: reduce after more than this many evaluations without a gain."""
     plateau_threshold: NonNegFloat = 1e-4
+    """A gain is a change of the monitored metric beyond this (plateau and early stopping)."""
     plateau_threshold_mode: Literal["rel", "abs"] = "rel"
+    """``plateau_threshold`` as a fraction of the best (``rel``) or a value (``abs``)."""
     plateau_cooldown: NonNegInt = 0
+    """Plateau: evaluations that pass after a reduction before counting again."""
 
 
 class TrainerConfig(Section):
     """``trainer``: length of the run, backend, precision and numerics."""
 
     epochs: PositiveInt = 1
+    """Passes over the training set."""
     max_steps: PositiveInt | None = None
+    """Stop after this many optimizer steps, even mid-epoch (default: run every epoch)."""
     backend: Literal["ddp", "deepspeed"] = "deepspeed"
+    """PyTorch DDP, or DeepSpeed ZeRO at ``zero_stage``."""
     zero_stage: Annotated[Literal[1, 2, 3], BeforeValidator(_not_bool)] = 2
+    """DeepSpeed ZeRO stage: shard optimizer states (1), also gradients (2), also weights
+    (3)."""
     precision: Literal["no", "fp16", "bf16"] = "no"
+    """Mixed precision: ``no`` (fp32), ``fp16`` or ``bf16``."""
     grad_accum_steps: PositiveInt = 1
+    """Micro-batches accumulated into one optimizer step."""
     grad_clip_norm: PositiveFloat | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
     loss: Literal["bce", "bce_pos_weight", "focal", "ce"] = "bce"
+    """Multi-label: bce, bce_pos_weight (positives weighted by negatives/positives) or focal;
+    single-label: ce."""
     seed: Int = 0
+    """Seed of weight initialisation, augmentation and data order."""
     eval_every_epochs: PositiveInt = 1
+    """Validate every this many epochs (and at the end)."""
     checkpoint_every_steps: PositiveInt | None = None
+    """Also checkpoint every this many steps (default: at epoch ends only)."""
     keep_last: PositiveInt = 3
+    """Checkpoints kept; older ones are deleted (best/ is kept apart)."""
     # The validation metric that selects OUTPUT_DIR/best/ and drives the plateau schedule and
     # early stopping, named as logged: val/loss, val/auroc_mean, val/accuracy, val/f1_macro,
     # val_auroc/<finding>; auto = val/auroc_mean (multi-label) or val/accuracy (single-label).
     monitor: Annotated[str, Field(pattern=r"^(auto|val/[a-z0-9_]+|val_auroc/[A-Za-z0-9_ -]+)$")] \
         = "auto"
-    monitor_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for val/loss, else max
+    """The validation metric that selects OUTPUT_DIR/best/ and drives the plateau schedule and
+    early stopping, named as logged: val/loss, val/auroc_mean, val/accuracy, val/f1_macro,
+    val_auroc/<finding>; auto = val/auroc_mean (multi-label) or val/accuracy (single-label)."""
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower or higher ``monitor`` is better; auto: min for val/loss, else max."""
     early_stopping_patience: PositiveInt | None = None
-    # A rank that dies or hangs stops the others after this long in a collective (not NCCL's
-    # default of hours); a rank that dies at once is noticed at the next collective.
+    """Stop after this many evaluations without a gain in ``monitor`` (default: never)."""
     collective_timeout_min: PositiveFloat = 10.0
-    # A step whose loss is NaN/inf on any rank: stop before the update (naming the step), or
-    # skip the update on every rank and go on, stopping after nonfinite_max_in_row in a row.
+    """A rank that dies or hangs stops the others after this long in a collective (not NCCL's
+    default of hours); a rank that dies at once is noticed at the next collective."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """A step whose loss is NaN/inf on any rank: stop before the update (naming the step), or
+    skip the update on every rank and go on, stopping after nonfinite_max_in_row in a row."""
     nonfinite_max_in_row: PositiveInt = 5
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
-    save_stage_weights: bool = False  # full weights + moments at each stage boundary
+    """With ``nonfinite_loss: skip``, stop after this many non-finite steps in a row."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, more compute)."""
+    save_stage_weights: bool = False
+    """Save full weights + optimizer moments at each stage boundary."""
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -470,11 +578,17 @@ class LoggingConfig(Section):
     """``logging``: console and tracker cadence, and which trackers record the run."""
 
     every_steps: PositiveInt = 10
+    """Log the training loss, lr and speed every this many steps."""
     # tensorboard: the run folder's tb/ (what `dist-ft aggregate` and `eval --best` read);
     # mlflow, wandb: through Accelerate's tracker API, offline by default (MLflow file store
     # under the run folder, W&B offline mode); they need the optional extras.
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"])
+    """Where scalars and the recipe go: tensorboard (tb/, read by aggregate), mlflow, wandb
+    (offline by default; optional extras)."""
+
+    per_rank: bool = False
+    """Every rank also logs its own loss and speed to tb/rank{r}/."""
 
     @model_validator(mode="before")
     @classmethod
@@ -491,7 +605,6 @@ class LoggingConfig(Section):
         if dupes:
             raise ValueError(f"trackers must be unique; repeated: {', '.join(dupes)}")
         return trackers
-    per_rank: bool = False  # every rank also logs its own loss and speed to tb/rank{r}/
 
 
 # Values that end up on ``#SBATCH`` lines: Slurm's own syntax, nothing a shell would act on
@@ -543,17 +656,29 @@ class LaunchConfig(Section):
     """``launch``: SLURM resources used by ``dist-ft submit`` (its flags override these)."""
 
     cluster: Literal["slurm", "local"] = "slurm"
+    """``slurm`` submits with sbatch; ``local`` runs the job on this machine."""
     nodes: PositiveInt = 1
-    gpus_per_node: NonNegInt = 0  # also processes per node; 0 = CPU, one process per node
+    """Nodes to allocate."""
+    gpus_per_node: NonNegInt = 0
+    """GPUs per node, also processes per node; 0 = CPU, one process per node."""
     cpus_per_task: PositiveInt | None = None
+    """CPUs per process (``--cpus-per-task``; default: Slurm's)."""
     partition: str | None = None
+    """Slurm partition (``--partition``)."""
     time: str = "01:00:00"
+    """Time limit (``--time``: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); quote it."""
     account: str | None = None
+    """Slurm account charged (``--account``)."""
     qos: str | None = None
+    """Slurm quality of service (``--qos``)."""
     constraint: str | None = None
+    """Node features required (``--constraint``, e.g. ``a100``)."""
     mem: str | None = None
-    max_requeues: NonNegInt = 3  # self-requeues after SIGUSR2 (preemption or time limit)
-    signal_delay_s: PositiveInt = 120  # SIGUSR2 this long before the time limit
+    """Memory per node (``--mem``, e.g. ``64G``)."""
+    max_requeues: NonNegInt = 3
+    """Self-requeues after SIGUSR2 (preemption or time limit)."""
+    signal_delay_s: PositiveInt = 120
+    """SIGUSR2 comes this many seconds before the time limit (to checkpoint and requeue)."""
 
     @field_validator("time", mode="before")
     @classmethod
@@ -593,11 +718,20 @@ class Recipe(Section):
     """A whole training recipe, as loaded from YAML plus overrides."""
 
     model: ModelConfig
+    """The network: architecture, initial weights, number of outputs."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Where images come from and how they are batched."""
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    """Freeze stages: what trains when."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer, learning rate, weight decay and parameter groups."""
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Length of the run, backend, precision and numerics."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Logging cadence and trackers."""
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """SLURM resources for ``dist-ft submit``."""
     output_dir: Annotated[str, Field(min_length=1), PathValue()] = "runs/default"
+    """PATH of the run folder: checkpoints, logs, tb/, best/."""
