@@ -7,6 +7,8 @@ Layout of a cache folder::
     shard_00000.json   count, sha256, bytes, skipped images       (written after the .npy)
     settings.json      the cache's identity, written first (see below)
     manifest.json      everything above, summed up; written last
+    missing_images.txt the listed images not found (only with on_bad_image=skip): they have
+                       no row, so shards hold only the images found
 
 Each shard is written to a temporary name and renamed when complete, then its ``.json``
 appears: an interrupted ``prepare`` resumes with the shards that lack one. Readers never load
@@ -35,7 +37,7 @@ import numpy as np
 from dist_ft import __version__
 from dist_ft.config.schema import SplitFilesConfig
 from dist_ft.data.findings import FINDINGS
-from dist_ft.data.images import ImageError, find_images, load_gray_resized
+from dist_ft.data.images import IMAGE_FOLDERS, ImageError, load_gray_resized, locate_images
 from dist_ft.data.metadata import find_metadata, read_metadata
 from dist_ft.data.splits import (
     EXCLUDED,
@@ -45,14 +47,17 @@ from dist_ft.data.splits import (
     list_files,
     resolve_splits,
 )
+from dist_ft.data.table import detect_format
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
 SETTINGS = "settings.json"
+MISSING = "missing_images.txt"  # listed images not found (prepare with on_bad_image=skip)
 # Every file name prepare writes: what --rebuild may remove, nothing else.
 _OWN_FILES = (MANIFEST, INDEX, "index.tmp.npz", "valid.npy", "shard_*.npy", "shard_*.json",
-              "shard_*.npy.tmp", "shard_*.json.tmp", "manifest.json.tmp", "settings.json.tmp")
+              "shard_*.npy.tmp", "shard_*.json.tmp", "manifest.json.tmp", "settings.json.tmp",
+              MISSING, f"{MISSING}.tmp")
 
 
 class CacheError(RuntimeError):
@@ -162,6 +167,28 @@ def _split_settings(root: Path, val_fraction: float, test_fraction: float,
     return settings
 
 
+def _refuse_other_formats(root: Path) -> None:
+    """Refuse an ImageFolder tree or a CSV file with the reason, before a metadata error.
+
+    The cache stores what ``format: chestxray14`` trains on: one grey channel and the 14
+    findings as multi-hot rows, indexed by the metadata's image names. ImageFolder and CSV
+    data train in RGB on their own classes, and the recipe schema refuses ``data.cache`` for
+    them, so a cache of theirs could not be used; training reads their files directly.
+    """
+    fmt = detect_format(root)
+    if fmt is None or fmt == "chestxray14":
+        return
+    what = "a CSV file" if fmt == "csv" else "an ImageFolder tree"
+    raise CacheError(
+        f"{root} is {what} (data.format: {fmt}); the preprocessed cache is for ChestX-ray14 "
+        "folders only: it stores grey images with the 14 findings, and a recipe with format: "
+        f"{fmt} cannot use data.cache (training reads its image files directly, in colour). "
+        f"Nothing to prepare; to check its images before training run: dist-ft data stats "
+        f"{root} --check-images"
+        + (" --data csv.label_column=COLUMN" if fmt == "csv" else "")
+    )
+
+
 @dataclass(frozen=True)
 class _ShardJob:
     out: str
@@ -232,10 +259,12 @@ def prepare_cache(
         size: side of the stored square images.
         shard_size: images per shard file.
         workers: decoding processes.
-        on_bad_image: ``error`` (stop, naming the image) or ``skip`` (store zeros, mark the row
-            invalid and record it in the manifest).
+        on_bad_image: ``error`` (stop, naming the image) or ``skip``: an image not found gets
+            no row (shards hold only the rows kept), an unreadable one is stored as zeros and
+            its row marked invalid; both are recorded in the manifest's ``skipped``.
         val_fraction, test_fraction, split_seed: the split settings (see ``splits.py``).
-        progress: show a progress bar with ETA.
+        progress: show progress with rate and ETA on stderr (a bar on a terminal, else a
+            line per 10 % or per minute; see :func:`dist_ft.console.progress`).
         on_shard: called with each finished shard's index (tests use it to interrupt).
         rebuild: when ``out`` holds a cache of another identity, remove its files (only
             those ``prepare`` writes) and start over instead of refusing.
@@ -247,26 +276,35 @@ def prepare_cache(
     Raises:
         CacheError: ``out`` holds a cache of another identity (data root, metadata or list
             files, sizes, split settings, versions) and ``rebuild`` is off; names each
-            difference.
-        ImageError: a bad image with ``on_bad_image='error'``.
+            difference. Also ``root`` being an ImageFolder tree or a CSV file (the cache
+            serves ``format: chestxray14`` only), saying why.
+        ImageError: a bad image with ``on_bad_image='error'``, or no image found at all; a
+            missing one names the folders searched.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     root, out = Path(root), Path(out)
+    _refuse_other_formats(root)
     meta_path = find_metadata(root)
     meta = read_metadata(meta_path)
     split = resolve_splits(meta, root, val_fraction, test_fraction, split_seed, split_files)
     keep = split != EXCLUDED
     meta, split = meta.subset(keep), split[keep]
-    found = find_images(root)
-    paths = [str(found[n]) if n in found else None for n in meta.images]
-    missing = [n for n, p in zip(meta.images, paths, strict=True) if p is None]
-    if missing and on_bad_image == "error":
+    located = locate_images(root)
+    have = np.fromiter((n in located.paths for n in meta.images), dtype=bool, count=len(meta))
+    missing = [str(n) for n in meta.images[~have]]
+    if missing and (on_bad_image == "error" or not have.any()):
+        none = "none of them is there" if not have.any() else "use on_bad_image=skip " \
+            "(dist-ft data prepare --on-bad-image skip) to cache the rest"
         raise ImageError(
-            f"{len(missing)} image(s) listed in {meta_path.name} are not under {root} "
-            f"(images/ or images_*/images/), first {missing[0]!r}; "
-            "use on_bad_image=skip to cache the rest"
+            f"{len(missing):,} image(s) of the {len(meta):,} listed in {meta_path} are not "
+            f"under {root}, first {missing[0]!r} ({located.looked_in()}); {none}"
         )
+    listed = len(meta)
+    # A row without an image file gets no row in the index and no place in a shard: a
+    # prepare of 2 images listed among 112,120 writes 2 images, not 112,120 zeroed ones.
+    meta, split = meta.subset(have), split[have]
+    paths: list[str | None] = [str(located.paths[n]) for n in meta.images]
     # The files whose content decides rows, labels and splits: the ones actually read.
     sources = [meta_path] + ([root / n for n in (TEST_LIST, TRAIN_VAL_LIST)
                               if (root / n).is_file()] if split_files is None else [])
@@ -276,11 +314,17 @@ def prepare_cache(
         "root": str(root.resolve()),
         "size": size,
         "shard_size": shard_size,
-        "num_images": len(meta),
+        "num_images": listed,
         "metadata": meta_path.name,
         "sha256": {p.name: _sha256(p) for p in sources},
         "split": _split_settings(root, val_fraction, test_fraction, split_seed, split_files),
     }
+    if missing:  # absent otherwise, so caches made before it stay valid
+        # Which rows the shards hold: adding images later changes them (so --rebuild).
+        settings["missing_images"] = {
+            "count": len(missing),
+            "sha256": hashlib.sha256("\n".join(missing).encode()).hexdigest(),
+        }
     if out.is_dir():
         _check_identity(out, settings, rebuild)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,10 +359,10 @@ def prepare_cache(
         jobs.append(_ShardJob(str(out), k, paths[start:stop], list(meta.images[start:stop]),
                               size, on_bad_image == "skip"))
 
-    from tqdm import tqdm
+    from dist_ft.console import progress as show_progress
 
-    bar = tqdm(total=len(meta), initial=sum(r["count"] for r in records.values()),
-               unit="img", desc="prepare", disable=not progress, smoothing=0.1)
+    bar = show_progress(total=len(meta), initial=sum(r["count"] for r in records.values()),
+                        unit="img", desc="prepare", enabled=progress, smoothing=0.1)
     try:
         if workers <= 1:
             for job in jobs:
@@ -351,12 +395,20 @@ def prepare_cache(
     manifest = {
         **settings,
         "findings": list(FINDINGS),
+        "num_rows": len(meta),
         "num_valid": int(valid.sum()),
         "splits": {name: int(((split == i) & valid).sum()) for i, name in enumerate(SPLIT_NAMES)},
         "shards": ordered,
         "skipped": skipped,
         "bytes": sum(r["bytes"] for r in ordered),
     }
+    if missing:
+        # One name a line in a file of its own: 112,118 JSON records would bloat the manifest.
+        _atomic_write_text(out / MISSING, "\n".join(missing) + "\n")
+        manifest["missing_images"] = {
+            **settings["missing_images"], "file": MISSING, "first": missing[:5],
+            "looked_in": list(IMAGE_FOLDERS), "found_in": located.folders,
+        }
     _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 

@@ -28,7 +28,7 @@ from dist_ft.config.schema import DataConfig
 from dist_ft.data.cache import CacheReader
 from dist_ft.data.chexpert import read_chexpert
 from dist_ft.data.findings import FINDINGS
-from dist_ft.data.images import ImageError, find_images, load_gray_resized, load_rgb_resized
+from dist_ft.data.images import ImageError, load_gray_resized, load_rgb_resized, locate_images
 from dist_ft.data.label_map import CHEXPERT_FINDINGS, SHARED_CHESTXRAY14, as_chestxray14
 from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
 from dist_ft.data.mimic import read_mimic
@@ -204,19 +204,21 @@ def load_size(cfg: DataConfig) -> int:
 
 
 def _drop_missing(exists: np.ndarray, names: np.ndarray, cfg: DataConfig, split: str,
-                  source: str, root: Path) -> np.ndarray:
+                  source: str, root: Path, looked_in: str | None = None) -> np.ndarray:
     """``exists`` back, after an error naming the first missing image (a warning when
-    ``data.on_bad_image=skip``); ``source`` lists the images, expected under ``root``."""
+    ``data.on_bad_image=skip``); ``source`` lists the images, expected under ``root``
+    (``looked_in``: the folders searched, when the layout has several)."""
     if exists.all():
         return exists
     missing = [str(n) for n, ok in zip(names, exists, strict=True) if not ok]
+    where = f" ({looked_in})" if looked_in else ""
     if cfg.on_bad_image == "error":
         raise MetadataError(
             f"{len(missing)} {split} image(s) of {source} are not under {root}, "
-            f"first {missing[0]!r}; set data.on_bad_image=skip to train without them"
+            f"first {missing[0]!r}{where}; set data.on_bad_image=skip to train without them"
         )
-    log.warning("%d %s images missing under %s (skipped), first %s; listed in %s",
-                len(missing), split, root, missing[0], source)
+    log.warning("%d %s images missing under %s (skipped), first %s; listed in %s%s",
+                len(missing), split, root, missing[0], source, where)
     return exists
 
 
@@ -247,9 +249,11 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
     if views is not None:
         mask &= np.isin(meta.views, views)
     meta = meta.subset(mask)
-    found = find_images(root)
+    located = locate_images(root)
+    found = located.paths
     exists = np.fromiter((n in found for n in meta.images), dtype=bool, count=len(meta.images))
-    meta = meta.subset(_drop_missing(exists, meta.images, cfg, split, meta.source.name, root))
+    meta = meta.subset(_drop_missing(exists, meta.images, cfg, split, meta.source.name, root,
+                                     located.looked_in()))
     paths = [found[n] for n in meta.images]
     info = {"image": meta.images.astype(str), "patient": meta.patients.astype(str),
             "view": meta.views.astype(str), "sex": meta.sexes.astype(str),

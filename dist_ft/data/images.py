@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,39 @@ class ImageError(ValueError):
     pixel limit; the message names the file."""
 
 
-def find_images(root: str | Path) -> dict[str, Path]:
-    """Map image file name -> path for every PNG under ``root`` as the release unpacks.
+# Where the PNGs of a ChestX-ray14 folder may lie, relative to it, in order of precedence:
+# the rule has this one owner; every message about missing images quotes it.
+IMAGE_FOLDERS = ("images/", "images_*/images/", "images_*/", "./")
 
-    Looks in ``root/images/``, ``root/images_*/images/`` (one folder per tarball) and
-    ``root/images_*/`` directly. A name found twice keeps its first location.
+
+@dataclass(frozen=True)
+class ImageLocations:
+    """The PNGs found under a ChestX-ray14 folder and the folders searched for them.
+
+    Attributes:
+        root: the data folder.
+        paths: image file name -> path (a name found twice keeps its first location).
+        folders: every folder searched that exists, relative to ``root`` (``.`` for the root
+            itself), with the number of PNGs in it.
+    """
+
+    root: Path
+    paths: dict[str, Path]
+    folders: dict[str, int]
+
+    def looked_in(self) -> str:
+        """Where images were looked for and found, for messages about missing images."""
+        found = [f"{name}/ ({count:,} PNGs)" for name, count in self.folders.items() if count]
+        return (f"looked in {', '.join(IMAGE_FOLDERS)} under {self.root}; "
+                + (f"found PNGs in {', '.join(found)}" if found else "found no PNG there"))
+
+
+def locate_images(root: str | Path) -> ImageLocations:
+    """Find every PNG of a ChestX-ray14 folder as the release unpacks, or beside the metadata.
+
+    Looks in :data:`IMAGE_FOLDERS`: ``root/images/``, ``root/images_*/images/`` (one folder
+    per tarball), ``root/images_*/`` directly, then ``root`` itself (a few PNGs copied next to
+    ``Data_Entry_2017.csv``).
     """
     root = Path(root)
     folders = [root / "images"]
@@ -32,14 +61,36 @@ def find_images(root: str | Path) -> dict[str, Path]:
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if entry.is_dir() and entry.name.startswith("images_"):
                 folders += [Path(entry.path) / "images", Path(entry.path)]
+        folders.append(root)
     found: dict[str, Path] = {}
+    counts: dict[str, int] = {}
     for folder in folders:
         if not folder.is_dir():
             continue
+        count = 0
         for entry in os.scandir(folder):
             if entry.name.endswith(".png") and entry.is_file():
                 found.setdefault(entry.name, Path(entry.path))
-    return found
+                count += 1
+        counts[folder.relative_to(root).as_posix()] = count
+    return ImageLocations(root, found, counts)
+
+
+def find_images(root: str | Path) -> dict[str, Path]:
+    """Map image file name -> path for every PNG of ``root`` (see :func:`locate_images`)."""
+    return locate_images(root).paths
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be trained on (missing, empty, truncated, undecodable), or None.
+
+    Decodes the whole image, as training does: a truncated PNG passes a header check.
+    """
+    try:
+        _open(Path(path))
+    except ImageError as exc:
+        return str(exc)
+    return None
 
 
 def _open(path: Path) -> Image.Image:

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_ft.data.metadata import MetadataError
+from dist_ft.data.metadata import METADATA_NAMES, MetadataError
+
+# The split folders of an ImageFolder tree (``ROOT/<split>/<class>/*``), as training finds them.
+IMAGEFOLDER_SPLITS = ("train", "val", "valid", "test")
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,23 @@ def parse_age(text: str) -> float:
         return float(text)
     except ValueError:
         return float("nan")
+
+
+def detect_format(root: str | Path) -> str | None:
+    """The ``data.format`` a path holds, as far as its layout tells, or None.
+
+    A CSV file (``.csv``, ``.csv.gz``) is ``csv``; a folder with a ChestX-ray14 metadata file
+    is ``chestxray14`` (checked first: a release may hold other folders); a folder with
+    :data:`IMAGEFOLDER_SPLITS` subfolders is ``imagefolder``. CheXpert and MIMIC-CXR-JPG
+    are not guessed (their folders also hold CSVs and class-less image trees).
+    """
+    root = Path(root)
+    if root.is_file():
+        return "csv" if root.name.lower().endswith((".csv", ".csv.gz")) else None
+    if not root.is_dir():
+        return None
+    if any((root / name).is_file() for name in METADATA_NAMES):
+        return "chestxray14"
+    if any((root / name).is_dir() for name in IMAGEFOLDER_SPLITS):
+        return "imagefolder"
+    return None

@@ -96,12 +96,16 @@ def test_bad_images_stop_prepare_naming_them(tiny_cxr14: Path, tmp_path: Path) -
 
 
 def test_skip_records_bad_images_in_the_manifest(tiny_cxr14: Path, tmp_path: Path) -> None:
-    bad = set(_damage(tiny_cxr14))
+    empty, truncated, missing = _damage(tiny_cxr14)
     manifest = prepare_cache(tiny_cxr14, tmp_path / "c", size=32, on_bad_image="skip",
                              progress=False)
-    assert {s["image"] for s in manifest["skipped"]} == bad
+    bad = {empty, truncated, missing}
+    assert {s["image"] for s in manifest["skipped"]} == {empty, truncated}
     reasons = " ".join(s["reason"] for s in manifest["skipped"])
-    assert "empty" in reasons and "cannot decode" in reasons and "not found" in reasons
+    assert "empty" in reasons and "cannot decode" in reasons
+    # A missing image gets no row at all; it is listed beside the manifest.
+    assert manifest["missing_images"]["count"] == 1 and manifest["num_rows"] == 39
+    assert (tmp_path / "c" / "missing_images.txt").read_text().split() == [missing]
     assert manifest["num_valid"] == 37
     reader = CacheReader(tmp_path / "c")
     assert bad.isdisjoint(str(n) for n in reader.images[reader.rows()])
