@@ -12,8 +12,12 @@ parallelism: 4             # at most this many array tasks at once (--parallelis
 ```
 
 Each task gets a run directory ``SWEEP_DIR/NAME`` where NAME comes from its index and
-overrides (``03-staged,lr=0.0003,seed=1``), reduced to characters safe in a path and on an
-``#SBATCH`` line. Overrides never pass through a shell: the submitted job carries them as data.
+overrides (``03-staged_lr-0.0003_seed-1``), reduced to ``[A-Za-z0-9._-]``: nothing that a
+shell, a glob, an ``#SBATCH`` line or a CSV trips on (no ``,`` ``=`` spaces quotes ``*?[]{}``
+``$``). The index keeps names unique when values differ only in such characters. Every reader
+of the folders (``train --sweep --sweep-index``, ``submit --sweep``, ``jobs``, the sweep's
+aggregation) takes NAME from :func:`expand_sweep`. Overrides never pass through a shell: the
+submitted job carries them as data.
 Pure: no torch, no submitit.
 """
 
@@ -31,7 +35,7 @@ from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import parse_yaml, read_text_file
 
 SWEEP_KEYS = ("grid", "runs", "parallelism")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 NAME_LIMIT = 96
 
 
@@ -59,25 +63,41 @@ def format_value(value: Any) -> str:
         text = yaml.safe_dump(value, default_flow_style=True, default_style=style, width=10**9)
         return text.strip().removesuffix("...").strip()
 
-    if isinstance(value, str) and parse_yaml(value) == value:
+    def reads_back(text: str) -> bool:
+        try:
+            return parse_yaml(text) == value
+        except ConfigError:  # e.g. a tab YAML refuses in a plain scalar: quote it
+            return False
+
+    if isinstance(value, str) and reads_back(value):
         return value
     text = dump(None)
-    return text if parse_yaml(text) == value else dump("'")
+    return text if reads_back(text) else dump("'")
 
 
 def safe_name(text: str) -> str:
-    """``text`` reduced to ``[A-Za-z0-9._=,+-]`` (other runs become ``_``), at most 96 chars.
+    """``text`` reduced to ``[A-Za-z0-9._-]`` (other runs become ``_``), at most 96 chars,
+    never starting with ``-`` (an option to most commands) or ``.`` (hidden).
 
     >>> safe_name("a b'; $(x)")
-    'a_b_x_'
+    'a_b_x'
     """
-    return _UNSAFE.sub("_", text).strip("._")[:NAME_LIMIT] or "run"
+    return _UNSAFE.sub("_", text).strip("._-")[:NAME_LIMIT] or "run"
 
 
-def _label(key: str, value: Any, position: int) -> str:
-    short = key.rsplit(".", 1)[-1]
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """Each override key's last component (``optim.lr`` -> ``lr``), or the whole key where two
+    keys share that component (``optim.lr`` and ``optim.groups[0].lr`` stay apart)."""
+    last = {key: key.rsplit(".", 1)[-1] for key in keys}
+    counts: dict[str, int] = {}
+    for short in last.values():
+        counts[short] = counts.get(short, 0) + 1
+    return {key: short if counts[short] == 1 else key for key, short in last.items()}
+
+
+def _label(short: str, value: Any, position: int) -> str:
     shown = value if isinstance(value, int | float | str | bool) else f"v{position}"
-    return f"{short}={shown}"
+    return f"{short}-{shown}"
 
 
 def expand_sweep(data: Any, source: str = "<sweep>") -> Sweep:
@@ -113,25 +133,33 @@ def expand_sweep(data: Any, source: str = "<sweep>") -> Sweep:
         raise ConfigError(problems, source)
 
     axes = [[(key, value, i) for i, value in enumerate(values)] for key, values in grid.items()]
+    short = _short_keys(list(dict.fromkeys(
+        [*grid, *(k for r in runs for k in r if k != "name")])))
     tasks = []
     for run, combo in itertools.product(runs, itertools.product(*axes)):
         index = len(tasks)
         fixed = {k: v for k, v in run.items() if k != "name"}
         labels = [safe_name(str(run["name"]))] if "name" in run else []
-        labels += [_label(k, v, i) for i, (k, v) in enumerate(fixed.items()) if "name" not in run]
-        labels += [_label(k, v, i) for k, v, i in combo]
+        labels += [_label(short[k], v, i) for i, (k, v) in enumerate(fixed.items())
+                   if "name" not in run]
+        labels += [_label(short[k], v, i) for k, v, i in combo]
         overrides = [f"{k}={format_value(v)}" for k, v in fixed.items()]
         overrides += [f"{k}={format_value(v)}" for k, v, _ in combo]
-        name = safe_name(f"{index:02d}-" + ",".join(labels))
+        name = safe_name(f"{index:02d}-" + "_".join(labels))
         tasks.append(SweepTask(index, name, tuple(overrides)))
     return Sweep(tuple(tasks), parallelism, source)
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and expand a sweep file.
+    """Read and expand a sweep file, given by path or as a shipped sweep's name
+    (``smoke_lr_plan_seed``; a path that exists wins).
 
     Raises:
-        ConfigError: unreadable, not UTF-8, not YAML, or malformed (see :func:`expand_sweep`).
+        ConfigError: unreadable, not UTF-8, not YAML, or malformed (see :func:`expand_sweep`);
+            an unknown name lists the close shipped ones.
     """
+    from dist_ft.config.shipped import resolve_sweep
+
+    path = resolve_sweep(path)
     source = str(path)
     return expand_sweep(parse_yaml(read_text_file(path, "sweep"), source), source)

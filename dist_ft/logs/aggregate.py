@@ -63,8 +63,18 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def group_label(member: Member, group_by: list[str], root: Path | None) -> str:
-    """The group a member belongs to.
+def _compact(value: Any) -> str:
+    """A recipe value as a short group label: a list of named items (``plan.stages``,
+    ``optim.groups``) by its names, ``head+top+full``; anything else as it is."""
+    if isinstance(value, list) and value and all(
+            isinstance(v, dict) and "name" in v for v in value):
+        return "+".join(str(v["name"]) for v in value)
+    return str(value)
+
+
+def group_label(member: Member, group_by: list[str], root: Path | None,
+                compact: bool = False) -> str:
+    """The group a member belongs to (``compact``: list values by their items' names).
 
     Raises:
         ValueError: a recipe key that the member's run does not have (names both).
@@ -82,8 +92,28 @@ def group_label(member: Member, group_by: list[str], root: Path | None) -> str:
                 raise ValueError(
                     f"--group-by {key}: run {member.run_dir} has no such recipe key"
                     + ("" if member.params else " (no recipe.yaml found above its event files)"))
-            parts.append(f"{key}={member.params[key]}")
+            value = member.params[key]
+            parts.append(f"{key}={_compact(value) if compact else value}")
     return ",".join(parts)
+
+
+def group_members(members: list[Member], group_by: list[str],
+                  root: Path | None) -> dict[str, list[Member]]:
+    """Members by group label: compact labels (``plan.stages=head+top+full``) unless two
+    groups would then read the same, in which case every label is written out in full.
+
+    Raises:
+        ValueError: see :func:`group_label`.
+    """
+    groups: dict[str, list[Member]] = {}
+    short: dict[str, str] = {}
+    for m in members:
+        label = group_label(m, group_by, root)
+        groups.setdefault(label, []).append(m)
+        short.setdefault(label, group_label(m, group_by, root, compact=True))
+    if len(set(short.values())) < len(short):  # compact labels would merge groups
+        return groups
+    return {short[label]: found for label, found in groups.items()}
 
 
 def _relative(path: Path, root: Path | None) -> str:
@@ -153,9 +183,7 @@ def aggregate(members: list[Member], group_by: list[str], tags: list[str] | None
         raise ValueError(f"--stats: unknown {', '.join(unknown)}; known: {', '.join(STATS)}")
     if align not in ("intersection", "union"):
         raise ValueError(f"--align: {align!r}; use intersection or union")
-    groups: dict[str, list[Member]] = {}
-    for m in members:
-        groups.setdefault(group_label(m, group_by, root), []).append(m)
+    groups = group_members(members, group_by, root)
     results = []
     for group in sorted(groups):
         for tag in select_tags(groups[group], tags):
@@ -165,29 +193,128 @@ def aggregate(members: list[Member], group_by: list[str], tags: list[str] | None
     return results
 
 
-def best_mode(tag: str) -> str:
-    """Whether lower or higher is better for a tag: ``min`` for losses, errors and gaps."""
+METRIC_TAGS = ("train/loss", "rank/loss")  # plus every val/ and val_auroc/ tag but:
+NOT_METRICS = ("val/gap",)  # validation minus training loss: neither end of it is "best"
+STAGE_TAG = "train/stage"
+NO_DECAY = ".no_decay"
+
+
+def best_mode(tag: str) -> str | None:
+    """Whether lower (``min``) or higher (``max``) is better for a metric: losses, AUROC,
+    accuracy, F1 (``train/loss``, ``rank/loss``, ``val/*``, ``val_auroc/*``). None for what
+    is not a score: learning rates, speed, gradient norm, stage, the train/validation gap."""
+    if tag in NOT_METRICS or not (tag in METRIC_TAGS or tag.startswith(("val/", "val_auroc/"))):
+        return None
     low = tag.lower()
-    return "min" if any(w in low for w in ("loss", "error", "gap", "lr/")) else "max"
+    return "min" if any(w in low for w in ("loss", "error", "ece", "brier")) else "max"
+
+
+@dataclass(frozen=True)
+class TagLabel:
+    """How a tag reads in ``scalars.csv``, plot legends and ``summary.json``.
+
+    Attributes:
+        label: ``default (no decay) + head (no decay)`` for
+            ``lr/default.no_decay+head.no_decay@full``; the tag itself for other tags.
+        since_stage: ``full``: the stage from which that optimizer group's parameters have
+            trained (the trainer splits a group by it); empty when the tag names none.
+        family: tags drawn in one plot: ``lr`` for every learning rate, else the tag.
+    """
+
+    label: str
+    since_stage: str
+    family: str
+
+
+def param_group_label(name: str) -> str:
+    """An optimizer group's logged name (``lr/<name>``) in words.
+
+    The name is ``KEY[+KEY...]`` (groups with equal lr and decay merged, dist_ft.plan.groups),
+    each ``KEY`` being ``GROUP[.BLOCK][.no_decay]``: ``default.no_decay+head.no_decay`` ->
+    ``default (no decay) + head (no decay)``; ``top.layer4`` -> ``top (layer4)``;
+    ``head.head`` -> ``head``.
+    """
+    parts = []
+    for key in name.split("+"):
+        no_decay = key.endswith(NO_DECAY)
+        group, _, block = key.removesuffix(NO_DECAY).partition(".")  # group names hold no "."
+        notes = [n for n in (block if block != group else "", "no decay" if no_decay else "")
+                 if n]
+        parts.append(f"{group or key} ({', '.join(notes)})" if notes else (group or key))
+    return " + ".join(parts)
+
+
+def tag_label(tag: str) -> TagLabel:
+    """How ``tag`` reads (the one rule for it): ``lr/<group>[@<stage>]`` as the group's name
+    in words and the stage apart; other tags as they are. Tags themselves never change, so
+    old runs read the same."""
+    if tag.startswith("lr/"):
+        name, at, stage = tag[3:].rpartition("@")  # stage names hold no "@"
+        return TagLabel(param_group_label(name if at else stage), stage if at else "", "lr")
+    return TagLabel(tag, "", tag)
 
 
 def summarize(results: list[Aggregate]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Final and best values (of the mean, where present) per group and tag."""
+    """Final values (of the mean, where present) per group and tag, and the best value for
+    metrics (see :func:`best_mode`); each with the tag's readable label."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for agg in results:
         key = "mean" if "mean" in agg.stats else next(iter(agg.stats))
         values = agg.stats[key]
         mode = best_mode(agg.tag)
         finite = np.where(np.isfinite(values))[0]
-        entry: dict[str, Any] = {"stat": key, "members": len(agg.sources),
+        named = tag_label(agg.tag)
+        entry: dict[str, Any] = {"label": named.label, "since_stage": named.since_stage or None,
+                                 "stat": key, "members": len(agg.sources),
                                  "steps": len(agg.steps)}
         if len(finite):
-            best = finite[np.argmin(values[finite]) if mode == "min"
-                          else np.argmax(values[finite])]
             last = finite[-1]
-            entry.update(final={"step": int(agg.steps[last]), "value": float(values[last]),
-                                "members": int(agg.members[last])},
-                         best={"step": int(agg.steps[best]), "value": float(values[best]),
-                               "mode": mode})
+            entry["final"] = {"step": int(agg.steps[last]), "value": float(values[last]),
+                              "members": int(agg.members[last])}
+            if mode is not None:
+                best = finite[np.argmin(values[finite]) if mode == "min"
+                              else np.argmax(values[finite])]
+                entry["best"] = {"step": int(agg.steps[best]), "value": float(values[best]),
+                                 "mode": mode}
         out.setdefault(agg.group, {})[agg.tag] = entry
+    return out
+
+
+def stage_boundaries(members: list[Member], group_by: list[str],
+                     root: Path | None) -> dict[str, list[tuple[int, str]]]:
+    """Where each group's runs enter another freeze stage: sorted ``(step, stage name)``.
+
+    Read from each run's ``train/stage`` (whatever ``--tags`` keeps). The step is the plan's
+    ``start_step`` where the recipe has one between the last step logged in the old stage and
+    the first in the new, else that first step; the name is the recipe's
+    ``plan.stages[i].name`` (``stage i`` without a recipe). Stages entered before the first
+    logged point are marked only where the recipe gives their ``start_step``.
+    """
+    out: dict[str, list[tuple[int, str]]] = {}
+    for group, found in group_members(members, group_by, root).items():
+        marks: set[tuple[int, str]] = set()
+        for m in found:
+            series = m.run.series.get(STAGE_TAG)
+            if series is None:
+                continue
+            stages = m.params.get("plan.stages")
+            stages = stages if isinstance(stages, list) else []
+            ok = np.isfinite(series.values)
+            steps, values = series.steps[ok], series.values[ok]
+            if not len(steps):
+                continue
+            # (index, last step logged before it or -1, first step logged in it)
+            changes = [(j, -1, int(steps[0])) for j in range(1, int(values[0]) + 1)]
+            changes += [(int(values[i + 1]), int(steps[i]), int(steps[i + 1]))
+                        for i in np.nonzero(np.diff(values))[0]]
+            for index, before, after in changes:
+                spec = stages[index] if 0 <= index < len(stages) else {}
+                spec = spec if isinstance(spec, dict) else {}
+                start = spec.get("start_step")
+                if isinstance(start, int) and before <= start < after:
+                    marks.add((start, str(spec.get("name", f"stage {index}"))))
+                elif before >= 0:  # a stage entered before the first point needs the plan
+                    marks.add((after, str(spec.get("name", f"stage {index}"))))
+        if marks:
+            out[group] = sorted(marks)
     return out

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_ft.logs.aggregate import STATS, Member, aggregate
+from dist_ft.logs.aggregate import STATS, Member, aggregate, stage_boundaries
 from dist_ft.logs.outputs import write_csv, write_event_dirs, write_plots, write_summary
 from dist_ft.logs.runs import MARKER, load_members
 
@@ -93,7 +93,8 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
     rows = write_csv(results, out / "scalars.csv")
     write_event_dirs(results, out / "tb")
     plots = [] if plot is not None and not list(plot) else write_plots(
-        results, out / "plots", list(plot) if plot else None)
+        results, out / "plots", list(plot) if plot else None,
+        stage_boundaries(members, list(group_by), root))
     return write_summary(results, out / "summary.json", {
         "runs": [str(r) for r in runs], "out": str(out), "group_by": list(group_by),
         "align": align, "stats": list(stats), "members": len(members),

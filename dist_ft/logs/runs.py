@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_ft.console import progress
 from dist_ft.logs.aggregate import Member, flatten
 from dist_ft.logs.events import RunScalars, find_event_dirs, read_run
 from dist_ft.rundir import RunDir
@@ -42,6 +43,22 @@ def run_dir_of(event_dir: Path, root: Path) -> Path:
     return event_dir
 
 
+def without_tensorboard(folder: Path) -> list[Path]:
+    """The run folders at or below ``folder`` whose recipe leaves ``tensorboard`` out of
+    ``logging.trackers``: they have no ``tb/`` to read (their scalars went to MLflow / W&B)."""
+    found = []
+    for recipe in sorted(folder.rglob("recipe.yaml")):  # folder's own one too
+        try:
+            data = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        trackers = (data.get("logging") or {}).get("trackers") if isinstance(data, dict) \
+            else None
+        if isinstance(trackers, list) and "tensorboard" not in trackers:
+            found.append(recipe.parent)
+    return found
+
+
 def _read(args: tuple[Path, bool]) -> RunScalars:
     return read_run(*args)
 
@@ -63,16 +80,23 @@ def load_members(roots: list[str | Path], workers: int | None = None,
             raise FileNotFoundError(f"{root}: no such folder")
         dirs = [d for d in find_event_dirs(root) if not inside_output(d, root)]
         if not dirs:
+            off = without_tensorboard(root) if root.is_dir() else []
+            why = (f": {len(off)} run(s) here logged without TensorBoard (logging.trackers "
+                   f"has no tensorboard, e.g. {off[0]}); aggregate reads tb/, so train with "
+                   "tensorboard among logging.trackers, or compare them in MLflow / W&B"
+                   ) if off else ""
             raise FileNotFoundError(f"{root}: no TensorBoard event files (events.out.tfevents.*) "
-                                    "below it")
+                                    f"below it{why}")
         found += [(d, root) for d in dirs]
     workers = workers if workers is not None else min(len(found), os.cpu_count() or 1)
     jobs = [(d, verify_crc) for d, _ in found]
+    shown = {"desc": "read events", "unit": "folder", "total": len(jobs)}
     if workers > 1 and len(found) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            runs = list(pool.map(_read, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+            chunk = max(1, len(jobs) // (4 * workers))
+            runs = list(progress(pool.map(_read, jobs, chunksize=chunk), **shown))
     else:
-        runs = [_read(j) for j in jobs]
+        runs = [_read(j) for j in progress(jobs, **shown)]
     members = []
     recipes: dict[Path, dict] = {}
     for run, (event_dir, root) in zip(runs, found, strict=True):

@@ -87,6 +87,31 @@ def test_plots_write_png_files(report: dict, tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_roc_legend_names_each_class_with_its_auroc_in_its_own_style() -> None:
+    import matplotlib.pyplot as plt
+
+    from dist_ft.evaluation.plots import roc_figure
+
+    names = list(REFERENCES["CheXNet 2017"]["auroc"])  # ChestX-ray14's 14 findings
+    base = synthetic(patients=60, classes=len(names), seed=34)
+    targets = base.targets.copy()
+    targets[:, -1] = 0  # one finding without positives: no curve, said so
+    scored = Scored(base.scores, targets, names, base.patients, base.images)
+    fig = roc_figure(scored)
+    try:
+        ax = fig.axes[0]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        classes = analyze(scored, resamples=10)["classes"]
+        assert legend[:-1] == [f"{n} (AUROC {classes[n]['auroc']:.3f})" for n in names[:-1]]
+        assert legend[-1] == f"{names[-1]} (no AUROC: no positives)"
+        curves = ax.get_legend().get_lines()
+        styles = {(tuple(ln.get_color()), ln.get_linestyle()) for ln in curves}
+        assert len(styles) == len(names)  # no two classes drawn alike
+        assert len({tuple(ln.get_color()) for ln in curves}) == len(names)  # colours alone
+    finally:
+        plt.close(fig)
+
+
 def test_val_with_other_classes_is_refused() -> None:
     test, val = synthetic(patients=20, classes=2), synthetic(patients=20, classes=3)
     with pytest.raises(ValueError, match="val has other classes"):

@@ -91,7 +91,7 @@ def test_a_bad_sweep_task_is_named_before_anything_is_submitted(
     sweep.write_text("grid:\n  optim.lr: [1.0e-3, -1.0]\n")
     result = run_cli("submit", str(SMOKE), "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
     assert result.code == 2
-    assert "sweep task 1 (01-lr=-1.0): optim.lr: must be greater than 0" in result.err
+    assert "sweep task 1 (01-lr--1.0): optim.lr: must be greater than 0" in result.err
     assert not (tmp_path / "sw").exists()
 
 
@@ -101,7 +101,7 @@ def test_sweep_dry_run_is_one_array_with_a_parallelism_limit(run_cli, tmp_path: 
     doc = dry_run_json(run_cli, "--sweep", str(sweep), f"output_dir={tmp_path}/sw")
     assert "#SBATCH --array=0-2%2" in doc["sbatch"].splitlines()
     assert [t["output_dir"] for t in doc["tasks"]] == [
-        f"{tmp_path}/sw/0{i}-seed={i}" for i in range(3)]
+        f"{tmp_path}/sw/0{i}-seed-{i}" for i in range(3)]
     assert '--sweep-index "$SLURM_ARRAY_TASK_ID"' in doc["plain_sbatch"]
 
 

@@ -19,7 +19,8 @@ STAT_FUNCS = {"mean": np.mean, "min": np.min, "max": np.max, "std": np.std,
 def read_csv(path: Path) -> dict[tuple[str, str, int, str], tuple[float, int]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["group", "tag", "step", "stat", "value", "members"]
+    assert list(rows[0]) == ["group", "tag", "step", "stat", "value", "members", "label",
+                             "since_stage"]
     return {(r["group"], r["tag"], int(r["step"]), r["stat"]):
             (float(r["value"]) if r["value"] else math.nan, int(r["members"])) for r in rows}
 
@@ -93,8 +94,8 @@ def test_tensorboard_reads_the_aggregated_runs(run_cli, log_tree: Written, tmp_p
     assert run_cli("aggregate", str(log_tree.root), "--out", str(out), "--group-by",
                    "trainer.seed", "--stats", "mean,std", "--tags", "train/*").code == 0
     runs = sorted(str(p.relative_to(out / "tb")) for p in (out / "tb").glob("*/*"))
-    assert runs == [f"trainer.seed={s}/{stat}" for s in range(3) for stat in ("mean", "std")]
-    acc = EventAccumulator(str(out / "tb" / "trainer.seed=2" / "mean"),
+    assert runs == [f"trainer.seed-{s}/{stat}" for s in range(3) for stat in ("mean", "std")]
+    acc = EventAccumulator(str(out / "tb" / "trainer.seed-2" / "mean"),
                            size_guidance={"scalars": 0})
     acc.Reload()
     assert acc.Tags()["scalars"] == ["train/loss"]
