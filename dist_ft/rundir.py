@@ -7,6 +7,7 @@ A run folder (``output_dir``) holds::
     status.json        running | stopped | finished | failed, step, run id (atomic)
     .lock              held by a running trainer (see dist_ft.runlock)
     tb/                TensorBoard event files (tb/rank{r}/ with logging.per_rank)
+    trackers/          MLflow's mlflow.db, W&B's offline runs, runs.json (logging.trackers)
     logs/              rank{r}.log, bad_images.rank{r}.jsonl
     checkpoints/       step_00000120/ ... (exactly ``step_<digits>``; anything else is ignored)
     stage_weights/     with trainer.save_stage_weights
@@ -77,8 +78,8 @@ class RunDir:
     """
 
     # What a run writes at its top level: any of them present means the folder holds a run.
-    RUN_ENTRIES = ("recipe.yaml", "plan.json", "status.json", "tb", "logs", "checkpoints",
-                   "stage_weights", "final", "best")
+    RUN_ENTRIES = ("recipe.yaml", "plan.json", "status.json", "tb", "trackers", "logs",
+                   "checkpoints", "stage_weights", "final", "best")
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -106,6 +107,11 @@ class RunDir:
     def lock(self) -> Path:
         """``.lock``: present while a trainer runs here."""
         return self.root / ".lock"
+
+    @property
+    def trackers(self) -> Path:
+        """``trackers/``: MLflow's and W&B's offline stores (``logging.trackers``)."""
+        return self.root / "trackers"
 
     @property
     def tb(self) -> Path:

@@ -70,6 +70,7 @@ from dist_ft.train.runtime import (
 from dist_ft.train.schedule import LrSchedule
 from dist_ft.train.stages import StageSwitcher, set_bn_modes
 from dist_ft.train.step_flags import StepFlags
+from dist_ft.train.trackers import RunTrackers, check_trackers
 from dist_ft.train.validation import evaluate_exact
 
 log = logging.getLogger("dist_ft.train")
@@ -92,6 +93,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, resume: str | None = None, overwrite: bool = False,
                  accept_changes: Sequence[str] = ()) -> None:
+        check_trackers(recipe.logging.trackers)  # a missing package: exit 2 before any start
         self.recipe, self.resume = recipe, resume
         self.overwrite, self.accept_changes = overwrite, tuple(accept_changes)
         self.run = RunDir(recipe.output_dir)
@@ -100,6 +102,7 @@ class Trainer:
         self.optimizer: Any = None
         self.backend: engine.StepBackend | None = None
         self.reporter: Reporter | None = None
+        self.trackers: RunTrackers | None = None  # the main process's (logging.trackers)
         self.lock: RunLock | None = None
         self.last_saved: Path | None = None  # the checkpoint this process last wrote
         self.accepted_changes: list[dict[str, Any]] = []  # over every resume of the run
@@ -253,7 +256,10 @@ class Trainer:
         texts = {"recipe": "```yaml\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
                  + "\n```", "plan": plan_to_text(self.plan), "run": f"run id {self.run_id}"}
         assert self.reporter is not None
-        self.reporter.open(p, self.total_steps, texts, purge)
+        if self.main:
+            self.trackers = RunTrackers(self.acc, self.run, recipe.logging.trackers)
+            self.trackers.start(self.run_id, recipe_to_dict(recipe), purge)
+        self.reporter.open(p, self.total_steps, texts, purge, self.trackers)
         self.reporter.status("running", p)
         log.info("run %s, rank %d/%d on %s, %s, %d train / %d val images, "
                  "%d steps of %d images", self.run_id, self.rank, self.world, self.acc.device,
@@ -666,7 +672,7 @@ def _lost_peer_message(trainer: Trainer, exc: BaseException) -> str:
 
 def done_summary(trainer: Trainer, metrics: dict[str, Any], final: Path) -> str:
     """The lines ``dist-ft train`` ends with: the validation score named as what it is, the
-    selected and the last weights, and where TensorBoard's logs are."""
+    selected and the last weights, and where the trackers (TensorBoard ...) recorded the run."""
     if "auroc_mean" in metrics:
         score = f"validation mean AUROC {metrics['auroc_mean']:.4f}"
     else:
@@ -677,8 +683,8 @@ def done_summary(trainer: Trainer, metrics: dict[str, Any], final: Path) -> str:
         lines.append(f"  best weights ({m.name} {m.best:.4f} at epoch {m.best_epoch}): "
                      f"{trainer.run.best_weights}")
     lines.append(f"  last weights: {final}")
-    if trainer.run.tb.exists():
-        lines.append(f"  TensorBoard: tensorboard --logdir {trainer.run.tb}")
+    # Where logging.trackers recorded the run, and how to look (tensorboard --logdir ...).
+    lines += [f"  {hint}" for hint in (trainer.trackers.hints if trainer.trackers else [])]
     return "\n".join(lines)
 
 
