@@ -24,14 +24,15 @@ PACKAGE = REPO / "dist_ft"
 RANK = {"config": 0, "evaluation": 1, "models": 1, "data": 2, "plan": 2, "train": 3,
         "explain": 3, "bench": 4, "launch": 4, "cli": 5}
 BASE = {"jsonio", "exitcodes", "rundir", "cluster",
-        "runlock"}  # the run folder's lock: pure, beside rundir
+        "runlock",  # the run folder's lock: pure, beside rundir
+        "console"}  # log levels and progress on stderr: no torch
 LOGS = "logs"
 LOGS_USERS = {"launch", "bench", "cli", "train"}
 
 # Must import without loading torch (each in its own interpreter, so a culprit is named);
 # ``module:function`` also calls the function.
 TORCH_FREE = ("dist_ft.config", "dist_ft.plan", "dist_ft.logs", "dist_ft.rundir",
-              "dist_ft.evaluation.report",
+              "dist_ft.evaluation.report", "dist_ft.console",
               # every command builds the whole parser: its defaults must not load torch
               "dist_ft.cli.main", "dist_ft.cli.main:build_parser")
 

@@ -36,25 +36,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     data.add_argument("root", help="ChestX-ray14-layout folder with the PNGs")
     data.add_argument("--cache", required=True, help="a cache of ROOT (dist-ft data prepare)")
-    data.add_argument("--images", type=int, default=256)
-    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--images", type=int, default=256,
+                      help="images each run reads (the cache's first valid rows)")
+    data.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    data.add_argument("--image-size", type=int, default=224)
-    data.add_argument("--repeats", type=int, default=3)
+    data.add_argument("--image-size", type=int, default=224, help="side of the crops")
+    data.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline")
     data.add_argument("--recipe", default="configs/chestxray14_densenet121.yaml",
                       help="also time this recipe's model at its batch and input size, next to "
                       "the loader ('none' to skip)")
-    data.add_argument("--model-steps", type=int, default=3)
+    data.add_argument("--model-steps", type=int, default=3,
+                      help="timed training steps of the --recipe model")
     _add_output_args(data)
     data.set_defaults(run=run_data)
     agg = suites.add_parser("aggregate", help="read + aggregate TensorBoard scalars vs tbparse",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     agg.add_argument("--data", type=Path, required=True,
                      help="folder for the generated event files (made once, then reused)")
-    agg.add_argument("--runs", type=int, default=4)
-    agg.add_argument("--tags", type=int, default=10)
-    agg.add_argument("--steps", type=int, default=25_000)
-    agg.add_argument("--repeats", type=int, default=3)
+    agg.add_argument("--runs", type=int, default=4, help="runs of generated event files")
+    agg.add_argument("--tags", type=int, default=10, help="scalar tags per run")
+    agg.add_argument("--steps", type=int, default=25_000, help="points per tag")
+    agg.add_argument("--repeats", type=int, default=3, help="timed reads of each reader")
     _add_output_args(agg)
     agg.set_defaults(run=run_aggregate)
 
@@ -86,11 +88,12 @@ def _add_cli(suites: argparse._SubParsersAction) -> None:
 def _add_eval(suites: argparse._SubParsersAction) -> None:
     p = _suite(suites, "eval", "images/s of dist-ft eval vs a plain scoring loop; bootstrap time")
     p.add_argument("recipe", nargs="?", default=SMOKE, help=f"recipe (default {SMOKE})")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--data", type=Path, default=Path("runs/bench/cxr14_synth"),
                    help="synthetic twin to score, made once at the recipe's load size")
     p.add_argument("--images", type=int, default=600, help="images of the twin")
-    p.add_argument("--split", choices=("train", "val", "test"), default="val")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val",
+                   help="split to score")
     p.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating")
     p.add_argument("--resamples", type=int, default=1000, help="dist-ft eval --resamples")
     p.add_argument("--work", type=Path, help="folder for the run and reports")
@@ -104,8 +107,9 @@ def _add_optimizer(suites: argparse._SubParsersAction) -> None:
     from dist_ft.bench.suites import OPTIMIZER_MODELS as DEFAULT_MODELS
 
     p = _suite(suites, "optimizer", "AdamW step time per kernel: for_loop, foreach, fused")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="torchvision model names")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each kernel")
     _add_output_args(p)
     p.set_defaults(run=run_optimizer)
 
@@ -117,7 +121,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser, steps: int, repeats: int) -> None:
     p.add_argument("recipe", nargs="?", default=SMOKE, help=f"recipe (default {SMOKE})")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
     p.add_argument("--data", type=Path, default=Path("runs/bench/cxr14_synth"),
                    help="synthetic twin the runs read, made once at the recipe's load size "
                    "(default runs/bench/cxr14_synth); 'recipe' keeps the recipe's data.root")
@@ -139,9 +143,9 @@ def _add_trainer(suites: argparse._SubParsersAction) -> None:
                "under DDP and ZeRO-2; start-up and engine rebuilds")
     _add_run_args(p, steps=45, repeats=3)
     p.set_defaults(warmup=5)
-    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--processes", type=int, default=2, help="processes per run")
     p.add_argument("--backends", nargs="+", default=["ddp", "zero2"],
-                   choices=["ddp", "zero1", "zero2", "zero3"])
+                   choices=["ddp", "zero1", "zero2", "zero3"], help="backends to time")
     p.add_argument("--no-stage-changes", action="store_true",
                    help="skip the three-stage run that times engine rebuilds")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
@@ -156,10 +160,12 @@ def _add_memory(suites: argparse._SubParsersAction) -> None:
 
     p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP and "
                "ZeRO-1/2/3 vs the ZeRO formulas")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="torchvision model names")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="backends to measure")
+    p.add_argument("--processes", type=int, default=2, help="processes per run")
+    p.add_argument("--image-size", type=int, default=224, help="input side")
     _add_output_args(p)
     p.set_defaults(run=run_memory)
 
@@ -169,11 +175,13 @@ def _add_freeze(suites: argparse._SubParsersAction) -> None:
     from dist_ft.bench.suites import FREEZE_PLANS as PLANS
 
     p = _suite(suites, "freeze", "step time and memory: head-only, last blocks, full training")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
-    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS))
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="torchvision model names")
+    p.add_argument("--plans", nargs="+", choices=list(PLANS), default=list(PLANS),
+                   help="what trains: the head, the last blocks, or everything")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--image-size", type=int, default=224, help="input side")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per plan")
     _add_output_args(p)
     p.set_defaults(run=run_freeze)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dist_ft import exitcodes
-from dist_ft.config import ConfigError, Recipe, load_recipe
+from dist_ft.config import ConfigError, Recipe, load_recipe, resolve_recipe
 from dist_ft.rundir import RunDir
 
 if TYPE_CHECKING:  # torch-free at import: the CLI loads dist_ft.train lazily
@@ -97,13 +97,14 @@ def resolve_weights(target: Path, choice: str | None = None) -> ResolvedWeights:
 
 
 def recipe_of(resolved: ResolvedWeights, config: Path | None) -> Path:
-    """The recipe that built the weights: ``--config`` or the run folder's ``recipe.yaml``.
+    """The recipe that built the weights: ``--config`` (a file or a shipped recipe's name) or
+    the run folder's ``recipe.yaml``.
 
     Raises:
         ConfigError: neither is at hand, naming the fix.
     """
     if config is not None:
-        path = config
+        path = resolve_recipe(config)
     else:
         path = RunDir(resolved.run or resolved.path.expanduser().absolute().parent.parent).recipe
     if not path.is_file():
@@ -121,13 +122,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="recipe overrides; data.* ones choose the data evaluated on")
     p.add_argument("--weights", choices=("best", "final"),
                    help="which weights of a run folder (default: best, else final)")
-    p.add_argument("--config", type=Path,
-                   help="recipe (default: recipe.yaml of the run the weights belong to)")
+    p.add_argument("--config", type=Path, metavar="RECIPE",
+                   help="recipe file or shipped recipe name (default: recipe.yaml of the run "
+                   "the weights belong to)")
     p.add_argument("--data", help="data.root to evaluate on")
     p.add_argument("--data-config", type=Path, metavar="RECIPE",
-                   help="evaluate on this recipe's data section (another data set); findings "
-                   "are matched by name and the unshared ones dropped")
-    p.add_argument("--split", choices=("train", "val", "test"), default="val")
+                   help="evaluate on this recipe's data section (another data set; a file or a "
+                   "shipped name); findings are matched by name and the unshared ones dropped")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val",
+                   help="which split of the data to score")
     p.add_argument("--out", type=Path, help="folder for the report files "
                    "(default: beside the weights)")
     p.add_argument("--resamples", type=int, default=1000,

@@ -26,16 +26,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, metavar="RUN_OR_WEIGHTS",
                    help="a run folder (takes best/, else final/) or a model.safetensors")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--format", choices=("torchscript", "onnx"), required=True)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. data.image_size=256")
+    p.add_argument("--format", choices=("torchscript", "onnx"), required=True,
+                   help="TorchScript (torch.jit) or ONNX (for onnxruntime, TensorRT ...)")
     p.add_argument("--weights", choices=("best", "final"),
                    help="which weights of a run folder (default: best, else final)")
-    p.add_argument("--config", type=Path,
-                   help="recipe (default: recipe.yaml of the run the weights belong to)")
+    p.add_argument("--config", type=Path, metavar="RECIPE",
+                   help="recipe file or shipped recipe name (default: recipe.yaml of the run "
+                   "the weights belong to)")
     p.add_argument("--quantize", choices=("dynamic",), help="also write an int8 variant")
     p.add_argument("--out", type=Path, help="output file (default: beside the weights)")
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest |logit| difference from PyTorch the export may have")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 

@@ -17,6 +17,7 @@ examples:
   dist-ft plan configs/chestxray14_densenet121.yaml
   dist-ft plan configs/chestxray14_densenet121.yaml optim.layer_decay=0.75 --params
   dist-ft plan configs/imagefolder_resnet18.yaml model.name=resnet50 --json | jq .digest
+  dist-ft plan chestxray14_vit_b_16        # a shipped recipe by name (dist-ft recipes list)
 """
 
 
@@ -30,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="recipe YAML file")
+    p.add_argument("config", metavar="RECIPE",
+                   help="recipe YAML file, or a shipped recipe's name (dist-ft recipes list)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=3e-4")
     p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
     p.add_argument("--params", action="store_true", help="also list every parameter")

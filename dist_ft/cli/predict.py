@@ -32,13 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders (recursive), globs, or a .csv of paths")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for predictions.csv and heatmaps/")
-    p.add_argument("--config", type=Path,
-                   help="recipe (default: recipe.yaml of the run the weights belong to)")
+    p.add_argument("--config", type=Path, metavar="RECIPE",
+                   help="recipe file or shipped recipe name (default: recipe.yaml of the run "
+                   "the weights belong to)")
     p.add_argument("--heatmaps", action="store_true",
                    help="write Grad-CAM overlays for every finding at or above --threshold")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="probability for an overlay and for the summary's counts (0.5)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="N")
+                   help="probability for an overlay and for the summary's counts")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 

@@ -14,6 +14,7 @@ examples:
   dist-ft submit configs/chestxray14_smoke.yaml --cluster local        # this machine
   dist-ft submit configs/chestxray14_smoke.yaml \\
       --sweep configs/sweeps/smoke_lr_plan_seed.yaml --parallelism 2
+  dist-ft submit chestxray14_smoke --sweep smoke_lr_plan_seed --dry-run  # shipped names
   dist-ft jobs runs/chestxray14_smoke                                  # states and results
 
 One task per process: G tasks per node (one per GPU; one per node with --gpus-per-node 0),
@@ -35,25 +36,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Validate everything, then submit one job (or one job array for --sweep). "
         "Writes OUTPUT_DIR/submission.json; logs in OUTPUT_DIR/submitit/.",
     )
-    p.add_argument("config", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("config", metavar="RECIPE",
+                   help="recipe YAML file, or a shipped recipe's name (dist-ft recipes list)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. optim.lr=1e-3")
     p.add_argument("--nodes", type=int, help="nodes per run (launch.nodes)")
     p.add_argument("--gpus-per-node", type=int,
                    help="GPUs = processes per node; 0 for one CPU process per node")
     p.add_argument("--cpus-per-task", type=int, help="CPU cores per process")
-    p.add_argument("--partition")
+    p.add_argument("--partition", help="Slurm partition (sbatch --partition)")
     p.add_argument("--time", help="time limit in a Slurm format: MM, MM:SS, HH:MM:SS, D-HH, "
                    "D-HH:MM or D-HH:MM:SS")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
+    p.add_argument("--account", help="Slurm account to charge (sbatch --account)")
+    p.add_argument("--qos", help="Slurm quality of service (sbatch --qos)")
+    p.add_argument("--constraint", help="Slurm node features, e.g. a100 (sbatch --constraint)")
     p.add_argument("--mem", help="memory per node, e.g. 64G")
     p.add_argument("--cluster", choices=("slurm", "local"),
                    help="slurm (default) or local: the same job on this machine through "
                    "submitit's local executor (always waits)")
     p.add_argument("--max-requeues", type=int, help="self-requeues allowed after SIGUSR2")
-    p.add_argument("--sweep", metavar="SWEEP.yaml", help="a grid and/or runs of overrides: one "
-                   "job array, one run directory per task")
+    p.add_argument("--sweep", metavar="SWEEP", help="a sweep file or a shipped sweep's name: "
+                   "a grid and/or runs of overrides; one job array, one run directory per task")
     p.add_argument("--parallelism", type=int, help="at most this many array tasks at once")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs already in the task folders (each job resumes from "
@@ -92,12 +95,15 @@ def _print_dry_run(doc: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan (validate), then dry-run, or submit and optionally wait."""
+    from dist_ft.config.shipped import resolve_recipe, resolve_sweep
     from dist_ft.jsonio import dumps
     from dist_ft.launch.submit import dry_run, plan_submission, submit, wait_for
 
     flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
-    sub = plan_submission(args.config, args.overrides, flags, args.sweep, args.parallelism,
-                          resume=args.resume)
+    # Shipped names become their files here: the jobs run `dist-ft train PATH` elsewhere.
+    sweep = resolve_sweep(args.sweep) if args.sweep is not None else None
+    sub = plan_submission(resolve_recipe(args.config), args.overrides, flags, sweep,
+                          args.parallelism, resume=args.resume)
     if args.dry_run:
         doc = dry_run(sub)
         if args.json:

@@ -13,6 +13,7 @@ from dist_ft.config.errors import ConfigError
 EXAMPLES = """\
 examples:
   dist-ft train configs/chestxray14_smoke.yaml                       # one process
+  dist-ft train chestxray14_smoke        # a shipped recipe by name (dist-ft recipes list)
   accelerate launch --config_file launch/cpu_2proc.yaml -m dist_ft train \\
       configs/chestxray14_smoke.yaml trainer.zero_stage=3
   srun --nodes 2 --ntasks-per-node 4 dist-ft train RECIPE --resume auto   # one task per process
@@ -36,8 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "final/model.safetensors}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="recipe YAML file")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("config", metavar="RECIPE",
+                   help="recipe YAML file, or a shipped recipe's name (dist-ft recipes list)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. optim.lr=1e-3 trainer.zero_stage=3")
     p.add_argument("--resume", metavar="auto|PATH",
                    help="'auto': the newest intact checkpoint in output_dir (step 0 if none); "
                    "or a checkpoint folder. Without it, output_dir must not hold a run yet")
@@ -47,8 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accept-change", action="append", default=[], metavar="KEY",
                    help="on resume, accept that this recipe key (or section, e.g. schedule) "
                    "differs from the checkpoint's; recorded in status.json. Repeatable")
-    p.add_argument("--sweep", metavar="SWEEP.yaml",
-                   help="train one task of a sweep (with --sweep-index): its overrides are "
+    p.add_argument("--sweep", metavar="SWEEP",
+                   help="train one task of a sweep (a file or a shipped sweep's name; with "
+                   "--sweep-index): its overrides are "
                    "added and it writes to OUTPUT_DIR/TASK_NAME, as `dist-ft submit --sweep` "
                    "does; for plain sbatch job arrays")
     p.add_argument("--sweep-index", type=int, metavar="I",

@@ -3,6 +3,13 @@
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import apply_overrides, load_recipe, recipe_to_dict, validate_recipe
 from dist_ft.config.schema import Recipe, Rule
+from dist_ft.config.shipped import (
+    resolve_recipe,
+    resolve_sweep,
+    shipped_launch_configs,
+    shipped_recipes,
+    shipped_sweeps,
+)
 
 __all__ = [
     "ConfigError",
@@ -11,5 +18,10 @@ __all__ = [
     "apply_overrides",
     "load_recipe",
     "recipe_to_dict",
+    "resolve_recipe",
+    "resolve_sweep",
+    "shipped_launch_configs",
+    "shipped_recipes",
+    "shipped_sweeps",
     "validate_recipe",
 ]

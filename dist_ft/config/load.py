@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.schema import PathValue, Recipe
+from dist_ft.config.shipped import resolve_recipe
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -261,16 +262,20 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides and validate the result.
 
     Args:
-        path: the recipe file.
+        path: the recipe file, or the name of a shipped recipe (``chestxray14_smoke``, with or
+            without ``.yaml``; ``dist-ft recipes list``). A path that exists wins over a name.
         overrides: dotted assignments such as ``optim.lr=3e-4`` or
             ``plan.stages[1].lr_scale=0.5``; values are parsed as YAML.
 
     Raises:
-        ConfigError: the file is missing, not UTF-8 or not YAML, an override is malformed, or
-            the recipe fails validation; every problem is listed with its key path.
+        ConfigError: the file is missing (an unknown name lists the close shipped ones), not
+            UTF-8 or not YAML, an override is malformed, or the recipe fails validation; every
+            problem is listed with its key path.
 
     >>> recipe = load_recipe("configs/chestxray14_densenet121.yaml", ["optim.lr=3e-4"])
+    >>> recipe = load_recipe("chestxray14_smoke", ["trainer.max_steps=2"])
     """
+    path = resolve_recipe(path)
     source = str(path)
     data = parse_yaml(read_text_file(path, "recipe"), source)
     if data is None:

@@ -580,8 +580,8 @@ class LoggingConfig(Section):
     every_steps: PositiveInt = 10
     """Log the training loss, lr and speed every this many steps."""
     # tensorboard: the run folder's tb/ (what `dist-ft aggregate` and `eval --best` read);
-    # mlflow, wandb: through Accelerate's tracker API, offline by default (MLflow file store
-    # under the run folder, W&B offline mode); they need the optional extras.
+    # mlflow, wandb: through Accelerate's tracker API, offline by default (MLflow's SQLite
+    # store trackers/mlflow.db, W&B offline runs in trackers/wandb/); optional extras.
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"])
     """Where scalars and the recipe go: tensorboard (tb/, read by aggregate), mlflow, wandb

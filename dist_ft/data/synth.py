@@ -297,7 +297,7 @@ def write_synthetic(
         per_folder: images per ``images_NNN/images/`` folder, as the tarballs unpack.
         test_fraction: share of patients in ``test_list.txt``.
         workers: processes rendering PNGs.
-        progress: show a progress bar.
+        progress: show progress on stderr (see :func:`dist_ft.console.progress`).
         box_fraction: share of the (image, finding) pairs positive for one of the 8 boxed
             findings whose box is listed in ``BBox_List_2017.csv`` (0: no box file).
         distinct_patterns: draw each of the 14 findings with a pattern of its own instead of
@@ -323,9 +323,9 @@ def write_synthetic(
     chunk = 64
     jobs = [(items[i : i + chunk], size, seed, distinct_patterns)
             for i in range(0, len(items), chunk)]
-    from tqdm import tqdm
+    from dist_ft.console import progress as show_progress
 
-    bar = tqdm(total=len(items), unit="img", disable=not progress, desc="synth")
+    bar = show_progress(total=len(items), unit="img", enabled=progress, desc="synth")
     boxes: list[dict[int, Box]] = []
     if workers <= 1:
         for job in jobs:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dist_ft.console import progress
 from dist_ft.data.images import load_gray_resized, load_rgb_resized
 from dist_ft.data.transforms import BatchNormalize
 from dist_ft.explain.gradcam import gradcam
@@ -191,7 +192,7 @@ def predict_images(model: nn.Module, paths: Sequence[Path], out: str | Path,
     written = 0
     if heatmaps:
         (out / HEATMAPS).mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(paths), batch_size):
+    for start in progress(range(0, len(paths), batch_size), desc="predict", unit="batch"):
         raw = torch.stack([load_image_tensor(p, image_size, channels)
                            for p in paths[start : start + batch_size]])
         x = normalize(raw.to(device))

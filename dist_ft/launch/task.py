@@ -14,6 +14,7 @@ from typing import Any
 
 from dist_ft import exitcodes
 from dist_ft.cluster import forbid_world_writable
+from dist_ft.console import configure_logging
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class TrainTask:
         from dist_ft.train.trainer import run_training
 
         forbid_world_writable()
+        configure_logging()  # the level `dist-ft submit` was given (DIST_FT_VERBOSITY)
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             from submitit.helpers import TorchDistributedEnvironment
 

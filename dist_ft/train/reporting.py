@@ -1,8 +1,9 @@
-"""What a run tells the outside: per-rank log files, the console, TensorBoard, ``status.json``.
+"""What a run tells the outside: per-rank log files, the console, the trackers, ``status.json``.
 
-Only the main process prints, shows a progress bar, writes TensorBoard's run-level scalars and
-``status.json``; every rank logs to ``logs/rank{r}.log`` (and, with ``logging.per_rank``, to
-``tb/rank{r}/``). Paths come from :class:`dist_ft.rundir.RunDir`.
+Only the main process prints, shows a progress bar, writes the run-level scalars (to the
+trackers of ``logging.trackers``: :mod:`dist_ft.train.trackers`) and ``status.json``; every
+rank logs to ``logs/rank{r}.log`` (and, with ``logging.per_rank``, to ``tb/rank{r}/``).
+Paths come from :class:`dist_ft.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -14,18 +15,27 @@ import sys
 import time
 from typing import Any
 
+from dist_ft import console
 from dist_ft.rundir import RunDir
 from dist_ft.train.monitor import TAGS
 from dist_ft.train.progress import Progress
+from dist_ft.train.trackers import RunTrackers
 
 log = logging.getLogger("dist_ft.train")
 
 
 def setup_logging(run: RunDir, rank: int, main: bool) -> None:
-    """Send ``dist_ft`` logs to ``logs/rank{r}.log`` (every rank) and stderr (main only)."""
+    """Send ``dist_ft`` logs to ``logs/rank{r}.log`` (every rank: INFO, DEBUG with ``-v``) and
+    stderr (main only, at the console's level: warnings only with ``-q``).
+
+    The level comes from :func:`dist_ft.console.verbosity` (``DIST_FT_VERBOSITY``, which
+    ``dist-ft -v/-q`` sets and launched workers inherit). While the progress bar is open, the
+    stderr handler writes through ``tqdm.write`` (:func:`dist_ft.console.progress`).
+    """
     run.logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger("dist_ft")
-    root.setLevel(logging.INFO)
+    shown = console.dist_ft_level()
+    root.setLevel(min(logging.INFO, shown))  # the log file keeps INFO even with -q
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
@@ -33,9 +43,10 @@ def setup_logging(run: RunDir, rank: int, main: bool) -> None:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(file_handler)
     if main:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("dist-ft: %(message)s"))
-        root.addHandler(console)
+        screen = logging.StreamHandler(sys.stderr)
+        screen.setLevel(shown)
+        screen.setFormatter(console.ConsoleFormatter())
+        root.addHandler(screen)
     root.propagate = False
 
 
@@ -61,21 +72,27 @@ class Reporter:
         self.status_extra: dict[str, Any] = {}  # kept in every later status.json
 
     def open(self, progress: Progress, total_steps: int, texts: dict[str, str],
-             purge_step: int | None) -> None:
-        """Open the writers (hiding steps after ``purge_step``) and the progress bar."""
+             purge_step: int | None, trackers: RunTrackers | None = None) -> None:
+        """Open the writers (hiding steps after ``purge_step``) and the progress bar.
+
+        ``trackers`` (the main process's, started): where the run-level scalars and texts go
+        (``tb/``, MLflow, W&B, per ``logging.trackers``).
+        """
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
 
         self.total_steps = total_steps
         if self.main:
-            self.writer = SummaryWriter(str(self.run.tb), purge_step=purge_step)
+            assert trackers is not None, "the main process writes the run-level scalars"
+            self.writer = trackers
             for tag, text in texts.items():
                 self.writer.add_text(tag, text, progress.step)
         if self.per_rank:
             self.rank_writer = SummaryWriter(str(self.run.rank_tb(self.rank)),
                                              purge_step=purge_step)
-        self.bar = tqdm(total=total_steps, initial=progress.step, disable=not self.main,
-                        unit="step", dynamic_ncols=True)
+        # A bar on a terminal (log lines pass through tqdm.write, never glued to it); in a
+        # log file or pipe, a line per 10 % or per minute (dist_ft.console.progress).
+        self.bar = console.progress(total=total_steps, initial=progress.step, desc="train",
+                                    unit="step", enabled=self.main, dynamic_ncols=True)
 
     def status(self, state: str, progress: Progress, **extra: Any) -> None:
         """``status.json`` (main process): state, step, total, run id, time; atomic.
@@ -111,6 +128,7 @@ class Reporter:
             self.writer.add_scalar(f"lr/{name}", lr, step)
         if grad_norm is not None and math.isfinite(grad_norm):
             self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        self.writer.commit()  # this window's scalars to MLflow / W&B in one call
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}",
                              img_s=f"{rate:.0f}", stage=progress.stage)
 

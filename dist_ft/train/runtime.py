@@ -9,15 +9,28 @@ one-process group on localhost: the same distributed code runs everywhere.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dist_ft.cluster import slurm_process_group_env
 from dist_ft.config.schema import Recipe
+from dist_ft.train.trackers import accelerate_log_with
+
+log = logging.getLogger("dist_ft.train")
+
+
+def _no_cuda_runtime_note(record: logging.LogRecord) -> bool:
+    """Drop torch's "No CUDA runtime is found" warning: on a CPU machine it is the normal
+    case, not news."""
+    return not str(record.msg).startswith("No CUDA runtime is found")
 
 
 class LauncherConflict(RuntimeError):
@@ -165,6 +178,8 @@ def build_accelerator(recipe: Recipe) -> Any:
     cuda = has_cuda()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Said by every rank as DeepSpeed loads torch's extension builder, on every CPU run.
+        logging.getLogger("torch.utils.cpp_extension").addFilter(_no_cuda_runtime_note)
     ensure_process_group_env()
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -186,13 +201,56 @@ def build_accelerator(recipe: Recipe) -> Any:
         # clips at 1.0, so trainer.grad_clip_norm=null would still clip.
         plugin.deepspeed_config["gradient_clipping"] = cfg.grad_clip_norm or 0.0
         plugin.deepspeed_config.setdefault("steps_per_print", 10**9)
+    if plugin is not None and not cuda and os.environ.get("RANK", "0") == "0" \
+            and deepspeed_cpu_op_pending():  # else ~1 min of silence on a first run
+        log.info("building DeepSpeed's CPU communication op (once, ~1 min)")
     precision = cfg.precision if cuda else "no"
     # Without CUDA, Accelerate treats a multi-process run as distributed (MULTI_CPU, gloo)
     # only when told cpu=True; otherwise it silently trains each rank alone (no DDP).
-    return Accelerator(
-        cpu=not cuda and plugin is None,
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        deepspeed_plugin=plugin,
-        kwargs_handlers=handlers,
-    )
+    # DeepSpeed prints "DeepSpeed ... built successfully" on stdout from every rank on every
+    # run while its process group starts; stdout is the run's result (the `done:` lines).
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        acc = Accelerator(
+            cpu=not cuda and plugin is None,
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.grad_accum_steps,
+            deepspeed_plugin=plugin,
+            kwargs_handlers=handlers,
+            log_with=accelerate_log_with(recipe.logging.trackers),  # mlflow, wandb
+        )
+    for line in captured.getvalue().splitlines():
+        log.debug("%s", line)
+    return acc
+
+
+def deepspeed_cpu_op_pending() -> bool:
+    """Whether DeepSpeed's CPU accelerator will compile its shared-memory communication op
+    (``deepspeed_shm_comm``) when it starts: file checks only, nothing built.
+
+    DeepSpeed JIT-builds the op with torch's extension builder (ninja, gcc) into
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/py3X_*``), once per
+    DeepSpeed install; ninja rebuilds it when the library is missing, when its ``build.ninja``
+    names other sources (another install) or when a source is newer. Call it with
+    ``DS_ACCELERATOR=cpu`` set. False when the op is prebuilt or unusable here, or when
+    anything about the check fails (it only decides whether to say so).
+    """
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if (builder is None or installed_ops.get(builder.NAME, False)
+                or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False)):
+            return False
+        folder = Path(_get_build_directory(builder.NAME, verbose=False))
+        library, ninja = folder / f"{builder.NAME}.so", folder / "build.ninja"
+        if not library.is_file() or not ninja.is_file():
+            return True
+        text, built = ninja.read_text(errors="replace"), library.stat().st_mtime
+        sources = [os.path.abspath(builder.deepspeed_src_path(s)) for s in builder.sources()]
+        return any(src not in text or os.path.getmtime(src) > built for src in sources)
+    except Exception:  # an internal of DeepSpeed or torch moved: say nothing
+        return False

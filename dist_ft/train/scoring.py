@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dist_ft.config.schema import DataConfig, ModelConfig, Recipe
+from dist_ft.console import progress
 from dist_ft.data.datasets import build_dataset, class_names, collate
 from dist_ft.data.label_map import CHESTXRAY14_TO_CHEXPERT
 from dist_ft.data.sampler import ShardedSampler
@@ -159,11 +160,13 @@ def sample_info(dataset: Any) -> dict[str, np.ndarray]:
 
 
 def score_dataset(model: torch.nn.Module, dataset: Any, image_size: int, batch_size: int,
-                  num_workers: int, procs: EvalProcesses) -> tuple[np.ndarray, np.ndarray]:
+                  num_workers: int, procs: EvalProcesses,
+                  desc: str = "score") -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and targets of every sample of ``dataset``, each scored exactly once.
 
     Rank ``r`` scores samples ``r, r + world, ...``; the parts are all-gathered with their
-    indices and reordered, so the result is in dataset order on every rank.
+    indices and reordered, so the result is in dataset order on every rank. The main process
+    shows its share's progress as ``desc`` (:func:`dist_ft.console.progress`).
 
     Raises:
         RuntimeError: the gathered indices do not cover the dataset exactly once.
@@ -175,7 +178,7 @@ def score_dataset(model: torch.nn.Module, dataset: Any, image_size: int, batch_s
     resize, normalize = BatchResize(image_size), BatchNormalize().to(procs.device)
     scores, targets = [], []
     with torch.inference_mode():
-        for images, target in loader:
+        for images, target in progress(loader, desc=desc, unit="batch", enabled=procs.is_main):
             images = images.to(procs.device, non_blocking=True)
             logits = model(normalize(resize(images)))
             probs = torch.sigmoid(logits) if dataset.multilabel else logits.softmax(-1)
@@ -273,7 +276,7 @@ def score_split(model: torch.nn.Module, model_classes: Sequence[str], data: Data
              ClassMatch(list(range(len(classes))), list(range(len(classes))), classes))
     start = time.perf_counter()
     scores, targets = score_dataset(model, dataset, image_size, batch_size or data.batch_size,
-                                    data.num_workers, procs)
+                                    data.num_workers, procs, desc=f"eval {split}")
     seconds = max(gather_objects(time.perf_counter() - start))
     if dataset.multilabel and not match.identity:
         scores, targets = scores[:, match.model_index], targets[:, match.data_index]
