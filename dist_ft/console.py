@@ -115,10 +115,38 @@ def configure_logging(level: int | None = None) -> None:
     handler = _StderrHandler()
     handler.dist_ft_console = True  # type: ignore[attr-defined]
     handler.setFormatter(ConsoleFormatter())
+    handler.addFilter(WarningsOnce())
     root.addHandler(handler)
     root.setLevel(other_level(level))
     logging.getLogger("dist_ft").setLevel(dist_ft_level(level))
     logging.captureWarnings(True)
+
+
+class WarningsOnce(logging.Filter):
+    """Pass each distinct Python warning (``py.warnings``) once per handler: torch's
+    deprecation wrapper defeats the warnings module's once-per-location rule, so a DeepSpeed
+    ZeRO-2 run repeated the same FutureWarning on every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a warning already passed; True for everything else."""
+        if record.name != "py.warnings":
+            return True
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+def console_errors_only() -> None:
+    """Show only errors on this process's console (a rank other than the main one)."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "dist_ft_console", False):
+            handler.setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------- progress

@@ -147,3 +147,18 @@ def test_bad_settings_name_the_variable(var: str, value: str,
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=f"{var}='{value}'"):
         console.progress_mode()
+
+
+def test_a_repeated_python_warning_reaches_the_console_once() -> None:
+    once = console.WarningsOnce()
+
+    def record(name: str, text: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, text, None,
+                                        None)
+
+    note = "torch/distributed/c10d_logger.py:83: FutureWarning: deprecated"
+    assert once.filter(record("py.warnings", note))
+    assert not once.filter(record("py.warnings", note))  # the same warning, next step
+    assert once.filter(record("py.warnings", note + " (another)"))
+    assert once.filter(record("dist_ft.train", "a log line")) and once.filter(
+        record("dist_ft.train", "a log line"))  # log lines are never deduplicated

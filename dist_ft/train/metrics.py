@@ -39,3 +39,11 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray, multilabel: 
     acc = float(multiclass_accuracy(s, t, num_classes=len(classes), average="micro"))
     f1 = float(multiclass_f1_score(s, t, num_classes=len(classes), average="macro"))
     return {"accuracy": acc, "f1_macro": f1, "score": acc}
+
+
+def score_text(metrics: dict[str, Any]) -> str:
+    """The headline score of :func:`classification_metrics` output, named as what it is:
+    ``mean AUROC 0.8123`` (multi-label) or ``accuracy 0.9100`` (single-label)."""
+    if "auroc_mean" in metrics:
+        return f"mean AUROC {metrics['auroc_mean']:.4f}"
+    return f"accuracy {metrics['accuracy']:.4f}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from dist_ft import console
 from dist_ft.rundir import RunDir
+from dist_ft.train.metrics import score_text
 from dist_ft.train.monitor import TAGS
 from dist_ft.train.progress import Progress
 from dist_ft.train.trackers import RunTrackers
@@ -48,6 +49,19 @@ def setup_logging(run: RunDir, rank: int, main: bool) -> None:
         screen.setFormatter(console.ConsoleFormatter())
         root.addHandler(screen)
     root.propagate = False
+    # Python warnings (torch's deprecation notes...) also go to the rank's log file; on the
+    # console only the main process shows them: N ranks would print each one N times.
+    warned = logging.getLogger("py.warnings")
+    for handler in [h for h in warned.handlers if getattr(h, "dist_ft_rank_log", False)]:
+        warned.removeHandler(handler)
+        handler.close()
+    rank_file = logging.FileHandler(run.rank_log(rank))
+    rank_file.dist_ft_rank_log = True  # type: ignore[attr-defined]
+    rank_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    rank_file.addFilter(console.WarningsOnce())
+    warned.addHandler(rank_file)
+    if not main:
+        console.console_errors_only()
 
 
 class Reporter:
@@ -152,8 +166,8 @@ class Reporter:
             if math.isfinite(value):
                 self.writer.add_scalar(f"val_auroc/{cls}", value, step)
         self.writer.flush()
-        log.info("epoch %d step %d: val loss %.4f, score %.4f", progress.epoch, step,
-                 metrics["val_loss"], metrics["score"])
+        log.info("epoch %d step %d: val loss %.4f, %s", progress.epoch, step,
+                 metrics["val_loss"], score_text(metrics))
 
     def flush(self) -> None:
         """Flush TensorBoard (before a stop)."""

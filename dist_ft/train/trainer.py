@@ -53,6 +53,7 @@ from dist_ft.train.consistency import (
 from dist_ft.train.inputs import build_inputs
 from dist_ft.train.lifecycle import Claim, RunUsageError, claim_run_folder
 from dist_ft.train.losses import build_loss
+from dist_ft.train.metrics import score_text
 from dist_ft.train.monitor import Monitor, MonitorError, metric_value, resolve_monitor
 from dist_ft.train.nonfinite import NonFinitePolicy
 from dist_ft.train.preemption import Preempted, StopSignals, requeue_job
@@ -673,11 +674,7 @@ def _lost_peer_message(trainer: Trainer, exc: BaseException) -> str:
 def done_summary(trainer: Trainer, metrics: dict[str, Any], final: Path) -> str:
     """The lines ``dist-ft train`` ends with: the validation score named as what it is, the
     selected and the last weights, and where the trackers (TensorBoard ...) recorded the run."""
-    if "auroc_mean" in metrics:
-        score = f"validation mean AUROC {metrics['auroc_mean']:.4f}"
-    else:
-        score = f"validation accuracy {metrics['accuracy']:.4f}"
-    lines = [f"done: {trainer.progress.step} steps, {score}"]
+    lines = [f"done: {trainer.progress.step} steps, validation {score_text(metrics)}"]
     m = trainer.monitor
     if m.best is not None:
         lines.append(f"  best weights ({m.name} {m.best:.4f} at epoch {m.best_epoch}): "
