@@ -23,6 +23,9 @@ examples:
   dist-ft data stats data/my_images --check-images --workers 8   # ImageFolder: train/ val/ test/
   dist-ft data stats data/labels.csv --data csv.label_column=labels --data csv.patient_column=pid
   dist-ft data prepare /datasets/chestxray14 --out /scratch/cxr14_256 --size 256 --workers 16
+  dist-ft data prepare data/my_images --out /scratch/my_images_256 --size 256  # ImageFolder
+  dist-ft data prepare data/labels.csv --out /scratch/labels_256 \
+      --data csv.label_column=labels --data csv.patient_column=pid
   # splits from your own list files (the recipe's data.split_files must name the same files)
   dist-ft data stats /datasets/chestxray14 --split-file train_val=lists/trainval.txt \\
       --split-file test=lists/test.txt
@@ -39,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``data`` and its subcommands."""
     p = sub.add_parser(
         "data", help="dataset statistics, preprocessed cache, synthetic ChestX-ray14",
-        description="Work with ChestX-ray14-layout datasets.", epilog=EXAMPLES,
+        description="Work with datasets: ChestX-ray14 folders, ImageFolder trees, CSV files.",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -82,7 +86,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     prep = verbs.add_parser("prepare", help="decode once into memory-mapped uint8 shards",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prep.add_argument("root", help="a ChestX-ray14 folder (metadata CSV and images)")
+    prep.add_argument("root", help="a ChestX-ray14 folder (metadata CSV and images), an "
+                      "ImageFolder tree (train/, val/, test/) or a CSV file; train on the "
+                      "cache with data.cache: OUT in a recipe of the same data.format")
+    prep.add_argument("--format", default="auto",
+                      choices=("auto", "chestxray14", "imagefolder", "csv"),
+                      help="the recipe's data.format; auto tells them apart by the layout")
+    prep.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                      help="a recipe data.* setting for ImageFolder and CSV, as the recipe "
+                      "that trains on the cache has it, e.g. --data csv.label_column=labels "
+                      "--data root=/images (repeat it)")
     prep.add_argument("--out", required=True, help="cache folder (resumes if interrupted)")
     prep.add_argument("--size", type=int, default=256, help="side of the stored images")
     prep.add_argument("--workers", type=int, default=1, help="decoding processes")
@@ -257,7 +270,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         on_bad_image=args.on_bad_image, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, split_seed=args.split_seed,
         progress=True, rebuild=args.rebuild,  # on stderr: a bar, or lines in a log
-        split_files=split_files,
+        split_files=split_files, fmt=args.format, data=args.data,
     )
     summary = {k: manifest[k] for k in ("num_images", "num_valid", "size", "splits", "bytes")}
     summary["skipped"] = len(manifest["skipped"])

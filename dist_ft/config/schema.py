@@ -290,8 +290,9 @@ class DataConfig(Section):
     root: Annotated[str, PathValue()] | None = None
     """PATH of the dataset folder (images and metadata; for csv, the base of image paths)."""
     cache: Annotated[str, PathValue()] | None = None
-    """PATH of a shard cache written by ``dist-ft data prepare`` (chestxray14), read instead
-    of decoding images."""
+    """PATH of a shard cache written by ``dist-ft data prepare`` (chestxray14, imagefolder or
+    csv), read instead of decoding images; they come at the size prepared (``--size``), which
+    takes the place of ``load_size``."""
     image_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
     """Side in pixels of the square images the model sees."""
     load_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
@@ -344,8 +345,10 @@ class DataConfig(Section):
             raise ValueError("format: csv needs a csv section (file, path_column, labels)")
         if self.format != "csv" and self.csv is not None:
             raise ValueError(f"a csv section is only used with format: csv, not {self.format}")
-        if self.cache is not None and self.format != "chestxray14":
-            raise ValueError("cache is only supported with format: chestxray14")
+        if self.cache is not None and self.format not in ("chestxray14", "imagefolder", "csv"):
+            raise ValueError(f"cache is supported with format: chestxray14, imagefolder or csv "
+                             f"(what dist-ft data prepare writes), not {self.format}; remove "
+                             "data.cache to read the image files")
         return self
 
 

@@ -1,9 +1,16 @@
 """The preprocessed cache: decode every image once, read training batches from memory maps.
 
+It serves ``format: chestxray14`` (grey, the 14 findings), ``imagefolder`` (RGB, one class
+per image) and ``csv`` (RGB, multi-hot rows): the rows, labels and splits are those training
+reads from the files (for ImageFolder and CSV, through the very dataset builders training
+uses), and each image is what the file dataset decodes at ``load_size == size``.
+
 Layout of a cache folder::
 
-    index.npz          images, labels, split, patients, views, ages, sexes (row order)
-    shard_00000.npy    uint8 [n, S, S]: rows 0 .. shard_size-1   (np.load(..., mmap_mode="r"))
+    index.npz          images, labels, split, patients (the image id where unknown), and for
+                       ChestX-ray14 views, ages, sexes (row order)
+    shard_00000.npy    uint8 [n, S, S] (grey) or [n, 3, S, S] (RGB): rows 0 .. shard_size-1
+                       (np.load(..., mmap_mode="r"))
     shard_00000.json   count, sha256, bytes, skipped images       (written after the .npy)
     settings.json      the cache's identity, written first (see below)
     manifest.json      everything above, summed up; written last
@@ -15,10 +22,13 @@ appears: an interrupted ``prepare`` resumes with the shards that lack one. Reade
 a shard into RAM; the OS pages in the rows a batch touches.
 
 The identity (``settings.json``, repeated in the manifest) is what the shards depend on: the
-data root, the sha256 of each metadata and list file read, image and shard size, split
-settings, and the cache and dist-ft versions. ``prepare`` reuses shards only under the same
-identity; any difference is refused (or, with ``rebuild``, the old cache files are removed
-first), so a cache never mixes images of one dataset with labels of another.
+format, the data root, the sha256 of each metadata, CSV and list file read, image and shard
+size, split settings, for CSV its column settings, for ImageFolder and CSV the digest of the
+image file list (paths and sizes), and the cache and dist-ft versions. The manifest also
+records ``classes``, ``multilabel`` and ``channels``: a reader needs nothing else.
+``prepare`` reuses shards only under the same identity; any difference is refused (or,
+with ``rebuild``, the old cache files are removed first), so a cache never mixes images of
+one dataset with labels of another.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +45,17 @@ from typing import Any
 import numpy as np
 
 from dist_ft import __version__
-from dist_ft.config.schema import SplitFilesConfig
+from dist_ft.config.errors import ConfigError
+from dist_ft.config.schema import DataConfig, SplitFilesConfig
 from dist_ft.data.findings import FINDINGS
-from dist_ft.data.images import IMAGE_FOLDERS, ImageError, load_gray_resized, locate_images
-from dist_ft.data.metadata import find_metadata, read_metadata
+from dist_ft.data.images import (
+    IMAGE_FOLDERS,
+    ImageError,
+    load_gray_resized,
+    load_rgb_resized,
+    locate_images,
+)
+from dist_ft.data.metadata import MetadataError, find_metadata, read_metadata
 from dist_ft.data.splits import (
     EXCLUDED,
     SPLIT_NAMES,
@@ -49,7 +66,11 @@ from dist_ft.data.splits import (
 )
 from dist_ft.data.table import detect_format
 
-CACHE_VERSION = 1
+# 2: format, classes, multilabel and channels recorded (ImageFolder and CSV caches). A
+# version 1 cache (ChestX-ray14 only, laid out as a version 2 one) is still read.
+CACHE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CACHE_FORMATS = ("chestxray14", "imagefolder", "csv")  # data.format values a cache serves
 MANIFEST = "manifest.json"
 INDEX = "index.npz"
 SETTINGS = "settings.json"
@@ -167,26 +188,103 @@ def _split_settings(root: Path, val_fraction: float, test_fraction: float,
     return settings
 
 
-def _refuse_other_formats(root: Path) -> None:
-    """Refuse an ImageFolder tree or a CSV file with the reason, before a metadata error.
+def _files_digest(paths: list[Path], split: np.ndarray, root: Path) -> dict[str, Any]:
+    """Count and sha256 of the rows' split, image path (relative to ``root`` where inside it)
+    and file size, in row order: an image added, removed, moved or replaced changes it."""
+    digest = hashlib.sha256()
+    for path, part in zip(paths, split.tolist(), strict=True):
+        try:
+            name = path.resolve().relative_to(root).as_posix()
+        except ValueError:  # a CSV may name images outside data.root by absolute path
+            name = str(path.resolve())
+        size = path.stat().st_size if path.is_file() else -1
+        digest.update(f"{SPLIT_NAMES[part]}\t{name}\t{size}\n".encode())
+    return {"count": len(paths), "sha256": digest.hexdigest()}
 
-    The cache stores what ``format: chestxray14`` trains on: one grey channel and the 14
-    findings as multi-hot rows, indexed by the metadata's image names. ImageFolder and CSV
-    data train in RGB on their own classes, and the recipe schema refuses ``data.cache`` for
-    them, so a cache of theirs could not be used; training reads their files directly.
+
+# sample_info keys -> index.npz arrays (the names ChestX-ray14 caches have always used).
+_INDEX_NAMES = {"view": "views", "sex": "sexes", "age": "ages"}
+
+
+@dataclass(frozen=True)
+class _FileRows:
+    """The rows of an ImageFolder tree or a CSV file, as training's datasets list them."""
+
+    paths: list[Path]
+    index: dict[str, np.ndarray]  # images, labels, split, patients (+ views, sexes, ages)
+    classes: list[str]
+    multilabel: bool
+    patients_known: bool
+
+
+def _file_rows(cfg: DataConfig) -> _FileRows:
+    """Every split of an ImageFolder or CSV recipe, through training's dataset builders.
+
+    Reusing the builders (not a copy of their rules) keeps the cache's rows, labels, class
+    order and splits identical to what training reads from the files.
+
+    Raises:
+        MetadataError: no ``train/`` folder, a split folder whose classes differ from
+            train's, a class folder without images, or what the CSV reader refuses.
     """
-    fmt = detect_format(root)
-    if fmt is None or fmt == "chestxray14":
-        return
-    what = "a CSV file" if fmt == "csv" else "an ImageFolder tree"
-    raise CacheError(
-        f"{root} is {what} (data.format: {fmt}); the preprocessed cache is for ChestX-ray14 "
-        "folders only: it stores grey images with the 14 findings, and a recipe with format: "
-        f"{fmt} cannot use data.cache (training reads its image files directly, in colour). "
-        f"Nothing to prepare; to check its images before training run: dist-ft data stats "
-        f"{root} --check-images"
-        + (" --data csv.label_column=COLUMN" if fmt == "csv" else "")
-    )
+    from dist_ft.data.datasets import build_dataset  # imports torch; datasets imports us
+
+    sets = {}
+    for split in SPLIT_NAMES:
+        try:
+            sets[split] = build_dataset(cfg, split)
+        except MetadataError:
+            if cfg.format != "imagefolder":
+                raise
+            continue  # this split's folder is absent
+        except FileNotFoundError as exc:  # torchvision: a class folder without images
+            raise MetadataError(f"{cfg.root}: {split} split: {exc}") from None
+    if "train" not in sets:
+        raise MetadataError(f"{cfg.root}: no train/ folder; an ImageFolder tree has "
+                            "train/<class>/*, val/<class>/* (or valid/) and test/<class>/*")
+    classes = list(sets["train"].classes)
+    for split, ds in sets.items():
+        if list(ds.classes) != classes:  # ImageFolder: indices would mean other classes
+            raise MetadataError(
+                f"{cfg.root}: the {split} split has classes {', '.join(ds.classes)} but train "
+                f"has {', '.join(classes)}: give every split folder the same class folders, "
+                "each with images (dist-ft data stats shows the counts)")
+    parts = list(sets.values())
+    info_keys = [k for k in parts[0].sample_info if all(k in ds.sample_info for ds in parts)]
+    info = {k: np.concatenate([np.asarray(ds.sample_info[k]) for ds in parts])
+            for k in info_keys}
+    index = {
+        "images": info.pop("image").astype(str),
+        "labels": np.concatenate([np.asarray(ds.targets) for ds in parts]),
+        "split": np.concatenate([np.full(len(ds), SPLIT_NAMES.index(split), dtype=np.int8)
+                                 for split, ds in sets.items()]),
+        "patients": info.pop("patient").astype(str),
+        **{_INDEX_NAMES[k]: v for k, v in info.items()},
+    }
+    patients_known = cfg.format == "csv" and cfg.csv is not None \
+        and cfg.csv.patient_column is not None
+    return _FileRows([Path(p) for ds in parts for p in ds.paths], index, classes,
+                     bool(parts[0].multilabel), patients_known)
+
+
+def _csv_record(cfg: DataConfig) -> dict[str, Any] | None:
+    """``data.csv`` as a cache records and compares it: the file's absolute path, columns."""
+    if cfg.csv is None:
+        return None
+    return {**cfg.csv.model_dump(), "file": str(Path(cfg.csv.file).resolve())}
+
+
+def _csv_split_settings(cfg: DataConfig) -> dict[str, Any]:
+    """The split settings a CSV's rows were split with (only the column, if it has one)."""
+    assert cfg.csv is not None  # guaranteed by DataConfig
+    if cfg.csv.split_column is not None:
+        return {"column": cfg.csv.split_column}
+    settings = {"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
+                "seed": cfg.split_seed,
+                "test_list": cfg.split_files is not None and cfg.split_files.test is not None}
+    if cfg.split_files is not None:
+        settings["split_files"] = _split_files_record(cfg.split_files)
+    return settings
 
 
 @dataclass(frozen=True)
@@ -197,6 +295,7 @@ class _ShardJob:
     names: list[str]
     size: int
     skip_bad: bool
+    channels: int = 1  # 1: grey [n, S, S]; 3: RGB stored channels first, [n, 3, S, S]
 
 
 def _write_shard(job: _ShardJob) -> dict[str, Any]:
@@ -204,15 +303,16 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
     out = Path(job.out)
     final = out / f"{_shard_name(job.shard)}.npy"
     tmp = out / f"{_shard_name(job.shard)}.npy.tmp"
-    arr = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(len(job.paths), job.size, job.size)
-    )
+    side = (job.size, job.size) if job.channels == 1 else (3, job.size, job.size)
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                    shape=(len(job.paths), *side))
     skipped = []
     for i, (path, name) in enumerate(zip(job.paths, job.names, strict=True)):
         try:
             if path is None:
                 raise ImageError(f"{name}: image file not found under the data root")
-            arr[i] = load_gray_resized(path, job.size)
+            arr[i] = (load_gray_resized(path, job.size) if job.channels == 1
+                      else load_rgb_resized(path, job.size).transpose(2, 0, 1))
         except ImageError as exc:
             if not job.skip_bad:
                 del arr
@@ -250,13 +350,17 @@ def prepare_cache(
     on_shard: Callable[[int], None] | None = None,
     rebuild: bool = False,
     split_files: SplitFilesConfig | None = None,
+    fmt: str = "auto",
+    data: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Build (or finish) the cache of a ChestX-ray14 folder.
+    """Build (or finish) the cache of a ChestX-ray14 folder, ImageFolder tree or CSV file.
 
     Args:
-        root: the data folder (metadata CSV, image folders, optional list files).
+        root: the data folder (ChestX-ray14: metadata CSV, image folders, optional list
+            files; ImageFolder: ``train/``, ``val/`` or ``valid/``, ``test/``), or the CSV file.
         out: the cache folder.
-        size: side of the stored square images.
+        size: side of the stored square images: the pixels the files give at
+            ``data.load_size`` equal to it (a cache's images come at this size).
         shard_size: images per shard file.
         workers: decoding processes.
         on_bad_image: ``error`` (stop, naming the image) or ``skip``: an image not found gets
@@ -269,22 +373,44 @@ def prepare_cache(
         rebuild: when ``out`` holds a cache of another identity, remove its files (only
             those ``prepare`` writes) and start over instead of refusing.
         split_files: ``data.split_files`` (list files anywhere), recorded with their sha256.
+        fmt: ``chestxray14``, ``imagefolder``, ``csv``, or ``auto`` (told by the layout).
+        data: ``KEY=VALUE`` recipe ``data.*`` settings for ImageFolder and CSV (the CSV's
+            columns: ``csv.label_column=labels``), as ``dist-ft data stats --data`` takes.
 
     Returns:
         The manifest.
 
     Raises:
-        CacheError: ``out`` holds a cache of another identity (data root, metadata or list
-            files, sizes, split settings, versions) and ``rebuild`` is off; names each
-            difference. Also ``root`` being an ImageFolder tree or a CSV file (the cache
-            serves ``format: chestxray14`` only), saying why.
+        CacheError: ``out`` holds a cache of another identity (format, data root, metadata,
+            CSV or list files, the image files, column settings, sizes, split settings,
+            versions) and ``rebuild`` is off; names each difference. Also a format the cache
+            does not serve (CheXpert, MIMIC-CXR-JPG).
+        ConfigError: a ``data`` setting the recipe schema refuses, naming the key.
+        MetadataError: what training's readers refuse (bad CSV, ImageFolder split folders
+            with other classes than train's, ...).
         ImageError: a bad image with ``on_bad_image='error'``, or no image found at all; a
             missing one names the folders searched.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     root, out = Path(root), Path(out)
-    _refuse_other_formats(root)
+    if fmt == "auto":  # an unknown layout gets ChestX-ray14's message: which file is missing
+        fmt = detect_format(root) or "chestxray14"
+    if fmt not in CACHE_FORMATS:
+        raise CacheError(f"format {fmt}: the cache serves {', '.join(CACHE_FORMATS)}; "
+                         f"training reads {fmt} images from their files")
+    if fmt != "chestxray14":
+        from dist_ft.data.stats import data_config
+
+        cfg = data_config(root, fmt, data, val_fraction, test_fraction, split_seed,
+                          split_files)
+        if on_bad_image == "skip":  # the flag, or --data on_bad_image=skip
+            cfg = cfg.model_copy(update={"on_bad_image": "skip"})
+        return _prepare_files(cfg, out, size, shard_size, workers, progress, on_shard,
+                              rebuild)
+    if data:
+        raise ConfigError([f"--data {data[0]}: ChestX-ray14 folders take no data settings "
+                           "beyond the split flags"])
     meta_path = find_metadata(root)
     meta = read_metadata(meta_path)
     split = resolve_splits(meta, root, val_fraction, test_fraction, split_seed, split_files)
@@ -311,6 +437,7 @@ def prepare_cache(
     settings = {
         "version": CACHE_VERSION,
         "dist_ft_version": __version__,
+        "format": "chestxray14",
         "root": str(root.resolve()),
         "size": size,
         "shard_size": shard_size,
@@ -325,6 +452,96 @@ def prepare_cache(
             "count": len(missing),
             "sha256": hashlib.sha256("\n".join(missing).encode()).hexdigest(),
         }
+    index = {"images": np.array(meta.images, dtype=str), "labels": meta.labels,
+             "split": split, "patients": meta.patients,
+             "views": np.array(meta.views, dtype=str), "ages": meta.ages,
+             "sexes": np.array(meta.sexes, dtype=str)}
+    ordered, valid = _write_cache(out, settings, index, paths, list(index["images"]), size,
+                                  shard_size, workers, on_bad_image == "skip", 1, progress,
+                                  on_shard, rebuild)
+    skipped = [s for r in ordered for s in r["skipped"]]
+    manifest = {
+        **settings,
+        "findings": list(FINDINGS),
+        **_reading(list(FINDINGS), True, 1, True),
+        "num_rows": len(meta),
+        "num_valid": int(valid.sum()),
+        "splits": {name: int(((split == i) & valid).sum()) for i, name in enumerate(SPLIT_NAMES)},
+        "shards": ordered,
+        "skipped": skipped,
+        "bytes": sum(r["bytes"] for r in ordered),
+    }
+    if missing:
+        # One name a line in a file of its own: 112,118 JSON records would bloat the manifest.
+        _atomic_write_text(out / MISSING, "\n".join(missing) + "\n")
+        manifest["missing_images"] = {
+            **settings["missing_images"], "file": MISSING, "first": missing[:5],
+            "looked_in": list(IMAGE_FOLDERS), "found_in": located.folders,
+        }
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _reading(classes: list[str], multilabel: bool, channels: int,
+             patients_known: bool) -> dict[str, Any]:
+    """What a reader needs beyond the rows: the manifest's dataset description."""
+    return {"classes": classes, "multilabel": multilabel, "channels": channels,
+            "patients_known": patients_known}
+
+
+def _prepare_files(cfg: DataConfig, out: Path, size: int, shard_size: int, workers: int,
+                   progress: bool, on_shard: Callable[[int], None] | None,
+                   rebuild: bool) -> dict[str, Any]:
+    """:func:`prepare_cache` of an ImageFolder tree or CSV file (RGB, training's rows)."""
+    rows = _file_rows(cfg)
+    images_root = Path(cfg.root) if cfg.root else Path(cfg.csv.file).parent  # type: ignore
+    images_root = images_root.resolve()
+    split = rows.index["split"]
+    settings: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "dist_ft_version": __version__,
+        "format": cfg.format,
+        "root": str(images_root),
+        "size": size,
+        "shard_size": shard_size,
+        "num_images": len(rows.paths),
+        "files": _files_digest(rows.paths, split, images_root),
+    }
+    if cfg.format == "csv":
+        csv_file = Path(cfg.csv.file)  # type: ignore[union-attr]  # set with format: csv
+        settings["csv"] = _csv_record(cfg)
+        settings["sha256"] = {csv_file.name: _sha256(csv_file)}
+        settings["split"] = _csv_split_settings(cfg)
+    paths = [str(p) for p in rows.paths]
+    # Bad images are named by path: ImageFolder ids (class/file) repeat across splits.
+    ordered, valid = _write_cache(out, settings, rows.index, list(paths), paths, size,
+                                  shard_size, workers, cfg.on_bad_image == "skip", 3, progress,
+                                  on_shard, rebuild)
+    manifest = {
+        **settings,
+        **_reading(rows.classes, rows.multilabel, 3, rows.patients_known),
+        "num_rows": len(rows.paths),
+        "num_valid": int(valid.sum()),
+        "splits": {name: int(((split == i) & valid).sum()) for i, name in enumerate(SPLIT_NAMES)},
+        "shards": ordered,
+        "skipped": [s for r in ordered for s in r["skipped"]],
+        "bytes": sum(r["bytes"] for r in ordered),
+    }
+    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write_cache(out: Path, settings: dict[str, Any], index: dict[str, np.ndarray],
+                 paths: list[str | None], names: list[str], size: int, shard_size: int,
+                 workers: int,
+                 skip_bad: bool, channels: int, progress: bool,
+                 on_shard: Callable[[int], None] | None,
+                 rebuild: bool) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Settings, index and the shards not yet done (resuming); returns the shard records
+    in order and which rows hold a readable image (also saved as ``valid.npy``).
+
+    ``names`` identify the rows' images in messages and the manifest's ``skipped``.
+    """
     if out.is_dir():
         _check_identity(out, settings, rebuild)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,19 +549,10 @@ def prepare_cache(
     if not settings_path.exists():
         _atomic_write_text(settings_path, json.dumps(settings, indent=2))
     index_tmp = out / "index.tmp.npz"
-    np.savez(
-        index_tmp,
-        images=np.array(meta.images, dtype=str),
-        labels=meta.labels,
-        split=split,
-        patients=meta.patients,
-        views=np.array(meta.views, dtype=str),
-        ages=meta.ages,
-        sexes=np.array(meta.sexes, dtype=str),
-    )
+    np.savez(index_tmp, **index)
     index_tmp.replace(out / INDEX)
 
-    shards = range(0, len(meta), shard_size)
+    shards = range(0, len(paths), shard_size)
     jobs = []
     records: dict[int, dict[str, Any]] = {}
     for k, start in enumerate(shards):
@@ -355,13 +563,13 @@ def prepare_cache(
             if record.get("bytes") == npy.stat().st_size:
                 records[k] = record
                 continue
-        stop = min(start + shard_size, len(meta))
-        jobs.append(_ShardJob(str(out), k, paths[start:stop], list(meta.images[start:stop]),
-                              size, on_bad_image == "skip"))
+        stop = min(start + shard_size, len(paths))
+        jobs.append(_ShardJob(str(out), k, paths[start:stop],
+                              [str(n) for n in names[start:stop]], size, skip_bad, channels))
 
     from dist_ft.console import progress as show_progress
 
-    bar = show_progress(total=len(meta), initial=sum(r["count"] for r in records.values()),
+    bar = show_progress(total=len(paths), initial=sum(r["count"] for r in records.values()),
                         unit="img", desc="prepare", enabled=progress, smoothing=0.1)
     try:
         if workers <= 1:
@@ -386,31 +594,12 @@ def prepare_cache(
         bar.close()
 
     ordered = [records[k] for k in range(len(shards))]
-    skipped = [s for r in ordered for s in r["skipped"]]
-    valid = np.ones(len(meta), dtype=bool)
-    skipped_names = {s["image"] for s in skipped}
-    if skipped_names:
-        valid = np.array([n not in skipped_names for n in meta.images])
+    valid = np.ones(len(paths), dtype=bool)
+    bad = {s["image"] for r in ordered for s in r["skipped"]}
+    if bad:
+        valid = np.array([str(n) not in bad for n in names])
     np.save(out / "valid.npy", valid)
-    manifest = {
-        **settings,
-        "findings": list(FINDINGS),
-        "num_rows": len(meta),
-        "num_valid": int(valid.sum()),
-        "splits": {name: int(((split == i) & valid).sum()) for i, name in enumerate(SPLIT_NAMES)},
-        "shards": ordered,
-        "skipped": skipped,
-        "bytes": sum(r["bytes"] for r in ordered),
-    }
-    if missing:
-        # One name a line in a file of its own: 112,118 JSON records would bloat the manifest.
-        _atomic_write_text(out / MISSING, "\n".join(missing) + "\n")
-        manifest["missing_images"] = {
-            **settings["missing_images"], "file": MISSING, "first": missing[:5],
-            "looked_in": list(IMAGE_FOLDERS), "found_in": located.folders,
-        }
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
-    return manifest
+    return ordered, valid
 
 
 class CacheReader:
@@ -434,9 +623,17 @@ class CacheReader:
                 "(run dist-ft data prepare again: it resumes)"
             )
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        if self.manifest.get("version") != CACHE_VERSION:
-            raise CacheError(f"{manifest_path}: cache version {self.manifest.get('version')}, "
-                             f"this dist-ft reads version {CACHE_VERSION}")
+        if self.manifest.get("version") not in READABLE_VERSIONS:
+            raise CacheError(
+                f"{manifest_path}: cache version {self.manifest.get('version')}, this dist-ft "
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-run dist-ft data "
+                f"prepare ... --out {self.path} --rebuild")
+        # Version 1 caches are ChestX-ray14's: grey, the 14 findings, patients known.
+        self.format: str = self.manifest.get("format", "chestxray14")
+        self.classes: list[str] = list(self.manifest.get("classes", FINDINGS))
+        self.multilabel: bool = bool(self.manifest.get("multilabel", True))
+        self.channels: int = int(self.manifest.get("channels", 1))
+        self.patients_known: bool = bool(self.manifest.get("patients_known", True))
         for record in self.manifest["shards"]:
             shard = self.path / record["file"]
             if not shard.is_file():
@@ -451,18 +648,53 @@ class CacheReader:
             self.labels = index["labels"]
             self.split = index["split"]
             self.patients = index["patients"]
-            self.views = index["views"]
+            self.views = index["views"] if "views" in index.files else None
             # Caches made before ages and sexes were indexed lack them (sample_info omits them).
             self.ages = index["ages"] if "ages" in index.files else None
             self.sexes = index["sexes"] if "sexes" in index.files else None
         self.valid = np.load(self.path / "valid.npy")
         self.size = int(self.manifest["size"])
         self.shard_size = int(self.manifest["shard_size"])
+        # One image's array: grey [S, S], RGB channels first [3, S, S].
+        self.shape: tuple[int, ...] = ((self.size, self.size) if self.channels == 1
+                                       else (self.channels, self.size, self.size))
         self._maps: dict[int, np.ndarray] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def check_recipe(self, cfg: DataConfig) -> None:
+        """Refuse a recipe ``data`` section this cache was not prepared for.
+
+        Checks the format, for CSV the column settings, and the split settings where they
+        decide the splits (ChestX-ray14; CSV without ``csv.split_column``); ImageFolder
+        splits are its folders.
+
+        Raises:
+            CacheError: naming the differing ``data.*`` keys and how to fix them.
+        """
+        fix = (f"rebuild the cache with the recipe's settings (dist-ft data prepare ... --out "
+               f"{self.path} --rebuild) or point data.cache at a matching cache")
+        if cfg.format != self.format:
+            raise CacheError(f"data.cache {self.path} holds {self.format} data but data.format "
+                             f"is {cfg.format}; {fix}")
+        if self.format == "chestxray14":
+            self.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                             cfg.split_files)
+            return
+        if self.format != "csv":
+            return
+        cached, now = self.manifest.get("csv") or {}, _csv_record(cfg) or {}
+        differ = [f"data.csv.{k} is {now.get(k)!r} in the recipe but {cached.get(k)!r} in "
+                  "the cache" for k in sorted(set(cached) | set(now))
+                  if cached.get(k) != now.get(k)]
+        if differ:
+            raise CacheError(f"data.cache {self.path} was prepared from other CSV settings: "
+                             f"{'; '.join(differ)}; {fix}")
+        if cfg.csv is not None and cfg.csv.split_column is None:
+            self.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                             cfg.split_files)
 
     def check_split(self, val_fraction: float, test_fraction: float, seed: int,
                     split_files: SplitFilesConfig | None = None) -> None:
@@ -533,21 +765,21 @@ class CacheReader:
         return np.flatnonzero(mask)
 
     def image(self, row: int) -> np.ndarray:
-        """The uint8 ``[S, S]`` image of ``row`` (a view into the memory map)."""
+        """The uint8 image of ``row``, ``[S, S]`` or ``[3, S, S]`` (a view into the map)."""
         shard, offset = divmod(int(row), self.shard_size)
         return self._shard(shard)[offset]
 
     def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The uint8 ``[n, S, S]`` images of ``rows`` (in that order), copied out of the maps.
+        """The uint8 ``[n, *shape]`` images of ``rows`` (in order), copied out of the maps.
 
         Rows are copied in ascending order, so a batch walks each shard's pages front to back
         (what the OS read-ahead serves best), each straight to its position in ``out`` (uint8
-        ``[n, S, S]``, allocated when not given): one copy per image, where a fancy index
+        ``[n, *shape]``, allocated when not given): one copy per image, where a fancy index
         (gather, then scatter back to the asked order) makes two.
         """
         rows = np.asarray(rows, dtype=np.int64)
         if out is None:
-            out = np.empty((len(rows), self.size, self.size), dtype=np.uint8)
+            out = np.empty((len(rows), *self.shape), dtype=np.uint8)
         for k in np.argsort(rows, kind="stable").tolist():
             shard, offset = divmod(int(rows[k]), self.shard_size)
             out[k] = self._shard(shard)[offset]

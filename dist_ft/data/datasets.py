@@ -1,5 +1,5 @@
-"""torch Datasets for training: ChestX-ray14 from PNGs or the cache, ImageFolder, CSV,
-CheXpert and MIMIC-CXR-JPG.
+"""torch Datasets for training: ChestX-ray14, ImageFolder, CSV, CheXpert and MIMIC-CXR-JPG
+from their files, and the first three also from a cache (``data.cache``, see ``cache.py``).
 
 Every dataset yields ``(image, target)``: ``image`` a square uint8 ``[C, L, L]`` tensor at the
 load size (augmentation and normalisation run per batch, see ``transforms.py``), ``target`` a
@@ -103,16 +103,23 @@ class LabelledImages(Dataset):
 
 
 class CachedImages(Dataset):
-    """Rows of a preprocessed cache (memory-mapped, one channel, the cache's size)."""
+    """Rows of a preprocessed cache (memory-mapped, at the cache's size).
+
+    Yields what the file dataset of the cache's format yields (see :class:`LabelledImages`):
+    its classes, targets, channels (1 for ChestX-ray14, 3 for ImageFolder and CSV) and
+    ``sample_info``.
+    """
 
     def __init__(self, reader: CacheReader, rows: np.ndarray) -> None:
         self.reader, self.rows = reader, rows
         self.targets = reader.labels[rows]
-        self.classes, self.multilabel, self.channels = list(FINDINGS), True, 1
+        self.classes, self.multilabel = list(reader.classes), reader.multilabel
+        self.channels = reader.channels
         self.load_size = reader.size
         self.sample_info = {"image": reader.images[rows].astype(str),
-                            "patient": reader.patients[rows].astype(str),
-                            "view": reader.views[rows].astype(str)}
+                            "patient": reader.patients[rows].astype(str)}
+        if reader.views is not None:
+            self.sample_info["view"] = reader.views[rows].astype(str)
         if reader.sexes is not None and reader.ages is not None:
             self.sample_info["sex"] = reader.sexes[rows].astype(str)
             self.sample_info["age"] = reader.ages[rows].astype(np.float64)
@@ -121,8 +128,10 @@ class CachedImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(np.array(self.reader.image(self.rows[i]))).unsqueeze(0)
-        return image, _target(self.targets[i], True)
+        image = torch.from_numpy(np.array(self.reader.image(self.rows[i])))
+        if self.channels == 1:
+            image = image.unsqueeze(0)
+        return image, _target(self.targets[i], self.multilabel)
 
     def __getitems__(self, indices: Sequence[int]) -> StackedBatch:
         """A whole batch in one read (``DataLoader`` calls this instead of ``__getitem__``).
@@ -133,9 +142,12 @@ class CachedImages(Dataset):
         index = np.asarray(indices, dtype=np.int64)
         # Torch-owned memory (not a numpy array's): a loader worker can move it to shared
         # memory, and pin_memory can copy it, as with default_collate's output.
-        images = torch.empty((len(index), 1, self.load_size, self.load_size), dtype=torch.uint8)
-        self.reader.read(self.rows[index], out=images.numpy()[:, 0])
-        targets = torch.from_numpy(np.ascontiguousarray(self.targets[index], dtype=np.float32))
+        images = torch.empty((len(index), self.channels, self.load_size, self.load_size),
+                             dtype=torch.uint8)
+        self.reader.read(self.rows[index],
+                         out=images.numpy()[:, 0] if self.channels == 1 else images.numpy())
+        dtype = np.float32 if self.multilabel else np.int64  # as _target makes them
+        targets = torch.from_numpy(np.ascontiguousarray(self.targets[index], dtype=dtype))
         return StackedBatch(images, targets)
 
 
@@ -231,14 +243,7 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
     """
     want = _split_index(split)
     if cfg.cache is not None:
-        reader = CacheReader(cfg.cache)
-        reader.check_split(cfg.val_fraction, cfg.test_fraction, cfg.split_seed, cfg.split_files)
-        check_patient_overlap(reader.patients, reader.split, f"data.cache {cfg.cache}")
-        rows = reader.rows(want)
-        views = wanted_views(cfg)
-        if views is not None:
-            rows = rows[np.isin(reader.views[rows], views)]
-        return CachedImages(reader, rows)
+        return cached_dataset(cfg, split)
     root = _require_root(cfg)
     meta = read_metadata(find_metadata(root))
     splits = resolve_splits(meta, root, cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
@@ -260,6 +265,31 @@ def chestxray14_dataset(cfg: DataConfig, split: str) -> Dataset:
             "age": meta.ages.astype(np.float64)}
     return LabelledImages(paths, meta.labels, list(FINDINGS), True, 1, load_size(cfg),
                           cfg.on_bad_image, sample_info=info)
+
+
+def cached_dataset(cfg: DataConfig, split: str) -> CachedImages:
+    """One split of ``data.cache`` (ChestX-ray14, ImageFolder or CSV), as the files give it.
+
+    Raises:
+        CacheError: the cache holds another format, or was prepared with other CSV or split
+            settings than the recipe's.
+        MetadataError: a patient in two splits; ``data.views`` on a CSV (no view column).
+    """
+    assert cfg.cache is not None
+    want = _split_index(split)
+    reader = CacheReader(cfg.cache)
+    reader.check_recipe(cfg)
+    if reader.patients_known:  # where unknown, patients are image ids (repeated by ImageFolder)
+        check_patient_overlap(reader.patients, reader.split, f"data.cache {cfg.cache}")
+    rows = reader.rows(want)
+    if reader.format == "chestxray14":
+        views = wanted_views(cfg)
+        if views is not None:
+            rows = rows[np.isin(reader.views[rows], views)]
+    elif reader.format == "csv" and cfg.views is not None:  # as table_dataset refuses it
+        raise MetadataError(f"data.views: {cfg.csv.file if cfg.csv else cfg.cache} has no view "
+                            "column; remove data.views")
+    return CachedImages(reader, rows)
 
 
 def imagefolder_dataset(cfg: DataConfig, split: str) -> Dataset:
@@ -471,6 +501,8 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
         MetadataError: bad metadata, list files, a patient in two splits, missing images.
         CacheError: a cache split with other settings than the recipe's.
     """
+    if cfg.cache is not None:  # chestxray14, imagefolder or csv (the schema allows no other)
+        return cached_dataset(cfg, split)
     builders = {"chestxray14": chestxray14_dataset, "imagefolder": imagefolder_dataset,
                 "csv": table_dataset, "chexpert": table_dataset, "mimic_cxr": table_dataset}
     return builders[cfg.format](cfg, split)
@@ -480,10 +512,12 @@ def class_names(cfg: DataConfig) -> list[str]:
     """The target names a recipe's data has, in target order, without reading images.
 
     ImageFolder lists the class folders of the train split; a CSV with a separated label
-    column and no ``csv.classes`` reads the CSV.
+    column and no ``csv.classes`` reads the CSV; with ``data.cache`` both read its manifest.
     """
     if cfg.format == "chestxray14":
         return list(FINDINGS)
+    if cfg.cache is not None and cfg.format in ("imagefolder", "csv"):
+        return list(CacheReader(cfg.cache).classes)
     if cfg.format in ("chexpert", "mimic_cxr"):
         return list(SHARED_CHESTXRAY14 if cfg.labels_as == "chestxray14" else CHEXPERT_FINDINGS)
     if cfg.format == "imagefolder":

@@ -167,17 +167,31 @@ def test_stats_on_a_csv_file(run_cli: Callable[..., CliResult], tmp_path: Path) 
     assert result.code == 2 and "data.csv.label_colum" in result.err
 
 
-def test_prepare_refuses_imagefolder_and_csv_saying_why(
+def test_prepare_caches_imagefolder_and_csv_with_the_csv_columns_named(
     run_cli: Callable[..., CliResult], tmp_path: Path
 ) -> None:
-    folder = _imagefolder(tmp_path / "if", {"train": {"a": 1}})
-    path = _labels_csv(tmp_path / "d", rows=2, present=2)
-    for source in (folder, path):
-        result = run_cli("data", "prepare", str(source), "--out", str(tmp_path / "c"))
-        assert result.code == 1
-        assert "cache is for ChestX-ray14 folders only" in result.err
-        assert f"dist-ft data stats {source} --check-images" in result.err
-    assert not (tmp_path / "c").exists()
+    folder = _imagefolder(tmp_path / "if", {"train": {"a": 1, "b": 2}, "val": {"a": 1}})
+    result = run_cli("data", "prepare", str(folder), "--out", str(tmp_path / "c1"),
+                     "--size", "32")
+    assert result.code == 1  # val/ lacks b: class indices would mean other classes
+    assert "the val split has classes a but train has a, b" in result.err
+    (folder / "val" / "b").mkdir()
+    Image.new("RGB", (40, 30), (0, 90, 0)).save(folder / "val" / "b" / "0.png")
+    result = run_cli("data", "prepare", str(folder), "--out", str(tmp_path / "c1"),
+                     "--size", "32")
+    assert result.code == 0, result.err
+    assert "5 images at 32px" in result.out and "splits train 3, val 2, test 0" in result.out
+    path = _labels_csv(tmp_path / "d", rows=4, present=4)
+    result = run_cli("data", "prepare", str(path), "--out", str(tmp_path / "c2"))
+    assert result.code == 2  # the labels' column must be named, as for data stats
+    assert "--data csv.label_column=COLUMN" in result.err
+    assert not (tmp_path / "c2").exists()
+    result = run_cli("data", "prepare", str(path), "--out", str(tmp_path / "c2"), "--size", "32",
+                     "--data", "csv.path_column=file", "--data", "csv.label_column=findings",
+                     "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["num_valid"] == 4
+    assert CacheReader(tmp_path / "c2").classes == ["cat", "dog"]
 
 
 def test_an_unknown_layout_names_what_was_looked_for(
