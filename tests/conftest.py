@@ -14,6 +14,7 @@ import yaml
 
 from dist_ft.cli.main import main
 from dist_ft.config import Recipe, load_recipe
+from dist_ft.console import VERBOSITY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -29,8 +30,12 @@ class CliResult:
 
 
 @pytest.fixture
-def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+def run_cli(capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
     """Run ``dist-ft ARGS`` in-process and capture its output."""
+    # main() records -v/-q in the environment (for the processes it starts): undo it after
+    # the test, or a -q here would silence every later test of the session.
+    monkeypatch.setenv(VERBOSITY_ENV, "0")
 
     def _run(*args: str) -> CliResult:
         try:

@@ -25,7 +25,8 @@ RANK = {"config": 0, "evaluation": 1, "models": 1, "data": 2, "plan": 2, "train"
         "explain": 3, "bench": 4, "launch": 4, "cli": 5}
 BASE = {"jsonio", "exitcodes", "rundir", "cluster",
         "runlock",  # the run folder's lock: pure, beside rundir
-        "console"}  # log levels and progress on stderr: no torch
+        "console",  # log levels and progress on stderr: no torch
+        "plotstyle"}  # line colours and dashes shared by the ROC and aggregate plots
 LOGS = "logs"
 LOGS_USERS = {"launch", "bench", "cli", "train"}
 

@@ -25,6 +25,7 @@ from dist_ft.bench.throughput import (
     rate_after,
     run_dist_ft,
 )
+from dist_ft.config.schema import backend_label
 from dist_ft.train.runtime import has_cuda
 
 
@@ -98,7 +99,7 @@ def bench_scaling(recipe: str | Path, data: Path | None, overrides: list[str] | 
 
 def format_table(r: dict[str, Any]) -> str:
     """A markdown table of the figures."""
-    backend = "DDP" if r["backend"] == "ddp" else f"DeepSpeed ZeRO-{r['zero_stage']}"
+    backend = backend_label(r["backend"], r.get("zero_stage"))
     where = (f"{', '.join(map(str, r['nodes']))} node(s) x {max(1, r['gpus_per_node'])} via "
              "dist-ft submit" if r["mode"] == "submit" else "local processes")
     lines = [f"scaling: {r['model']} {r['image_size']}px, batch {r['batch_per_process']} per "

@@ -9,13 +9,16 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   dist-ft aggregate runs/chestxray14_smoke --out runs/agg            # all ranks of one run
-  dist-ft aggregate runs/sweep --out runs/sweep/aggregate --group-by optim.lr \\
+  dist-ft aggregate runs/sweep --out runs/sweep-agg --group-by optim.lr \\
       --tags 'val/*' 'train/loss' --align union                     # over seeds, per lr
   dist-ft aggregate runs/a runs/b --out runs/ab --group-by all --stats mean,std,count
 
-Writes OUT/scalars.csv (group,tag,step,stat,value,members), OUT/tb/<group>/<stat>/ (open with
-tensorboard --logdir OUT/tb), OUT/summary.json (final and best per group and tag) and
-OUT/plots/*.png (mean +- std per group).
+Writes OUT/scalars.csv (group,tag,step,stat,value,members,label,since_stage: label is the tag
+in words, since_stage the freeze stage an lr/ tag's optimizer group has trained from),
+OUT/tb/<group>/<stat>/ (open with tensorboard --logdir OUT/tb), OUT/summary.json (per group and
+tag the final value, and the best for metrics: losses, AUROC, accuracy, F1) and OUT/plots/*.png
+(mean +- std per group; every learning rate in lr.png; dotted lines at freeze-stage changes).
+OUT may not be, hold or lie inside an input folder.
 """
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-SMOKE = "configs/chestxray14_smoke.yaml"
+SMOKE = "chestxray14_smoke"  # a shipped name: works from any folder and a wheel install
 EXAMPLES = """\
 examples:
   dist-ft bench trainer --json                          # dist-ft train vs the tutorial loop
@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     data.add_argument("--image-size", type=int, default=224, help="side of the crops")
     data.add_argument("--repeats", type=int, default=3, help="alternating runs per pipeline")
-    data.add_argument("--recipe", default="configs/chestxray14_densenet121.yaml",
+    data.add_argument("--recipe", default="chestxray14_densenet121",
                       help="also time this recipe's model at its batch and input size, next to "
                       "the loader ('none' to skip)")
     data.add_argument("--model-steps", type=int, default=3,

@@ -9,6 +9,7 @@ comparison and localization, and appends the run's evaluation record.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from dist_ft import exitcodes
 from dist_ft.config import ConfigError, Recipe, load_recipe, resolve_recipe
 from dist_ft.rundir import RunDir
+
+log = logging.getLogger("dist_ft.cli")
 
 if TYPE_CHECKING:  # torch-free at import: the CLI loads dist_ft.train lazily
     from dist_ft.train.evaluate import EvalRequest
@@ -251,10 +254,10 @@ def run(args: argparse.Namespace) -> int:
     if report is None:  # not the main process: it only scored
         return exitcodes.OK
     if resolved.note:
-        print(f"dist-ft eval: {resolved.note}", file=sys.stderr)
-    print(f"dist-ft eval: {weights.describe()}", file=sys.stderr)
+        log.warning("eval: %s", resolved.note)
+    log.info("eval: %s", weights.describe())
     if report.get("test_split_history"):
-        print(f"dist-ft eval: {report['test_split_history']}", file=sys.stderr)
+        log.warning("eval: %s", report["test_split_history"])
     if args.json:
         from dist_ft.jsonio import dumps
 

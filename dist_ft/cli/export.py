@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ examples:
   dist-ft export runs/chestxray14_smoke/final/model.safetensors --format torchscript \\
       --quantize dynamic --json
 """
+
+log = logging.getLogger("dist_ft.cli")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dist-ft export: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
     if resolved.note:
-        print(f"dist-ft export: {resolved.note}", file=sys.stderr)
+        log.warning("export: %s", resolved.note)
     taken = Weights.from_file(resolved.path, recipe, resolved.kind)
-    print(f"dist-ft export: exported {taken.describe()}", file=sys.stderr)
+    log.info("export: exported %s", taken.describe())
     report.update(weights=str(resolved.path), weights_kind=resolved.kind, epoch=taken.epoch,
                   step=taken.step)
     if args.json:

@@ -37,6 +37,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text, default = action.help or "", action.default
         if (default is None or default is False or default == argparse.SUPPRESS
                 or default in ("", [], ()) or "default" in text.lower()
+                or isinstance(action, argparse._CountAction)  # -v: "default: 0" says nothing
                 or not (action.option_strings or action.nargs in ("?", "*"))):
             return action.help
         shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ examples:
 
 # Formats whose loaders read one grey channel; the others (csv, imagefolder) read RGB.
 GRAY_FORMATS = ("chestxray14", "chexpert", "mimic_cxr")
+
+log = logging.getLogger("dist_ft.cli")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
     except OutputPathError as exc:
         return usage(str(exc))
     if resolved.note:
-        print(f"dist-ft predict: {resolved.note}", file=sys.stderr)
-    print(f"dist-ft predict: weights {resolved.path} ({resolved.kind}), recipe {config}",
-          file=sys.stderr)
+        log.warning("predict: %s", resolved.note)
+    log.info("predict: weights %s (%s), recipe %s", resolved.path, resolved.kind, config)
     recipe = load_recipe(config)
     classes = model_classes(recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

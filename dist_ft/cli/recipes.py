@@ -12,6 +12,7 @@ from typing import Any
 from dist_ft import exitcodes
 from dist_ft.config import ConfigError, Recipe, load_recipe, recipe_to_dict
 from dist_ft.config.load import read_text_file
+from dist_ft.config.schema import backend_label
 from dist_ft.config.shipped import (
     KIND_TITLES,
     KINDS,
@@ -96,10 +97,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     keys.set_defaults(run=run_keys)
 
 
-def backend_label(recipe: Recipe) -> str:
-    """What runs, in words: ``DDP`` or ``DeepSpeed ZeRO-2``."""
-    trainer = recipe.trainer
-    return "DDP" if trainer.backend == "ddp" else f"DeepSpeed ZeRO-{trainer.zero_stage}"
 
 
 def _recipe_row(item: ShippedFile) -> dict[str, Any]:
@@ -109,7 +106,9 @@ def _recipe_row(item: ShippedFile) -> dict[str, Any]:
     except ConfigError as exc:  # listed all the same, so that a broken one can be found
         return {**row, "model": "?", "backend": "?", "purpose": item.purpose,
                 "error": str(exc)}
-    return {**row, "model": recipe.model.name, "backend": backend_label(recipe),
+    trainer = recipe.trainer
+    return {**row, "model": recipe.model.name,
+            "backend": backend_label(trainer.backend, trainer.zero_stage),
             "purpose": item.purpose}
 
 

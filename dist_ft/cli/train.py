@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep is not None:
         from pathlib import Path
 
-        from dist_ft.launch.sweep import load_sweep
+        from dist_ft.launch.sweep import load_sweep, task_folder
 
         tasks = load_sweep(args.sweep).tasks
         if not 0 <= args.sweep_index < len(tasks):
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                                f"tasks (0-{len(tasks) - 1})"], args.sweep)
         task = tasks[args.sweep_index]
         base = load_recipe(args.config, overrides)
-        overrides += [*task.overrides, f"output_dir={Path(base.output_dir) / task.name}"]
+        overrides += [*task.overrides,
+                      f"output_dir={task_folder(Path(base.output_dir), task)}"]
     recipe = load_recipe(args.config, overrides)
     try:
         run_training(recipe, args.resume, overwrite=args.overwrite,

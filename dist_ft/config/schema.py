@@ -577,6 +577,12 @@ class TrainerConfig(Section):
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
+def backend_label(backend: str, zero_stage: int | None = None) -> str:
+    """What runs, in words: ``DDP`` or ``DeepSpeed ZeRO-2`` (``trainer.backend`` and
+    ``trainer.zero_stage``); one wording for the log, ``recipes list``, ``submit`` and benches."""
+    return "DDP" if backend == "ddp" else f"DeepSpeed ZeRO-{zero_stage}"
+
+
 class LoggingConfig(Section):
     """``logging``: console and tracker cadence, and which trackers record the run."""
 

@@ -142,7 +142,7 @@ def resolve_shipped(arg: str | Path, kinds: tuple[Kind, ...], what: str) -> Path
         given = Path(text).expanduser()
     except RuntimeError:  # ~user that does not exist: not a path, maybe not a name either
         given = Path(text)
-    if given.exists():
+    if given.is_file():  # a folder of the same name as a shipped recipe does not shadow it
         return given
     found = find_shipped(text, kinds)
     if found is not None:

@@ -364,8 +364,9 @@ def prepare_cache(
         shard_size: images per shard file.
         workers: decoding processes.
         on_bad_image: ``error`` (stop, naming the image) or ``skip``: an image not found gets
-            no row (shards hold only the rows kept), an unreadable one is stored as zeros and
-            its row marked invalid; both are recorded in the manifest's ``skipped``.
+            no row (shards hold only the rows kept; named in ``missing_images.txt`` and
+            counted in the manifest's ``missing_images``), an unreadable one is stored as
+            zeros and its row marked invalid (the manifest's ``skipped``).
         val_fraction, test_fraction, split_seed: the split settings (see ``splits.py``).
         progress: show progress with rate and ETA on stderr (a bar on a terminal, else a
             line per 10 % or per minute; see :func:`dist_ft.console.progress`).

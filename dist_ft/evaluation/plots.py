@@ -12,6 +12,7 @@ from dist_ft.evaluation.bootstrap import weighted_auroc
 from dist_ft.evaluation.calibration import calibration
 from dist_ft.evaluation.operating import roc_curve
 from dist_ft.evaluation.scored import Scored
+from dist_ft.plotstyle import line_style
 
 
 def _pyplot() -> Any:
@@ -74,25 +75,12 @@ def plot_reliability(source: dict[str, Any] | Scored, path: str | Path, bins: in
     return Path(path)
 
 
-_DASHES = ("-", "--", ":", "-.")
-
-
-def class_style(index: int) -> dict[str, Any]:
-    """The ``index``-th class's colour and dash: tab20's ten dark hues solid, then their
-    light twins dashed, then dotted and dash-dotted (40 distinct curves before any repeats;
-    ChestX-ray14's 14 classes are 10 solid and 4 dashed)."""
-    from matplotlib import colormaps
-
-    colors = colormaps["tab20"].colors
-    k = index % 20
-    return {"color": colors[2 * k if k < 10 else 2 * (k - 10) + 1],
-            "linestyle": _DASHES[(index // 10) % len(_DASHES)]}
 
 
 def roc_figure(scored: Scored) -> Any:
     """The figure :func:`plot_roc` writes: one curve per class, each in its own colour and
-    dash (:func:`class_style`), labelled ``Cardiomegaly (AUROC 0.873)``; a class without
-    positives or negatives has no curve, only a legend entry saying so.
+    dash (:func:`dist_ft.plotstyle.line_style`), labelled ``Cardiomegaly (AUROC 0.873)``; a
+    class without positives or negatives has no curve, only a legend entry saying so.
 
     Returns:
         The matplotlib figure (close it with ``pyplot.close``).
@@ -102,7 +90,7 @@ def roc_figure(scored: Scored) -> Any:
     for k, name in enumerate(scored.classes):
         known = scored.known[:, k]
         scores, targets = scored.scores[known, k], scored.targets[known, k]
-        style = class_style(k)
+        style = line_style(k)
         if 0 < targets.sum() < len(targets):
             fpr, tpr = roc_curve(scores, targets)
             auroc = weighted_auroc(scores, targets, np.ones(len(scores)))[0]

@@ -30,7 +30,7 @@ from dist_ft.cluster import rendezvous_port, slurm_process_group_env
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
 from dist_ft.config.schema import LaunchConfig, Recipe, slurm_time_seconds
-from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name
+from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name, task_folder
 from dist_ft.rundir import RunDir
 
 MANIFEST = "submission.json"
@@ -158,7 +158,7 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
         tasks.append(PlannedTask(0, safe_name(root.name), (), str(root), recipe_to_dict(base)))
     else:
         for item in swept.tasks:
-            out = root / item.name
+            out = task_folder(root, item)
             try:
                 recipe = load_recipe(config, [*base_overrides, *item.overrides,
                                               *flag_overrides, f"output_dir={out}"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class SweepTask:
     index: int
     name: str
     overrides: tuple[str, ...]
+    legacy_name: str = ""  # the folder name dist-ft gave this task before 0.1 (commas, '=')
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,37 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
     for short in last.values():
         counts[short] = counts.get(short, 0) + 1
     return {key: short if counts[short] == 1 else key for key, short in last.items()}
+
+
+_LEGACY_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+def _legacy_name(index: int, run: dict[str, Any], combo: Sequence[tuple[str, Any, int]]) -> str:
+    """The task folder name of earlier versions (``03-staged,lr=0.003,seed=1``): only to find
+    a sweep started before task folders lost their commas (:func:`task_folder`)."""
+    def clean(text: str) -> str:
+        return _LEGACY_UNSAFE.sub("_", text).strip("._")[:NAME_LIMIT] or "run"
+
+    def label(key: str, value: Any, position: int) -> str:
+        shown = value if isinstance(value, int | float | str | bool) else f"v{position}"
+        return f"{key.rsplit('.', 1)[-1]}={shown}"
+
+    fixed = {k: v for k, v in run.items() if k != "name"}
+    labels = [clean(str(run["name"]))] if "name" in run else []
+    labels += [label(k, v, i) for i, (k, v) in enumerate(fixed.items()) if "name" not in run]
+    labels += [label(k, v, i) for k, v, i in combo]
+    return clean(f"{index:02d}-" + ",".join(labels))
+
+
+def task_folder(root: Path, task: SweepTask) -> Path:
+    """Where ``task`` of a sweep under ``root`` runs: ``root/task.name``, or the folder an
+    earlier version named it (``03-staged,lr=0.003,seed=1``) where only that one holds a run,
+    so a sweep started before the rename resumes in place instead of starting over."""
+    folder = root / task.name
+    legacy = root / task.legacy_name if task.legacy_name else None
+    if not folder.exists() and legacy is not None and legacy != folder and legacy.is_dir():
+        return legacy
+    return folder
 
 
 def _label(short: str, value: Any, position: int) -> str:
@@ -146,7 +179,7 @@ def expand_sweep(data: Any, source: str = "<sweep>") -> Sweep:
         overrides = [f"{k}={format_value(v)}" for k, v in fixed.items()]
         overrides += [f"{k}={format_value(v)}" for k, v, _ in combo]
         name = safe_name(f"{index:02d}-" + "_".join(labels))
-        tasks.append(SweepTask(index, name, tuple(overrides)))
+        tasks.append(SweepTask(index, name, tuple(overrides), _legacy_name(index, run, combo)))
     return Sweep(tuple(tasks), parallelism, source)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from dist_ft.jsonio import dumps
 from dist_ft.logs.aggregate import Aggregate, summarize, tag_label
 from dist_ft.logs.events import write_scalars
+from dist_ft.plotstyle import line_style
 
 # Folder and file names: no ',' '=' or anything else a shell or a glob acts on (as sweep
 # task folders, dist_ft.launch.sweep); '=' reads as '-' (lr=0.001 -> lr-0.001).
@@ -107,18 +108,6 @@ def default_plot_tags(results: list[Aggregate]) -> list[str]:
     return chosen + [t for t in tags if tag_label(t).family == "lr" and t not in chosen]
 
 
-_DASHES = ("-", "--", ":", "-.")
-
-
-def line_style(index: int) -> dict[str, Any]:
-    """The ``index``-th line's colour and dash: tab20's ten dark hues solid, then their light
-    twins dashed, then dotted and dash-dotted (40 distinct lines before any repeats)."""
-    from matplotlib import colormaps
-
-    colors = colormaps["tab20"].colors
-    k = index % 20
-    return {"color": colors[2 * k if k < 10 else 2 * (k - 10) + 1],
-            "linestyle": _DASHES[(index // 10) % len(_DASHES)]}
 
 
 def _pyplot() -> Any:

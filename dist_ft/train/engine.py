@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_ft.config.schema import backend_label
+
 
 def step_tensor(steps: int, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
     """An Adam ``step`` count as torch keeps it for ``group``: on the parameter's device for
@@ -42,8 +44,8 @@ def zero_stage(accelerator: Any) -> int:
 def backend_name(accelerator: Any) -> str:
     """What runs, in words: ``DeepSpeed ZeRO-2``, ``DDP`` or ``one process``."""
     if is_deepspeed(accelerator):
-        return f"DeepSpeed ZeRO-{zero_stage(accelerator)}"
-    return "DDP" if accelerator.num_processes > 1 else "one process"
+        return backend_label("deepspeed", zero_stage(accelerator))
+    return backend_label("ddp") if accelerator.num_processes > 1 else "one process"
 
 
 def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:

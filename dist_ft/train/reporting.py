@@ -47,6 +47,7 @@ def setup_logging(run: RunDir, rank: int, main: bool) -> None:
         screen = logging.StreamHandler(sys.stderr)
         screen.setLevel(shown)
         screen.setFormatter(console.ConsoleFormatter())
+        screen.addFilter(lambda record: not getattr(record, "file_only", False))
         root.addHandler(screen)
     root.propagate = False
     # Python warnings (torch's deprecation notes...) also go to the rank's log file; on the

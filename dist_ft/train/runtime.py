@@ -210,17 +210,21 @@ def build_accelerator(recipe: Recipe) -> Any:
     # DeepSpeed prints "DeepSpeed ... built successfully" on stdout from every rank on every
     # run while its process group starts; stdout is the run's result (the `done:` lines).
     captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        acc = Accelerator(
-            cpu=not cuda and plugin is None,
-            mixed_precision=precision,
-            gradient_accumulation_steps=cfg.grad_accum_steps,
-            deepspeed_plugin=plugin,
-            kwargs_handlers=handlers,
-            log_with=accelerate_log_with(recipe.logging.trackers),  # mlflow, wandb
-        )
-    for line in captured.getvalue().splitlines():
-        log.debug("%s", line)
+    failed = True
+    try:
+        with contextlib.redirect_stdout(captured):
+            acc = Accelerator(
+                cpu=not cuda and plugin is None,
+                mixed_precision=precision,
+                gradient_accumulation_steps=cfg.grad_accum_steps,
+                deepspeed_plugin=plugin,
+                kwargs_handlers=handlers,
+                log_with=accelerate_log_with(recipe.logging.trackers),  # mlflow, wandb
+            )
+        failed = False
+    finally:  # on a failure (an op build that broke) what it printed is part of the story
+        for line in captured.getvalue().splitlines():
+            log.log(logging.WARNING if failed else logging.DEBUG, "%s", line)
     return acc
 
 

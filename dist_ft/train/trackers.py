@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dist_ft import console
 from dist_ft.config.errors import ConfigError
 from dist_ft.logs.aggregate import flatten
 from dist_ft.rundir import RunDir, read_json, write_json_atomic
@@ -170,7 +171,7 @@ class RunTrackers:
     def _mlflow_kwargs(self, saved: dict[str, Any], run_id: str, name: str) -> dict[str, Any]:
         import mlflow
 
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):  # unless -v
+        if console.verbosity() < 1:  # unless -v
             # MLflow logs through its own stderr handler ("Creating initial MLflow database
             # tables..."): its chatter, like other libraries', stays off the console.
             logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -345,13 +345,15 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 p.step += 1
-                self.reporter.bar.update(1)
                 if p.step % recipe.logging.every_steps == 0 or p.step == 1:
                     # Windows are contiguous: logging's own cost counts in the next one.
                     now = time.perf_counter()
                     rate = window_images / max(1e-9, now - window_start)
                     window_start, window_images = now, 0
                     self._log_step(loss, rate)
+                # After the window's postfix: a progress line shows this step's loss, not
+                # the previous window's.
+                self.reporter.bar.update(1)
                 every = recipe.trainer.checkpoint_every_steps
                 slow = False  # a checkpoint or an engine rebuild: where signals tend to land
                 if every and p.step % every == 0 and p.step < self.total_steps:
@@ -613,7 +615,8 @@ class Trainer:
         sums = gather_objects([float(v.double().sum()) for v in state.values()])
         if any(s != sums[0] for s in sums):
             raise TrainingError("final weights differ between ranks")
-        log.info("final weights identical on %d rank(s)", self.world)
+        if self.world > 1:
+            log.info("final weights identical on %d ranks", self.world)
         if self.main:
             self._write_weights(self.run.final_weights, self.run.final_metrics, state,
                                 self.progress.last_metrics,
@@ -708,7 +711,9 @@ def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = Fa
         raise
     except BaseException as exc:
         error = trainer.explain(exc)
-        log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error)
+        # The rank's log file keeps it; the console has the command's own error line.
+        log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error,
+                  extra={"file_only": True})
         # Only a folder this run claimed gets its failure (never another run's status.json),
         # and a refused resume leaves the run's own status as it was.
         if trainer.reporter is not None and not isinstance(error, RunUsageError):

@@ -40,7 +40,7 @@ def screen_lines(stderr: str) -> list[str]:
 
 @pytest.fixture
 def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv(console.VERBOSITY_ENV, raising=False)
+    monkeypatch.setenv(console.VERBOSITY_ENV, "0")  # recorded: undone after the test
     root, ours = logging.getLogger(), logging.getLogger("dist_ft")
     saved = (list(root.handlers), root.level, list(ours.handlers), ours.level, ours.propagate)
     yield

@@ -114,3 +114,11 @@ def test_sweeps_load_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert load_sweep("smoke_lr_plan_seed.yaml").source == str(SWEEP)
     with pytest.raises(ConfigError, match="did you mean smoke_lr_plan_seed"):
         load_sweep("smoke_lr_plan")
+
+
+def test_a_folder_named_like_a_shipped_recipe_does_not_shadow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chestxray14_smoke").mkdir()  # e.g. a run or data folder of that name
+    assert load_recipe("chestxray14_smoke") == load_recipe(CONFIGS / "chestxray14_smoke.yaml")

@@ -9,7 +9,7 @@ import pytest
 
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import apply_overrides, parse_yaml
-from dist_ft.launch.sweep import expand_sweep, format_value, load_sweep, safe_name
+from dist_ft.launch.sweep import expand_sweep, format_value, load_sweep, safe_name, task_folder
 
 
 def test_grid_times_runs_in_order_with_named_run_directories() -> None:
@@ -95,3 +95,18 @@ def test_every_shipped_sweep_expands_and_its_tasks_validate(tmp_path: Path) -> N
         sub = plan_submission(CONFIGS / "chestxray14_smoke.yaml", [f"output_dir={tmp_path}/s"],
                               {}, sweep)
         assert len(sub.tasks) == len(load_sweep(sweep).tasks) > 1
+
+
+def test_a_sweep_started_under_the_old_comma_names_resumes_in_its_folders(
+    tmp_path: Path
+) -> None:
+    tasks = load_sweep("smoke_lr_plan_seed").tasks
+    task = tasks[3]
+    # The name dd01a3c gave this task; a sweep started then keeps its folders.
+    assert task.legacy_name == "03-staged,lr=0.003,seed=1"
+    assert task.name == "03-staged_lr-0.003_seed-1"
+    assert task_folder(tmp_path, task) == tmp_path / task.name  # nothing there: the new name
+    (tmp_path / task.legacy_name / "checkpoints").mkdir(parents=True)
+    assert task_folder(tmp_path, task) == tmp_path / task.legacy_name
+    (tmp_path / task.name).mkdir()  # both exist: the new one (never guess between runs)
+    assert task_folder(tmp_path, task) == tmp_path / task.name

@@ -123,7 +123,7 @@ def test_three_stages_freeze_train_and_carry_moments(runs: dict[str, Path], back
     last = load_file(weights / f"stage{len(plan.stages) - 1}_end.safetensors")
     assert final.keys() == last.keys() and all(torch.equal(final[n], last[n]) for n in final)
     log = (out / "logs" / "rank0.log").read_text()
-    assert "final weights identical on 2 rank(s)" in log
+    assert "final weights identical on 2 ranks" in log
     assert "moments carried for" in log and "received no gradient" not in log
     for rank in (0, 1):
         assert list((out / "tb" / f"rank{rank}").glob("events.out.tfevents.*"))
