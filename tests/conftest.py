@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import yaml
 
 from dist_ft.cli.main import main
 from dist_ft.config import Recipe, load_recipe
-from dist_ft.console import VERBOSITY_ENV
+from dist_ft.console import PROGRESS_ENV, VERBOSITY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -121,3 +122,18 @@ def lists_by_patient(rows: list) -> dict[str, list[str]]:
         if role_of[r.patient] is not None:
             lists[role_of[r.patient]].append(r.image)
     return lists
+
+
+@pytest.fixture
+def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Default verbosity and progress mode for the test; the loggers' handlers and levels
+    (which dist-ft's console set-up changes) put back afterwards."""
+    monkeypatch.setenv(VERBOSITY_ENV, "0")  # setenv records the undo (delenv of an unset
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)  # variable would not)
+    root, ours = logging.getLogger(), logging.getLogger("dist_ft")
+    saved = (list(root.handlers), root.level, list(ours.handlers), ours.level, ours.propagate)
+    yield
+    root.handlers, ours.handlers = saved[0], saved[2]
+    root.setLevel(saved[1])
+    ours.setLevel(saved[3])
+    ours.propagate = saved[4]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,17 +13,8 @@ LINE = re.compile(r"^prepare: (\d+)/40 \((\d+)%\) [\d.]+ img/s, (ETA \d+s|in \d+
 
 
 @pytest.fixture(autouse=True)
-def clean_console(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Default verbosity and mode; the loggers' state put back afterwards."""
-    monkeypatch.delenv(console.VERBOSITY_ENV, raising=False)
-    monkeypatch.delenv(console.PROGRESS_ENV, raising=False)
-    root, ours = logging.getLogger(), logging.getLogger("dist_ft")
-    saved = (list(root.handlers), root.level, list(ours.handlers), ours.level, ours.propagate)
-    yield
-    root.handlers, ours.handlers = saved[0], saved[2]
-    root.setLevel(saved[1])
-    ours.setLevel(saved[3])
-    ours.propagate = saved[4]
+def clean_console(restore_logging: None) -> None:
+    """Every test here starts from the default console (tests/conftest.py)."""
 
 
 def progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:

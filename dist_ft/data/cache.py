@@ -227,28 +227,12 @@ def _file_rows(cfg: DataConfig) -> _FileRows:
         MetadataError: no ``train/`` folder, a split folder whose classes differ from
             train's, a class folder without images, or what the CSV reader refuses.
     """
-    from dist_ft.data.datasets import build_dataset  # imports torch; datasets imports us
+    from dist_ft.data.datasets import split_datasets  # imports torch; datasets imports us
 
-    sets = {}
-    for split in SPLIT_NAMES:
-        try:
-            sets[split] = build_dataset(cfg, split)
-        except MetadataError:
-            if cfg.format != "imagefolder":
-                raise
-            continue  # this split's folder is absent
-        except FileNotFoundError as exc:  # torchvision: a class folder without images
-            raise MetadataError(f"{cfg.root}: {split} split: {exc}") from None
-    if "train" not in sets:
-        raise MetadataError(f"{cfg.root}: no train/ folder; an ImageFolder tree has "
-                            "train/<class>/*, val/<class>/* (or valid/) and test/<class>/*")
+    sets, problems = split_datasets(cfg)
     classes = list(sets["train"].classes)
-    for split, ds in sets.items():
-        if list(ds.classes) != classes:  # ImageFolder: indices would mean other classes
-            raise MetadataError(
-                f"{cfg.root}: the {split} split has classes {', '.join(ds.classes)} but train "
-                f"has {', '.join(classes)}: give every split folder the same class folders, "
-                "each with images (dist-ft data stats shows the counts)")
+    if problems:
+        raise MetadataError(f"{cfg.root}: {problems[0]} (dist-ft data stats shows the counts)")
     parts = list(sets.values())
     info_keys = [k for k in parts[0].sample_info if all(k in ds.sample_info for ds in parts)]
     info = {k: np.concatenate([np.asarray(ds.sample_info[k]) for ds in parts])

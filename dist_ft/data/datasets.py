@@ -508,6 +508,41 @@ def build_dataset(cfg: DataConfig, split: str) -> Dataset:
     return builders[cfg.format](cfg, split)
 
 
+def split_datasets(cfg: DataConfig) -> tuple[dict[str, Dataset], list[str]]:
+    """Every split's dataset as training builds it, for the tools that read a whole data set
+    (``data stats``, ``data prepare``); an ImageFolder split without a folder is left out.
+
+    Returns:
+        The datasets by split name, and one problem per ImageFolder split whose classes differ
+        from train's (its class indices would mean other classes).
+
+    Raises:
+        MetadataError: no ``train/`` folder, a class folder without images, or what the
+            format's reader refuses.
+    """
+    sets: dict[str, Dataset] = {}
+    for split in SPLIT_NAMES:
+        try:
+            sets[split] = build_dataset(cfg, split)
+        except MetadataError:
+            if cfg.format != "imagefolder":
+                raise
+            continue  # this split's folder is absent
+        except FileNotFoundError as exc:  # torchvision: a class folder without images
+            raise MetadataError(f"{cfg.root}: {split} split: {exc}") from None
+    if "train" not in sets:
+        raise MetadataError(f"{cfg.root}: no train/ folder; an ImageFolder tree has "
+                            "train/<class>/*, val/<class>/* (or valid/) and test/<class>/*")
+    classes = list(sets["train"].classes)
+    problems = [
+        f"the {split} split has classes {', '.join(ds.classes)} but train has "
+        f"{', '.join(classes)}: class indices would not match between splits; give every "
+        "split folder the same class folders, each with images"
+        for split, ds in sets.items() if list(ds.classes) != classes
+    ]
+    return sets, problems
+
+
 def class_names(cfg: DataConfig) -> list[str]:
     """The target names a recipe's data has, in target order, without reading images.
 

@@ -248,31 +248,15 @@ def dataset_stats(
 
 def _imagefolder_stats(cfg: DataConfig) -> dict[str, Any]:
     """Per-split class counts of an ImageFolder tree, through training's dataset builder."""
-    from dist_ft.data.datasets import build_dataset
+    from dist_ft.data.datasets import split_datasets
 
     assert cfg.root is not None  # set by data_config
     root = Path(cfg.root)
     if not root.is_dir():
         raise MetadataError(f"{root}: not a folder (an ImageFolder tree has train/, val/ and "
                             "test/ folders of class folders)")
-    sets = {}
-    for split in SPLIT_NAMES:
-        try:
-            sets[split] = build_dataset(cfg, split)
-        except MetadataError:  # this split's folder is absent
-            continue
-        except FileNotFoundError as exc:  # torchvision: a class folder without images
-            raise MetadataError(f"{root}: {split} split: {exc}") from None
-    if "train" not in sets:
-        raise MetadataError(f"{root}: no train/ folder; an ImageFolder tree has "
-                            "train/<class>/*, val/<class>/* (or valid/) and test/<class>/*")
+    sets, problems = split_datasets(cfg)
     classes = list(sets["train"].classes)
-    problems = [
-        f"the {split} split has classes {', '.join(ds.classes)} but train has "
-        f"{', '.join(classes)}: class indices would not match between splits; give every "
-        "split folder the same class folders, each with images"
-        for split, ds in sets.items() if list(ds.classes) != classes
-    ]
     split_labels = {}
     for split, ds in sets.items():
         counts = np.bincount(np.asarray(ds.targets, dtype=np.int64), minlength=len(ds.classes))

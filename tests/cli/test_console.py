@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,18 +36,6 @@ def dist_ft(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def screen_lines(stderr: str) -> list[str]:
     """stderr cut where a terminal starts a line anew (``\\r`` or ``\\n``)."""
     return re.split(r"[\r\n]", stderr)
-
-
-@pytest.fixture
-def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv(console.VERBOSITY_ENV, "0")  # recorded: undone after the test
-    root, ours = logging.getLogger(), logging.getLogger("dist_ft")
-    saved = (list(root.handlers), root.level, list(ours.handlers), ours.level, ours.propagate)
-    yield
-    root.handlers, ours.handlers = saved[0], saved[2]
-    root.setLevel(saved[1])
-    ours.setLevel(saved[3])
-    ours.propagate = saved[4]
 
 
 # ---------------------------------------------------------------- (a) a short train
