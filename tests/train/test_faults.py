@@ -94,7 +94,9 @@ def test_a_missing_image_stops_before_training(tiny_cxr14: Path, tmp_path: Path)
     missing.unlink()
     result = train(f"data.root={tiny_cxr14}", f"output_dir={tmp_path}/run")
     assert result.returncode == 1
-    assert f"first {missing.name!r}; set data.on_bad_image=skip" in error_line(result)
+    line = error_line(result)
+    assert f"first {missing.name!r} (looked in images/, images_*/images/" in line
+    assert "set data.on_bad_image=skip" in line
     assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
