@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -120,6 +121,22 @@ def configure_logging(level: int | None = None) -> None:
     root.setLevel(other_level(level))
     logging.getLogger("dist_ft").setLevel(dist_ft_level(level))
     logging.captureWarnings(True)
+    # A library's FutureWarning about another library's API (DeepSpeed calling torch's
+    # deprecated all_gather_into_tensor) is nothing a user can act on: -v shows them.
+    warnings.filters[:] = [f for f in warnings.filters if not _is_quiet_future(f)]
+    if level < 1:
+        warnings.filterwarnings("ignore", category=FutureWarning, module=_NOT_DIST_FT)
+    else:
+        warnings._filters_mutated()  # type: ignore[attr-defined]  # the filter list changed
+
+
+_NOT_DIST_FT = r"(?!dist_ft)"
+
+
+def _is_quiet_future(entry: tuple) -> bool:
+    module = entry[3]
+    return entry[0] == "ignore" and entry[2] is FutureWarning and module is not None \
+        and getattr(module, "pattern", module) == _NOT_DIST_FT
 
 
 class WarningsOnce(logging.Filter):

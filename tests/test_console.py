@@ -152,3 +152,23 @@ def test_a_repeated_python_warning_reaches_the_console_once() -> None:
     assert once.filter(record("py.warnings", note + " (another)"))
     assert once.filter(record("dist_ft.train", "a log line")) and once.filter(
         record("dist_ft.train", "a log line"))  # log lines are never deduplicated
+
+
+def test_other_libraries_future_warnings_only_with_verbose() -> None:
+    import warnings
+
+    def warn_from(module: str) -> None:
+        warnings.warn_explicit(f"{module} api is deprecated", FutureWarning, "x.py", 1,
+                               module=module, registry={})
+
+    with warnings.catch_warnings():  # the filters are put back after the test
+        console.configure_logging(0)
+        with warnings.catch_warnings(record=True) as seen:  # keeps the filters, records
+            warn_from("torch.distributed.c10d_logger")
+            warn_from("dist_ft.train.trainer")
+        assert [str(w.message) for w in seen] == ["dist_ft.train.trainer api is deprecated"]
+        console.configure_logging(1)
+        with warnings.catch_warnings(record=True) as seen:
+            warn_from("torch.distributed.c10d_logger")
+        assert [str(w.message) for w in seen] == \
+            ["torch.distributed.c10d_logger api is deprecated"]
