@@ -66,7 +66,10 @@ def log_tree(tmp_path_factory: pytest.TempPathFactory) -> Written:
             kind = "torch" if rank == 0 else "tensorboardx"
             folder = run / "tb" / f"rank{rank}"
             first = write_segment(kind, folder, range(0, 60), rng, None)
-            time.sleep(0.01)  # segments start at different wall times, as requeued jobs do
+            # Segments start at later wall times, as requeued jobs do. TensorBoard reads a
+            # folder's files in name order; torch names them "<second>.<host>.<pid>.<n-th
+            # writer of the process>", so two in one second could sort 10 before 9: a new second.
+            time.sleep(1.01 - time.time() % 1 if kind == "torch" else 0.01)
             end = 100 if seed != 2 else 80
             second = write_segment(kind, folder, range(40, end), rng, purge_step=40)
             shown = {k: v for k, v in first.items() if k[1] < 40} | second
