@@ -6,18 +6,27 @@ import argparse
 import sys
 from pathlib import Path
 
+# dist_ft.logs.aggregate's DEFAULT_STATS and STATS (not imported: it loads numpy, and the
+# parser is built for every dist-ft command)
+DEFAULT_STATS = "mean,std,min,max"
+STATS = "mean,min,max,std,median,count"
+
 EXAMPLES = """\
 examples:
   dist-ft aggregate runs/chestxray14_smoke --out runs/agg            # all ranks of one run
   dist-ft aggregate runs/sweep --out runs/sweep-agg --group-by optim.lr \\
       --tags 'val/*' 'train/loss' --align union                     # over seeds, per lr
-  dist-ft aggregate runs/a runs/b --out runs/ab --group-by all --stats mean,std,count
+  dist-ft aggregate runs/a runs/b --out runs/ab --group-by all --stats mean,median \\
+      --tensorboard                              # and event files: tensorboard --logdir runs/ab/tb
 
-Writes OUT/scalars.csv (group,tag,step,stat,value,members,label,since_stage: label is the tag
-in words, since_stage the freeze stage an lr/ tag's optimizer group has trained from),
-OUT/tb/<group>/<stat>/ (open with tensorboard --logdir OUT/tb), OUT/summary.json (per group and
-tag the final value, and the best for metrics: losses, AUROC, accuracy, F1) and OUT/plots/*.png
-(mean +- std per group; every learning rate in lr.png; dotted lines at freeze-stage changes).
+Writes OUT/scalars.csv, a row per group, tag and step, a column per statistic:
+  group,tag,step,members,nonfinite,mean,std,min,max,label,since_stage
+(members: values behind the point; nonfinite: how many were NaN or inf, which make the
+statistics NaN or inf there; values read back exactly; label: the tag in words, since_stage:
+the freeze stage an lr/ tag's optimizer group has trained from), OUT/summary.json (per group
+and tag the last finite value, the best finite one for metrics: losses, AUROC, accuracy, F1,
+and the first non-finite step), OUT/plots/*.png (mean +- std per group; every learning rate in
+lr.png; dotted lines at freeze-stage changes) and, with --tensorboard, OUT/tb/<group>/<stat>/.
 OUT may not be, hold or lie inside an input folder.
 """
 
@@ -36,14 +45,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run (default: all ranks of a run), all, dir (each event folder), or "
                    "recipe keys such as optim.lr trainer.seed")
     p.add_argument("--tags", nargs="+", metavar="GLOB", help="only these tags (globs)")
-    p.add_argument("--stats", default="mean,min,max,std,median,count",
-                   help="comma-separated: mean,min,max,std,median,count")
+    p.add_argument("--stats", default=DEFAULT_STATS,
+                   help=f"comma-separated, a CSV column each, from {STATS} (count "
+                   "equals the members column)")
     p.add_argument("--align", choices=("intersection", "union"), default="intersection",
                    help="steps every member has (default), or every step any member has")
     p.add_argument("--plot", nargs="*", metavar="GLOB",
-                   help="tags to plot (default: losses and mean AUROC); none: --plot alone")
-    p.add_argument("--no-verify", action="store_true", help="skip record checksums")
-    p.add_argument("--json", action="store_true", help="print summary.json to stdout")
+                   help="tags to plot (default: losses, mean AUROC or accuracy, learning "
+                   "rates; else the first 4 tags); no plots: --plot alone")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write OUT/tb/<group>/<stat>/ event files (tensorboard --logdir "
+                   "OUT/tb)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes reading event folders and writing large outputs (default: "
+                   "every CPU this process may use; 1: none)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip record checksums (faster)")
+    p.add_argument("--json", action="store_true",
+                   help="print summary.json to stdout (the other lines go to stderr)")
     p.set_defaults(run=run)
 
 
@@ -58,15 +77,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dist-ft aggregate: error: {exc}", file=sys.stderr)
         return exitcodes.USAGE
+    if args.workers is not None and args.workers < 1:
+        print(f"dist-ft aggregate: error: --workers {args.workers}: use 1 or more",
+              file=sys.stderr)
+        return exitcodes.USAGE
     stats = [s.strip() for s in args.stats.split(",") if s.strip()]
     doc = aggregate_runs(args.runs, args.out, args.group_by, args.tags, stats, args.align,
-                         args.plot, verify_crc=not args.no_verify)
+                         args.plot, verify_crc=not args.no_verify,
+                         tensorboard=args.tensorboard, workers=args.workers)
     log = sys.stderr if args.json else sys.stdout
+    seconds = doc["seconds"]
     print(f"{doc['points_read']:,} points from {doc['members']} event folder(s) in "
-          f"{doc['seconds']['read']:.2f} s; {doc['groups_found']} group(s) x "
-          f"{doc['tags_found']} tag(s) -> {doc['rows']:,} rows in {args.out}/scalars.csv; "
-          f"TensorBoard: tensorboard --logdir {args.out}/tb; {len(doc['plots'])} plot(s)",
-          file=log)
+          f"{seconds['read']:.2f} s; {doc['groups_found']} group(s) x "
+          f"{doc['tags_found']} tag(s) -> {doc['rows']:,} rows in {args.out}/scalars.csv, "
+          f"{len(doc['plots'])} plot(s)"
+          + (f", TensorBoard: tensorboard --logdir {doc['tensorboard']}"
+             if doc["tensorboard"] else "")
+          + f"; outputs {seconds['outputs']:.2f} s, total {seconds['total']:.2f} s", file=log)
     for problem in doc["problems"]:
         print(f"warning: {problem}", file=sys.stderr)
     if args.json:

@@ -67,7 +67,9 @@ class AggregateTask:
         forbid_world_writable()
         # A task that failed before logging has no event files: aggregate the others.
         logged = [r for r in self.runs if os.path.isdir(r) and find_event_dirs(r)]
-        doc = aggregate_runs(logged or list(self.runs), self.out, self.group_by, align="union")
+        # With TensorBoard files: `dist-ft jobs` points the user at OUT/tb to compare the tasks.
+        doc = aggregate_runs(logged or list(self.runs), self.out, self.group_by, align="union",
+                             tensorboard=True)
         problems = [*doc["problems"], *(f"{r}: no event files (the task logged nothing)"
                                         for r in self.runs if r not in logged)]
         return {**{k: doc[k] for k in ("out", "group_by", "members", "rows")},

@@ -9,7 +9,11 @@ the members that have the tag are aligned on steps:
 - ``intersection``: only steps every such member logged;
 - ``union``: every step any member logged; statistics over the members that have it.
 
-Either way each point records ``members``, how many values it was computed from.
+Either way each point records ``members``, how many values it was computed from, and
+``nonfinite``, how many of them were NaN or +-inf. NaN and inf are data, as TensorBoard shows
+them: a statistic over a step where a member logged NaN is NaN, and inf propagates as in numpy
+(``mean`` of 1 and inf is inf, of inf and -inf NaN). ``-0.0`` keeps its sign (a lone member's
+``-0.0`` has mean, min, max and median ``-0.0``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from dist_ft.logs.events import RunScalars
 
 STATS = ("mean", "min", "max", "std", "median", "count")
+DEFAULT_STATS = ("mean", "std", "min", "max")  # count is every point's ``members``
 GROUP_KEYWORDS = ("run", "all", "dir")
 
 
@@ -44,7 +49,8 @@ class Aggregate:
     group: str
     tag: str
     steps: np.ndarray
-    members: np.ndarray  # int: values behind each step
+    members: np.ndarray  # int: values behind each step (NaN and inf included)
+    nonfinite: np.ndarray  # int: how many of those values are NaN or +-inf
     stats: dict[str, np.ndarray]
     sources: list[str]  # member directories
 
@@ -134,6 +140,35 @@ def select_tags(members: list[Member], patterns: list[str] | None) -> list[str]:
     return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
 
 
+def _statistic(stat: str, matrix: np.ndarray, present: np.ndarray,
+               counts: np.ndarray) -> np.ndarray:
+    """One statistic per column over the present rows, NaN and inf included as numpy treats
+    them. Sums start from -0.0, the identity that keeps a lone ``-0.0`` negative (numpy's
+    column sums start from 0.0)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # inf - inf in std: NaN, as numpy
+        if stat == "count":
+            return counts.astype(np.float64)
+        if stat == "min":
+            return np.where(present, matrix, np.inf).min(axis=0)
+        if stat == "max":
+            return np.where(present, matrix, -np.inf).max(axis=0)
+        mean = np.sum(np.where(present, matrix, -0.0), axis=0, initial=-0.0) / counts
+        if stat == "mean":
+            return mean
+        if stat == "std":  # population std over members (ddof=0), as numpy's default
+            dev = np.where(present, matrix - mean, 0.0)
+            return np.sqrt(np.sum(dev * dev, axis=0) / counts)
+        if stat == "median":
+            # Absent members sort last as NaN; a present NaN makes the column NaN below.
+            ordered = np.sort(np.where(present, matrix, np.nan), axis=0)
+            lo = np.take_along_axis(ordered, ((counts - 1) // 2)[None], axis=0)[0]
+            hi = np.take_along_axis(ordered, (counts // 2)[None], axis=0)[0]
+            median = np.where(counts % 2 == 1, lo, (lo + hi) / 2)
+            return np.where((present & np.isnan(matrix)).any(axis=0), np.nan, median)
+    raise ValueError(f"unknown statistic {stat!r}; known: {', '.join(STATS)}")
+
+
 def aggregate_tag(group: str, tag: str, members: list[Member], stats: list[str],
                   align: str) -> Aggregate | None:
     """Statistics of one tag over the members of one group (None if no member has it)."""
@@ -149,30 +184,18 @@ def aggregate_tag(group: str, tag: str, members: list[Member], stats: list[str],
         steps = np.unique(np.concatenate(all_steps))
     if not len(steps):
         return None
-    matrix = np.full((len(series), len(steps)), np.nan)
+    matrix = np.zeros((len(series), len(steps)))
+    present = np.zeros(matrix.shape, dtype=bool)  # NaN is data, so absence is kept apart
     for row, (_, s) in enumerate(series):
         pos = np.searchsorted(steps, s.steps)
         hit = (pos < len(steps)) & (steps[np.minimum(pos, len(steps) - 1)] == s.steps)
         matrix[row, pos[hit]] = s.values[hit]
-    present = ~np.isnan(matrix)
+        present[row, pos[hit]] = True
     counts = present.sum(axis=0)
-    out: dict[str, np.ndarray] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a column of one value has no spread
-        for stat in stats:
-            if stat == "mean":
-                out[stat] = np.nanmean(matrix, axis=0)
-            elif stat == "min":
-                out[stat] = np.nanmin(matrix, axis=0)
-            elif stat == "max":
-                out[stat] = np.nanmax(matrix, axis=0)
-            elif stat == "std":  # population std over members (ddof=0), as numpy's default
-                out[stat] = np.nanstd(matrix, axis=0)
-            elif stat == "median":
-                out[stat] = np.nanmedian(matrix, axis=0)
-            elif stat == "count":
-                out[stat] = counts.astype(np.float64)
-    return Aggregate(group, tag, steps, counts, out, [str(d) for d, _ in series])
+    nonfinite = (present & ~np.isfinite(matrix)).sum(axis=0)
+    out = {stat: _statistic(stat, matrix, present, counts) for stat in stats}
+    return Aggregate(group, tag, steps, counts, nonfinite, out,
+                     [str(d) for d, _ in series])
 
 
 def aggregate(members: list[Member], group_by: list[str], tags: list[str] | None,
@@ -255,18 +278,30 @@ def tag_label(tag: str) -> TagLabel:
 
 
 def summarize(results: list[Aggregate]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Final values (of the mean, where present) per group and tag, and the best value for
-    metrics (see :func:`best_mode`); each with the tag's readable label."""
+    """Per group and tag, of the mean (else the first statistic), each with the tag's
+    readable label:
+
+    - ``final``: the last finite value, its step and members there;
+    - ``best``: for metrics (see :func:`best_mode`), the best finite value;
+    - ``first_nonfinite_step``: the first step where that statistic or a member's value is
+      NaN or +-inf (None if none), and ``nonfinite_steps``, how many such steps there are:
+      ``final`` and ``best`` never hide a NaN.
+    """
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for agg in results:
         key = "mean" if "mean" in agg.stats else next(iter(agg.stats))
         values = agg.stats[key]
         mode = best_mode(agg.tag)
-        finite = np.where(np.isfinite(values))[0]
+        ok = np.isfinite(values)
+        finite = np.flatnonzero(ok)
+        bad = np.flatnonzero(~ok | (agg.nonfinite > 0))
         named = tag_label(agg.tag)
         entry: dict[str, Any] = {"label": named.label, "since_stage": named.since_stage or None,
                                  "stat": key, "members": len(agg.sources),
-                                 "steps": len(agg.steps)}
+                                 "steps": len(agg.steps),
+                                 "first_nonfinite_step": int(agg.steps[bad[0]]) if len(bad)
+                                 else None,
+                                 "nonfinite_steps": len(bad)}
         if len(finite):
             last = finite[-1]
             entry["final"] = {"step": int(agg.steps[last]), "value": float(values[last]),

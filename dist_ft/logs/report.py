@@ -5,14 +5,23 @@ What ``dist-ft aggregate`` runs, and what a sweep's aggregation job runs after i
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_ft.logs.aggregate import STATS, Member, aggregate, stage_boundaries
-from dist_ft.logs.outputs import write_csv, write_event_dirs, write_plots, write_summary
+from dist_ft.logs.aggregate import DEFAULT_STATS, Member, aggregate, stage_boundaries
+from dist_ft.logs.outputs import write_outputs, write_summary
 from dist_ft.logs.runs import MARKER, load_members
+
+
+def default_workers() -> int:
+    """The CPUs this process may use (a SLURM job's share, not the whole node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def check_output_place(runs: Sequence[str | Path], out: str | Path) -> None:
@@ -60,13 +69,17 @@ def _nothing_readable(members: list[Member]) -> str | None:
 
 def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
                    group_by: Sequence[str] = ("run",), tags: Sequence[str] | None = None,
-                   stats: Sequence[str] = STATS, align: str = "intersection",
+                   stats: Sequence[str] = DEFAULT_STATS, align: str = "intersection",
                    plot: Sequence[str] | None = None, verify_crc: bool = True,
+                   tensorboard: bool = False, workers: int | None = None,
                    ) -> dict[str, Any]:
     """Aggregate the scalars below ``runs`` into ``out``; returns ``summary.json``'s content.
 
     Args:
         plot: tag globs to plot; None for the defaults, ``[]`` for no plots.
+        tensorboard: also write ``OUT/tb/<group>/<stat>/`` event files.
+        workers: processes reading the event folders and writing large outputs (None: every
+            CPU this process may use, :func:`default_workers`; 1: none).
 
     Raises:
         FileNotFoundError: a run folder is missing or holds no event file.
@@ -77,7 +90,8 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
     started = time.perf_counter()
     out = Path(out)
     check_output_place(runs, out)
-    members, root = load_members(list(runs), verify_crc=verify_crc)
+    workers = default_workers() if workers is None else max(1, workers)
+    members, root = load_members(list(runs), workers=workers, verify_crc=verify_crc)
     read_s = time.perf_counter() - started
     unreadable = _nothing_readable(members)
     if unreadable:
@@ -90,19 +104,22 @@ def aggregate_runs(runs: Sequence[str | Path], out: str | Path,
                          f"({', '.join(tags or ['*'])}) against the runs' tags")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("dist-ft aggregate output: not a run\n")
-    rows = write_csv(results, out / "scalars.csv")
-    write_event_dirs(results, out / "tb")
-    plots = [] if plot is not None and not list(plot) else write_plots(
-        results, out / "plots", list(plot) if plot else None,
-        stage_boundaries(members, list(group_by), root))
+    plots = None if plot is None else list(plot)
+    boundaries = stage_boundaries(members, list(group_by), root) if plots != [] else None
+    rows, plotted, event_files = write_outputs(results, out, plots, boundaries, tensorboard,
+                                               workers)
+    outputs_s = time.perf_counter() - started - aggregated_s
     return write_summary(results, out / "summary.json", {
         "runs": [str(r) for r in runs], "out": str(out), "group_by": list(group_by),
         "align": align, "stats": list(stats), "members": len(members),
         "groups_found": len({r.group for r in results}),
         "tags_found": len({r.tag for r in results}),
-        "rows": rows, "plots": [str(p) for p in plots],
+        "rows": rows, "plots": [str(p) for p in plotted],
+        "tensorboard": str(out / "tb") if event_files else None,
         "points_read": sum(m.run.points_read for m in members),
         "problems": [p for m in members for p in m.run.problems],
+        "workers": workers,
         "seconds": {"read": round(read_s, 3), "read_and_aggregate": round(aggregated_s, 3),
+                    "outputs": round(outputs_s, 3),
                     "total": round(time.perf_counter() - started, 3)},
     })

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,17 @@ STAT_FUNCS = {"mean": np.mean, "min": np.min, "max": np.max, "std": np.std,
               "median": np.median, "count": len}
 
 
-def read_csv(path: Path) -> dict[tuple[str, str, int, str], tuple[float, int]]:
+def read_csv(path: Path, stats: str = "mean,std,min,max",
+             ) -> dict[tuple[str, str, int, str], tuple[float, int]]:
+    """(group, tag, step, stat) -> (value, members) from the wide scalars.csv."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["group", "tag", "step", "stat", "value", "members", "label",
+    names = stats.split(",")
+    assert list(rows[0]) == ["group", "tag", "step", "members", "nonfinite", *names, "label",
                              "since_stage"]
-    return {(r["group"], r["tag"], int(r["step"]), r["stat"]):
-            (float(r["value"]) if r["value"] else math.nan, int(r["members"])) for r in rows}
+    assert all(r["nonfinite"] == "0" for r in rows)  # no NaN logged
+    return {(r["group"], r["tag"], int(r["step"]), stat): (float(r[stat]), int(r["members"]))
+            for r in rows for stat in names}
 
 
 def expected(truth: dict, members: list[tuple[str, int]], tag: str, align: str,
@@ -40,6 +43,8 @@ def check(table: dict, group: str, tag: str, want: dict[int, list[float]]) -> No
     assert steps == sorted(want), (group, tag)
     for step, values in want.items():
         for stat, fn in STAT_FUNCS.items():
+            if (group, tag, step, stat) not in table:  # not asked for
+                continue
             value, members = table[(group, tag, step, stat)]
             assert members == len(values)
             assert value == pytest.approx(float(fn(np.array(values))), rel=1e-12, abs=1e-12), \
@@ -48,9 +53,12 @@ def check(table: dict, group: str, tag: str, want: dict[int, list[float]]) -> No
 
 def test_all_ranks_of_each_run(run_cli, log_tree: Written, tmp_path: Path) -> None:
     out = tmp_path / "agg"
-    result = run_cli("aggregate", str(log_tree.root), "--out", str(out), "--json")
+    every = "mean,min,max,std,median,count"
+    result = run_cli("aggregate", str(log_tree.root), "--out", str(out), "--json", "--stats",
+                     every)
     assert result.code == 0, result.err
-    table = read_csv(out / "scalars.csv")
+    table = read_csv(out / "scalars.csv", every)
+    assert not (out / "tb").exists()  # event files only with --tensorboard
     for seed in range(3):
         for tag in TAGS:
             want = expected(log_tree.truth, [(f"seed{seed}", 0), (f"seed{seed}", 1)], tag,
@@ -92,7 +100,8 @@ def test_tensorboard_reads_the_aggregated_runs(run_cli, log_tree: Written, tmp_p
 
     out = tmp_path / "agg"
     assert run_cli("aggregate", str(log_tree.root), "--out", str(out), "--group-by",
-                   "trainer.seed", "--stats", "mean,std", "--tags", "train/*").code == 0
+                   "trainer.seed", "--stats", "mean,std", "--tags", "train/*",
+                   "--tensorboard").code == 0
     runs = sorted(str(p.relative_to(out / "tb")) for p in (out / "tb").glob("*/*"))
     assert runs == [f"trainer.seed-{s}/{stat}" for s in range(3) for stat in ("mean", "std")]
     acc = EventAccumulator(str(out / "tb" / "trainer.seed-2" / "mean"),
@@ -123,3 +132,6 @@ def test_bad_invocations_name_the_problem(run_cli, log_tree: Written, tmp_path: 
     tags = run_cli("aggregate", str(log_tree.root), "--out", str(tmp_path / "o"), "--tags",
                    "nothing/*")
     assert tags.code == 1 and "no scalar matched" in tags.err
+    workers = run_cli("aggregate", str(log_tree.root), "--out", str(tmp_path / "o"),
+                      "--workers", "0")
+    assert workers.code != 0 and "--workers 0: use 1 or more" in workers.err

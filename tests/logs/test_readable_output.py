@@ -59,8 +59,8 @@ def test_csv_has_the_groups_own_name_and_the_stage_apart(sweep: Path, tmp_path: 
     aggregate_runs([sweep], out, group_by=["optim.lr"], plot=[])
     with open(out / "scalars.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["group", "tag", "step", "stat", "value", "members", "label",
-                             "since_stage"]
+    assert list(rows[0]) == ["group", "tag", "step", "members", "nonfinite", "mean", "std",
+                             "min", "max", "label", "since_stage"]
     merged = {(r["label"], r["since_stage"]) for r in rows if r["tag"] == MERGED}
     assert merged == {("default (no decay) + head (no decay)", "full")}
     assert {(r["label"], r["since_stage"]) for r in rows if r["tag"] == "lr/head"} == \
@@ -167,7 +167,7 @@ def test_groups_differing_only_in_punctuation_keep_apart(tmp_path: Path) -> None
         recipe.write_text(yaml.safe_dump({**data, "data": {"name": value}}))
     out = tmp_path / "out"
     summary = aggregate_runs([tmp_path / "in"], out, group_by=["data.name", "plan.stages"],
-                             tags=["train/loss"], plot=[])
+                             tags=["train/loss"], plot=[], tensorboard=True)
     assert sorted(summary["groups"]) == ["data.name=a b,plan.stages=head+top+full",
                                          "data.name=a_b,plan.stages=head+top+full"]
     folders = sorted(p.name for p in (out / "tb").iterdir())
