@@ -15,6 +15,8 @@ FREEZE_PLANS: dict[str, list[Any]] = {
     "full": ["all"],
 }
 OPTIMIZER_MODELS = ("resnet18", "densenet121", "convnext_base")
+# ``bench aggregate``: 20 run folders x 10 tags x 10,000 steps = 2,000,000 points.
+AGGREGATE_RUNS, AGGREGATE_TAGS, AGGREGATE_STEPS = 20, 10, 10_000
 
 # ``bench cli``: name -> what follows ``python`` on the command line. ``{configs}`` is the
 # repo's configs folder, ``{cxr14}`` a ChestX-ray14 metadata folder, ``{runs}`` a tiny folder

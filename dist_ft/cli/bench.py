@@ -20,7 +20,8 @@ examples:
   dist-ft data synth /tmp/cxr_1024 --images 2000 --size 1024 --workers 2
   dist-ft data prepare /tmp/cxr_1024 --out /tmp/cxr_1024_cache --size 256 --workers 2
   dist-ft bench data /tmp/cxr_1024 --cache /tmp/cxr_1024_cache --json
-  dist-ft bench aggregate --data /tmp/tb_bench          # 1,000,000 scalars vs tbparse
+  dist-ft bench aggregate                               # vs tbparse and EventAccumulator
+  dist-ft bench aggregate --repeats 5 --aggregate-args="--group-by dir --stats mean"
   dist-ft bench eval --images 2000 --json               # dist-ft eval vs a plain loop
   dist-ft bench cli --repeats 5                         # start-up of commands without a model
 """
@@ -49,14 +50,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="timed training steps of the --recipe model")
     _add_output_args(data)
     data.set_defaults(run=run_data)
-    agg = suites.add_parser("aggregate", help="read + aggregate TensorBoard scalars vs tbparse",
+    from dist_ft.bench.suites import AGGREGATE_RUNS, AGGREGATE_STEPS, AGGREGATE_TAGS
+
+    agg = suites.add_parser("aggregate", help="dist-ft aggregate as users run it vs tbparse and "
+                            "TensorBoard's EventAccumulator: wall time and peak RSS of fresh "
+                            "processes on the same event files",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    agg.add_argument("--data", type=Path, required=True,
-                     help="folder for the generated event files (made once, then reused)")
-    agg.add_argument("--runs", type=int, default=4, help="runs of generated event files")
-    agg.add_argument("--tags", type=int, default=10, help="scalar tags per run")
-    agg.add_argument("--steps", type=int, default=25_000, help="points per tag")
-    agg.add_argument("--repeats", type=int, default=3, help="timed reads of each reader")
+    agg.add_argument("--data", type=Path, default=Path("runs/bench/tb_aggregate"),
+                     help="folder for the event files, written once with torch's SummaryWriter "
+                     "and reused while its manifest records the same shape (default "
+                     "runs/bench/tb_aggregate)")
+    agg.add_argument("--runs", type=int, default=AGGREGATE_RUNS, help="run folders")
+    agg.add_argument("--tags", type=int, default=AGGREGATE_TAGS, help="scalar tags per run")
+    agg.add_argument("--steps", type=int, default=AGGREGATE_STEPS, help="points per tag")
+    agg.add_argument("--repeats", type=int, default=3,
+                     help="runs of each command, alternating")
+    agg.add_argument("--aggregate-args", default="", metavar="ARGS",
+                     help="extra dist-ft aggregate flags, one shell-quoted string; write it "
+                     "with = when it starts with -: --aggregate-args=\"--stats mean\"")
+    agg.add_argument("--work", type=Path,
+                     help="folder for each dist-ft aggregate output (default: a temporary "
+                     "folder; each output is removed once measured)")
     _add_output_args(agg)
     agg.set_defaults(run=run_aggregate)
 
@@ -240,10 +254,20 @@ def run_data(args: argparse.Namespace) -> int:
 
 def run_aggregate(args: argparse.Namespace) -> int:
     """``bench aggregate``."""
+    import shlex
+
+    from dist_ft import exitcodes
     from dist_ft.bench.aggregate import bench_aggregate, format_table
 
-    result = bench_aggregate(args.data, args.runs, args.tags, args.steps, args.repeats)
-    return _emit(result, args, format_table(result))
+    try:
+        extra = shlex.split(args.aggregate_args)
+    except ValueError as exc:
+        raise ValueError(f"--aggregate-args {args.aggregate_args!r}: {exc}") from exc
+    result = bench_aggregate(args.data, args.runs, args.tags, args.steps, args.repeats,
+                             extra, args.work)
+    code = _emit(result, args, format_table(result))
+    # Different point counts: the commands read different data, so the figures mean nothing.
+    return code if result["points_agree"] else exitcodes.FAILED
 
 
 def run_trainer(args: argparse.Namespace) -> int:
