@@ -697,34 +697,3 @@ def _record(body: bytes) -> bytes:
     header = struct.pack("<Q", len(body))
     return header + _FOOTER.pack(_masked_crc(header)) + body + _FOOTER.pack(_masked_crc(body))
 
-
-def write_scalars(directory: str | Path, scalars: dict[str, tuple[np.ndarray, np.ndarray]],
-                  wall_time: float | None = None) -> Path:
-    """Write one event file in ``directory``: for each tag, its (steps, values).
-
-    Points of the same step share one ``Event`` (TensorBoard reads each value under its tag),
-    so a million aggregated points take seconds, not the minutes a SummaryWriter call per
-    point would.
-    """
-    import socket
-    import time
-
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    now = time.time() if wall_time is None else wall_time
-    path = directory / f"events.out.tfevents.{int(now)}.{socket.gethostname()}.dist-ft"
-    by_step: dict[int, list[Summary.Value]] = {}
-    for tag, (steps, values) in scalars.items():
-        for step, value in zip(steps.tolist(), values.tolist(), strict=True):
-            by_step.setdefault(step, []).append(Summary.Value(tag=tag, simple_value=value))
-    chunks = [_record(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())]
-    for step in sorted(by_step):
-        event = Event(wall_time=now, step=step, summary=Summary(value=by_step[step]))
-        chunks.append(_record(event.SerializeToString()))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(chunks))
-    tmp.replace(path)
-    return path

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_ft.logs.events import _record, read_event_file, read_run, write_scalars
+from dist_ft.logs.events import _record, read_event_file, read_run
+from dist_ft.logs.outputs import write_event_file
 from dist_ft.logs.runs import MARKER
 
 NOISE = b"\xa5" + random.Random(0).randbytes(499)
@@ -17,7 +18,7 @@ NOISE = b"\xa5" + random.Random(0).randbytes(499)
 
 def good_run(folder: Path) -> Path:
     """A run folder whose tb/ holds one readable event file (train/loss at steps 0-4)."""
-    write_scalars(folder / "tb", {"train/loss": (np.arange(5), np.linspace(1.0, 0.5, 5))})
+    write_event_file(folder / "tb", {"train/loss": (np.arange(5), np.linspace(1.0, 0.5, 5))})
     (folder / "recipe.yaml").write_text("optim: {lr: 0.001}\n")
     return folder
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_ft.logs.events import read_event_file, read_run, write_scalars
+from dist_ft.logs.events import read_event_file, read_run
+from dist_ft.logs.outputs import write_event_file
 from tests.logs.conftest import TAGS, Written
 
 
@@ -65,7 +66,7 @@ def test_written_files_read_back_exactly_in_tensorboard(tmp_path: Path) -> None:
 
     steps = np.arange(0, 3000, 3)
     values = np.float32(np.random.default_rng(1).normal(size=len(steps))).astype(np.float64)
-    write_scalars(tmp_path, {"a/b": (steps, values), "c": (steps[:10], values[:10] * 2)})
+    write_event_file(tmp_path, {"a/b": (steps, values), "c": (steps[:10], values[:10] * 2)})
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     assert sorted(acc.Tags()["scalars"]) == ["a/b", "c"]
