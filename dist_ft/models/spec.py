@@ -9,9 +9,21 @@ from dist_ft.config.architectures import family_of
 from dist_ft.config.schema import ModelConfig
 from dist_ft.models.blocks import resolve_block_map
 from dist_ft.models.factory import build_model
-from dist_ft.models.structure import ModelSpec, NormModule, ParamInfo
+from dist_ft.models.structure import LayerInfo, ModelSpec, NormModule, ParamInfo
 
 _NORM_TYPES = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+# Weight layers by kind, most specific first (torchvision's out_proj subclasses nn.Linear).
+_LAYER_TYPES = (nn.MultiheadAttention, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def weight_layers(model: nn.Module) -> tuple[LayerInfo, ...]:
+    """The model's weight layers (Linear, convolutions, embeddings, attention), in order."""
+    out = []
+    for mod_name, module in model.named_modules():
+        kind = next((t.__name__ for t in _LAYER_TYPES if isinstance(module, t)), None)
+        if kind is not None and mod_name:
+            out.append(LayerInfo(mod_name, kind))
+    return tuple(out)
 
 
 def describe_model(model: nn.Module, name: str) -> ModelSpec:
@@ -25,7 +37,8 @@ def describe_model(model: nn.Module, name: str) -> ModelSpec:
             tracks = isinstance(module, _BatchNorm) and module.track_running_stats
             norms.append(NormModule(mod_name, type(module).__name__, tracks, own))
     blocks = resolve_block_map(family.name, (p.name for p in params))
-    return ModelSpec(name=name, params=params, norms=tuple(norms), blocks=blocks, head=family.head)
+    return ModelSpec(name=name, params=params, norms=tuple(norms), blocks=blocks, head=family.head,
+                     layers=weight_layers(model))
 
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:

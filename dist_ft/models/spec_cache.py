@@ -23,7 +23,7 @@ from typing import Any
 from dist_ft.config.architectures import ARCHITECTURES, family_of
 from dist_ft.config.schema import ModelConfig
 from dist_ft.models.blocks import resolve_block_map
-from dist_ft.models.structure import ModelSpec, NormModule, ParamInfo
+from dist_ft.models.structure import LayerInfo, ModelSpec, NormModule, ParamInfo
 
 SPECS_FILE = Path(__file__).with_name("specs.json.gz")
 
@@ -44,6 +44,7 @@ def spec_to_json(spec: ModelSpec) -> dict[str, Any]:
         "head": spec.head,
         "params": [[p.name, list(p.shape)] for p in spec.params],
         "norms": [[n.name, n.kind, n.tracks_stats, list(n.params)] for n in spec.norms],
+        "layers": [[la.name, la.kind] for la in spec.layers],
     }
 
 
@@ -56,7 +57,9 @@ def spec_from_json(name: str, data: dict[str, Any], num_classes: int) -> ModelSp
     )
     norms = tuple(NormModule(n, k, t, tuple(p)) for n, k, t, p in data["norms"])
     blocks = resolve_block_map(family_of(name).name, (p.name for p in params))
-    return ModelSpec(name=name, params=params, norms=norms, blocks=blocks, head=data["head"])
+    layers = tuple(LayerInfo(n, k) for n, k in data.get("layers", ()))
+    return ModelSpec(name=name, params=params, norms=norms, blocks=blocks, head=data["head"],
+                     layers=layers)
 
 
 @cache

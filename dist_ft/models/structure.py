@@ -45,14 +45,29 @@ class NormModule:
 
 
 @dataclass(frozen=True)
+class LayerInfo:
+    """A layer adapters could wrap: its module path and kind (``Linear``, ``Conv2d``, ...)."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """A model's structure as the plan engine sees it."""
+    """A model's structure as the plan engine sees it.
+
+    ``layers`` lists the model's weight layers by kind (what adapter targets resolve to);
+    ``no_decay`` names parameters the model itself exempts from weight decay (timm's
+    ``no_weight_decay()``: position embeddings, class tokens).
+    """
 
     name: str
     params: tuple[ParamInfo, ...]
     norms: tuple[NormModule, ...]
     blocks: BlockMap
     head: str
+    layers: tuple[LayerInfo, ...] = ()
+    no_decay: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:

@@ -8,7 +8,9 @@ Precedence, for each trainable parameter:
      per block;
   4. the stage's ``lr_scale`` multiplies every lr;
   5. with ``optim.no_decay_1d`` (default), parameters with ``ndim <= 1`` (biases, norm scales)
-     get weight decay 0 in a ``.no_decay`` twin of their group; else the group's decay.
+     and those the model exempts itself (timm's ``no_weight_decay()``: position embeddings,
+     class tokens) get weight decay 0 in a ``.no_decay`` twin of their group; else the
+     group's decay.
 Groups left without trainable parameters are pruned; groups whose lr and weight decay are
 identical are merged (names joined with ``+``).
 """
@@ -63,6 +65,7 @@ def resolve_groups(
         have no trainable parameter in this stage (pruned).
     """
     info = {p.name: p for p in spec.params}
+    exempt = set(spec.no_decay)
     blocks = spec.blocks
     buckets: dict[str, tuple[float, float, list[str]]] = {}
     used: set[str] = set()
@@ -79,7 +82,7 @@ def resolve_groups(
             lr *= optim.layer_decay ** (blocks.depth - blocks.index(block))
             key = f"{base}.{block}"
         lr *= stage_lr_scale
-        if optim.no_decay_1d and info[name].ndim <= 1:
+        if optim.no_decay_1d and (info[name].ndim <= 1 or name in exempt):
             decay, key = 0.0, f"{key}.no_decay"
         used.add(base)
         bucket = buckets.setdefault(key, (lr, decay, []))
