@@ -4,7 +4,7 @@ The tutorial loop (:mod:`dist_ft.bench.tutorial_loop`) differs from ``dist-ft tr
 places at once: the data path (per-sample PIL vs dist-ft's loader and batched augmentation)
 and the step (plain forward / backward / ``optimizer.step`` vs dist-ft's trainer). This loop
 takes dist-ft's data path (the recipe's dataset, sampler and batched augmentation) and the
-tutorial's step (torchvision model, Adam with torch's defaults, ``accelerator.prepare``,
+tutorial's step (the recipe's model, Adam with torch's defaults, ``accelerator.prepare``,
 ``accelerator.backward``, the recipe's backend and clipping), so that ``dist-ft`` vs this
 loop measures the step alone, and this loop vs the tutorial the data path alone.
 
@@ -24,12 +24,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torchvision
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dist_ft.config import load_recipe
 from dist_ft.data.datasets import build_dataset
 from dist_ft.data.transforms import BatchAugment, BatchNormalize
+from dist_ft.models.factory import build_model
+from dist_ft.models.preprocessing import input_config
 from dist_ft.train.runtime import with_global_batch
 
 
@@ -62,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                           backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=10))])
     torch.manual_seed(cfg.seed)
 
-    model = torchvision.models.get_model(recipe.model.name, num_classes=recipe.model.num_classes)
+    # The recipe's architecture (torchvision's or timm's), randomly initialised as the tutorial.
+    model = build_model(recipe.model.model_copy(update={"pretrained": "none"}))
+    prep = input_config(recipe.model, recipe.data)
     data = recipe.data
     dataset = build_dataset(data, "train")
     sampler = DistributedSampler(dataset, acc.num_processes, acc.process_index, seed=cfg.seed)
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
     model, optimizer = acc.prepare(model, optimizer)
     augment = BatchAugment(data.image_size, data.augment.crop_scale, data.augment.ratio,
-                           hflip=data.augment.hflip, rotation_deg=data.augment.rotation_deg)
-    normalize = BatchNormalize().to(acc.device)
+                           hflip=data.augment.hflip, rotation_deg=data.augment.rotation_deg,
+                           mode=prep.interpolation)
+    normalize = BatchNormalize(prep.mean, prep.std).to(acc.device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(cfg.seed)
 

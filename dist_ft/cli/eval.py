@@ -205,11 +205,15 @@ class LocalizationSection:
             raise ValueError("--localize needs the image files: evaluate with data.cache=null "
                              "and data.root set to the PNG folder")
         model = load_trained(req.weights.recipe, req.weights.path).to(device)
+        from dist_ft.models.preprocessing import input_config
+
+        prep = input_config(req.weights.recipe.model, req.weights.recipe.data)
         loc = localization_report(
             model, req.weights.recipe.data.image_size,
             {Path(p).name: Path(p) for p in dataset.paths}, read_bbox_csv(self.boxes),
             req.model_classes, batch_size=req.batch_size or req.data.batch_size,
-            channels=dataset.channels, resamples=req.resamples, seed=req.seed)
+            channels=dataset.channels, resamples=req.resamples, seed=req.seed,
+            mean=prep.mean, std=prep.std)
         loc["boxes_file"] = str(self.boxes)
         report["localization"] = loc
         return (f"### Localization ({req.split} images with a box in {self.boxes.name})\n\n"

@@ -10,7 +10,7 @@ from typing import Any
 
 from dist_ft.config import ConfigError, Recipe, load_recipe
 from dist_ft.plan import ResolvedPlan, ResolvedStage, resolve_plan
-from dist_ft.plan.render import plan_to_json
+from dist_ft.plan.render import adapter_summary, plan_to_json
 
 EXAMPLES = """\
 examples:
@@ -60,7 +60,7 @@ def _stage_table(plan: ResolvedPlan, stage: ResolvedStage) -> Any:
     from rich.table import Table
 
     start = ", ".join(f"{k} {v}" for k, v in stage.start.items())
-    share = stage.trainable_params / plan.spec.num_params
+    share = stage.trainable_params / stage.spec.num_params
     title = (
         f"[bold]stage {stage.index + 1}/{len(plan.stages)} · {stage.name}[/] · from {start}"
         + (f" · lr ×{stage.lr_scale:g}" if stage.lr_scale != 1 else "")
@@ -70,7 +70,7 @@ def _stage_table(plan: ResolvedPlan, stage: ResolvedStage) -> Any:
     table.add_column("tensors", justify="right", footer=str(len(stage.trainable)))
     table.add_column("params", justify="right", footer=f"{_count(stage.trainable_params)}")
     digits = 1 if share >= 1e-3 else 3  # a head-only stage is often <0.1% of the model
-    share_text = f"{share:.{digits}%} of {_count(plan.spec.num_params)}"
+    share_text = f"{share:.{digits}%} of {_count(stage.spec.num_params)}"
     table.add_column("lr", justify="right", footer=share_text)
     table.add_column("× base", justify="right")
     table.add_column("weight decay", justify="right")
@@ -97,6 +97,8 @@ def print_plan(plan: ResolvedPlan, with_params: bool) -> None:
     for stage in plan.stages:
         console.print()
         console.print(_stage_table(plan, stage))
+        if stage.adapters is not None:
+            console.print(f"  adapters: {adapter_summary(stage)}")
         console.print(f"  frozen: {_count(stage.frozen_params)} params", end="")
         if stage.bn_eval:
             console.print(

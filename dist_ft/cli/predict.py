@@ -97,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
     classes = model_classes(recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_trained(recipe, resolved.path).to(device)
+    from dist_ft.models.preprocessing import input_config
+
+    prep = input_config(recipe.model, recipe.data)
     summary = predict_images(
         model, paths, args.out, classes, recipe.data.image_size, batch_size=args.batch_size,
         channels=1 if recipe.data.format in GRAY_FORMATS else 3,
         multilabel=recipe.data.format != "imagefolder", heatmaps=args.heatmaps,
-        threshold=args.threshold)
+        threshold=args.threshold, mean=prep.mean, std=prep.std)
     summary.update(weights=str(resolved.path), weights_kind=resolved.kind)
     if args.json:
         from dist_ft.jsonio import dumps

@@ -39,7 +39,9 @@ DOC_PATH = "docs/config-reference.md"
 _ITEM_NOUNS: dict[type[BaseModel], str] = {Rule: "rule", StageConfig: "stage",
                                            GroupConfig: "group"}
 # Values a validator (not the type) restricts a key to.
-_VALIDATED_VALUES: dict[str, tuple[str, ...]] = {"model.name": tuple(sorted(ARCHITECTURES))}
+# (timm/NAME: any timm model, checked against timm.list_models() when the model is built.)
+_VALIDATED_VALUES: dict[str, tuple[str, ...]] = {
+    "model.name": (*sorted(ARCHITECTURES), "timm/NAME")}
 _SECTION_DEFAULT = "see below"
 
 

@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,6 +63,8 @@ class PathValue:
 
 
 PRETRAINED_KEYWORDS = ("none", "imagenet")
+# model.name of a timm architecture: timm/NAME.
+TIMM_PREFIX = "timm/"
 
 BnPolicy = Literal["freeze", "train"]
 RULE_KEYWORDS = ("head", "stem", "all")
@@ -149,21 +152,57 @@ class Rule(Section):
 
 
 class ModelConfig(Section):
-    """``model``: which torchvision architecture, its weights and its output size."""
+    """``model``: which architecture (torchvision's or timm's), its weights and its output size.
+
+    A timm model is written ``timm/NAME`` (or ``NAME`` with ``source: timm``); either way the
+    loaded recipe holds ``name: timm/NAME, source: timm``, so the name alone says where the
+    model comes from (``efficientnet_b0`` exists in both libraries).
+    """
 
     name: str
-    """The torchvision architecture to fine-tune (``densenet121``, ``resnet50``, ``vit_b_16``,
-    ...)."""
+    """The architecture to fine-tune: a torchvision name (``densenet121``, ``resnet50``,
+    ``vit_b_16``, ...) or ``timm/NAME`` for any timm model (``timm/convnext_tiny``; a
+    ``.TAG`` suffix picks its pretrained weights, ``timm/convnext_tiny.fb_in22k``)."""
+    source: Literal["torchvision", "timm"] = "torchvision"
+    """The library the architecture comes from; a ``timm/`` prefix on ``name`` sets ``timm``.
+    torchvision names are checked when the recipe loads, timm names when the model is built
+    (``dist-ft plan``, training)."""
     pretrained: Annotated[str, PathValue(PRETRAINED_KEYWORDS)] = "none"
-    """Initial weights: ``none`` (random), ``imagenet`` (torchvision's) or the PATH of a
-    .pt/.safetensors state_dict."""
+    """Initial weights: ``none`` (random), ``imagenet`` (the library's default pretrained
+    weights, from the local torch hub or Hugging Face cache, never downloaded) or the PATH of
+    a .pt/.safetensors state_dict."""
     num_classes: PositiveInt = 14
     """Outputs of the new classifier head: the number of classes or findings (ChestX-ray14:
     14)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _timm_prefix(cls, value: Any) -> Any:
+        # One spelling for timm models (name: timm/NAME, source: timm), whichever was written.
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return value
+        name, source = value["name"], value.get("source")
+        if name.startswith(TIMM_PREFIX):
+            if source not in (None, "timm"):
+                raise ValueError(f"name {name!r} is a timm model but source is {source!r}; "
+                                 f"drop source or the {TIMM_PREFIX} prefix")
+            return {**value, "source": "timm"}
+        if source == "timm":
+            return {**value, "name": TIMM_PREFIX + name}
+        return value
+
+    @property
+    def arch(self) -> str:
+        """The architecture's name in its library (``name`` without ``timm/``)."""
+        return self.name.removeprefix(TIMM_PREFIX)
+
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
+        if value.startswith(TIMM_PREFIX):
+            if not value[len(TIMM_PREFIX):].strip():
+                raise ValueError(f"{value!r}: give the timm model's name after {TIMM_PREFIX}")
+            return value  # checked against timm.list_models() where the model is built
         if value not in ARCHITECTURES:
             import difflib
 
@@ -297,6 +336,15 @@ class DataConfig(Section):
     """Side in pixels of the square images the model sees."""
     load_size: Annotated[Int, Field(ge=16, le=MAX_IMAGE_SIZE)] | None = None
     """Side images are loaded at before cropping (default: image_size x 256/224)."""
+    mean: tuple[Float, Float, Float] | None = None
+    """Per-channel (RGB) mean of the input normalisation, on the 0..1 scale (default: the
+    model's own: ImageNet's for torchvision models, the pretrained config's for timm)."""
+    std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None
+    """Per-channel (RGB) standard deviation of the input normalisation (default: the model's
+    own, as ``mean``)."""
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+    """Resampling of the resize and augmentation warp (default: the model's own: bilinear for
+    torchvision models, the pretrained config's, mostly bicubic, for timm)."""
     batch_size: PositiveInt = 32
     """Images per process per forward pass (the micro-batch)."""
     global_batch_size: PositiveInt | None = None
@@ -352,11 +400,37 @@ class DataConfig(Section):
         return self
 
 
+class AdapterConfig(Section):
+    """``plan.stages[i].adapters``: train small adapters (through peft) beside frozen weights.
+
+    The adapters wrap the Linear and Conv2d layers that ``target`` selects; their base
+    weights stay frozen while the adapters (and whatever ``include`` selects) train.
+    Consecutive stages with equal ``adapters`` keep training the same adapters; a stage whose
+    ``adapters`` differ (or are absent) starts after the previous ones are merged into the
+    base weights.
+    """
+
+    kind: Literal["lora", "dora", "ia3"] = "lora"
+    """``lora`` (low-rank updates), ``dora`` (weight-decomposed LoRA) or ``ia3`` (learned
+    scaling vectors)."""
+    r: PositiveInt = 8
+    """LoRA/DoRA rank (ignored by ``ia3``)."""
+    alpha: PositiveFloat = 16.0
+    """LoRA/DoRA scaling numerator: updates are scaled by ``alpha / r``."""
+    dropout: Fraction = 0.0
+    """Dropout on the adapter's input (LoRA/DoRA)."""
+    target: Annotated[list[Rule], Field(min_length=1)]
+    """The layers to adapt: each rule narrows the previous ones (``[{last_blocks: 4},
+    attn]``: the attention layers of the last 4 blocks). A bare name matches a run of module
+    path components (``attn``, ``mlp.fc1``, ``denseblock4.*.conv2``)."""
+
+
 class StageConfig(Section):
     """One freeze-plan stage: from when, what trains, BatchNorm policy, lr multiplier.
 
     A parameter trains in this stage when some ``include`` rule matches it and no
-    ``exclude`` rule does (exclude wins).
+    ``exclude`` rule does (exclude wins). With ``adapters``, the adapters train too and
+    ``include`` may be empty.
     """
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -365,14 +439,24 @@ class StageConfig(Section):
     """Epoch the stage starts at (the first stage: 0); every stage uses epochs or steps."""
     start_step: NonNegInt | None = None
     """Optimizer step the stage starts at (the first stage: 0)."""
-    include: Annotated[list[Rule], Field(min_length=1)]
-    """Rules selecting what trains in this stage."""
+    adapters: AdapterConfig | None = None
+    """Adapters (LoRA, DoRA, IA3) trained in this stage; none by default."""
+    include: list[Rule] = Field(default_factory=list, validate_default=True)
+    """Rules selecting what trains in this stage (required unless the stage has
+    ``adapters``)."""
     exclude: list[Rule] = Field(default_factory=list)
     """Rules selecting what stays frozen although included (exclude wins)."""
     bn_policy: BnPolicy | None = None
     """This stage's ``plan.bn_policy`` (default: the plan's)."""
     lr_scale: PositiveFloat = 1.0
     """Multiplies every learning rate during this stage."""
+
+    @field_validator("include")
+    @classmethod
+    def _something_trains(cls, value: list[Rule], info: ValidationInfo) -> list[Rule]:
+        if not value and info.data.get("adapters") is None:
+            raise ValueError("give at least one rule (what trains), or adapters")
+        return value
 
     @model_validator(mode="after")
     def _one_start(self) -> StageConfig:

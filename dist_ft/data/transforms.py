@@ -7,7 +7,11 @@ PNGs decoded and resized to it), so batches stack without per-sample work. Then,
   drawn per sample and applied together as one affine resampling (``grid_sample``) to the
   model's input size;
 - :class:`BatchResize` (evaluation): antialiased resize to the input size;
-- :class:`BatchNormalize`: float, one channel replicated to three, ImageNet mean and std.
+- :class:`BatchNormalize`: float, one channel replicated to three, the model's mean and std
+  (ImageNet's by default).
+
+Mean, std and the resampling mode come from ``dist_ft.models.preprocessing.input_config``
+(the recipe's ``data.mean``/``std``/``interpolation``, else the model's own) as plain values.
 
 One resampling per batch instead of three per image keeps the loader far from being the
 bottleneck; with an explicit ``torch.Generator`` the draws are reproducible (resume).
@@ -39,14 +43,15 @@ class BatchAugment(nn.Module):
         ratio: range of the crop's aspect ratio.
         hflip: flip half of the samples horizontally.
         rotation_deg: rotate by an angle drawn uniformly in ``[-rotation_deg, rotation_deg]``.
+        mode: resampling, ``bilinear`` or ``bicubic`` (the model's, see ``data.interpolation``).
     """
 
     def __init__(self, size: int, crop_scale: tuple[float, float] = (0.7, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: bool = True,
-                 rotation_deg: float = 5.0) -> None:
+                 rotation_deg: float = 5.0, mode: str = "bilinear") -> None:
         super().__init__()
         self.size, self.crop_scale, self.ratio = size, crop_scale, ratio
-        self.hflip, self.rotation_deg = hflip, rotation_deg
+        self.hflip, self.rotation_deg, self.mode = hflip, rotation_deg, mode
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
                 normalize: BatchNormalize | None = None) -> torch.Tensor:
@@ -79,7 +84,7 @@ class BatchAugment(nn.Module):
         step = b if images.device.type != "cpu" else max(_cpu_chunk(images.shape, self.size),
                                                          torch.get_num_threads())
         if step >= b:
-            warped = _warp(images, theta, self.size)
+            warped = _warp(images, theta, self.size, self.mode)
             return warped if normalize is None else normalize(warped)
         # On CPU, a few samples at a time: each chunk's float copy, grid and output stay in
         # cache instead of streaming ~30 MB per batch of 32 through memory (per-sample math,
@@ -89,7 +94,7 @@ class BatchAugment(nn.Module):
                           device=images.device)
         for start in range(0, b, step):
             part = slice(start, start + step)
-            warped = _warp(images[part], theta[part], self.size)
+            warped = _warp(images[part], theta[part], self.size, self.mode)
             if normalize is None:
                 out[part] = warped
             else:
@@ -108,9 +113,10 @@ def _cpu_chunk(shape: torch.Size, size: int) -> int:
     return max(1, _CPU_CHUNK_BYTES // per_sample)
 
 
-def _warp(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+def _warp(images: torch.Tensor, theta: torch.Tensor, size: int,
+          mode: str = "bilinear") -> torch.Tensor:
     grid = affine_grid(theta, size, size)
-    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+    return F.grid_sample(images.float(), grid, mode=mode, padding_mode="border",
                          align_corners=False)
 
 
@@ -133,18 +139,19 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class BatchResize(nn.Module):
-    """Antialiased resize of a square batch to ``size`` (evaluation)."""
+    """Antialiased resize of a square batch to ``size`` (evaluation); ``mode`` is
+    ``bilinear`` or ``bicubic``."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mode: str = "bilinear") -> None:
         super().__init__()
-        self.size = size
+        self.size, self.mode = size, mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or float ``[B, C, H, W]`` -> float ``[B, C, size, size]``."""
         x = images.float()
         if x.shape[-2:] == (self.size, self.size):
             return x
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True,
+        return F.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True,
                              align_corners=False)
 
 

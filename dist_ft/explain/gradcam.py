@@ -4,6 +4,8 @@ The layer is the last one with a spatial grid, found from the model's class:
 
 - DenseNet: ``features`` (after ``norm5``; torchvision applies the final ReLU in ``forward``);
 - ResNet: ``layer4``; ConvNeXt and EfficientNet: ``features``;
+- timm models: the module of their last feature map (``feature_info[-1]``: ``stages.3``,
+  ``blocks.6``); timm ViT/DeiT-like models (``blocks`` of tokens) as torchvision's ViT;
 - ViT: the tokens entering the last encoder block, class token dropped, as a ``[B, D, h, w]``
   patch grid. (The last block's *output* patch tokens are not used: after it only the class
   token reaches the head, so their gradient is zero.)
@@ -46,28 +48,31 @@ class _TokenGrid(nn.Module):
     ``grid`` is an identity that captum hooks; the block itself runs unchanged.
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, prefix: int = 1) -> None:
         super().__init__()
-        self.block = block
+        self.block, self.prefix = block, prefix  # prefix: class (and register) tokens
         self.grid = nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + h*w, D]`` -> the block's output, with the patch tokens routed via grid."""
+        """``[B, prefix + h*w, D]`` -> the block's output, the patch tokens routed via grid."""
         b, n, d = tokens.shape
-        side = round((n - 1) ** 0.5)
-        if side * side != n - 1:
-            raise ValueError(f"ViT Grad-CAM: {n - 1} patch tokens do not form a square grid")
-        patches = tokens[:, 1:].transpose(1, 2).reshape(b, d, side, side)
-        patches = self.grid(patches).reshape(b, d, n - 1).transpose(1, 2)
-        return self.block(torch.cat([tokens[:, :1], patches], dim=1))
+        k = self.prefix
+        side = round((n - k) ** 0.5)
+        if side * side != n - k:
+            raise ValueError(f"ViT Grad-CAM: {n - k} patch tokens do not form a square grid")
+        patches = tokens[:, k:].transpose(1, 2).reshape(b, d, side, side)
+        patches = self.grid(patches).reshape(b, d, n - k).transpose(1, 2)
+        return self.block(torch.cat([tokens[:, :k], patches], dim=1))
 
 
 @contextlib.contextmanager
 def _vit_grid(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily wrap the last encoder block of a torchvision ViT; yield the grid layer."""
-    layers = model.encoder.layers
+    """Temporarily wrap the last encoder block of a ViT (torchvision's or timm's); yield the
+    grid layer."""
+    timm_vit = _family(model) == "timm_vit"
+    layers = model.blocks if timm_vit else model.encoder.layers
     last = layers[-1]
-    wrapper = _TokenGrid(last)
+    wrapper = _TokenGrid(last, model.num_prefix_tokens if timm_vit else 1)
     layers[-1] = wrapper
     try:
         yield wrapper.grid
@@ -78,27 +83,38 @@ def _vit_grid(model: nn.Module) -> Iterator[nn.Module]:
 def _family(model: nn.Module) -> str:
     from torchvision.models import ConvNeXt, DenseNet, EfficientNet, ResNet, VisionTransformer
 
+    from dist_ft.models.timm_backbone import is_timm_model
+
+    if is_timm_model(model):
+        # timm's ViT-likes run token blocks after a patch embedding; the rest have a grid.
+        tokens = all(hasattr(model, a) for a in ("num_prefix_tokens", "blocks", "patch_embed"))
+        return "timm_vit" if tokens else "timm"
+
     for cls, name in ((DenseNet, "densenet"), (ResNet, "resnet"), (ConvNeXt, "convnext"),
                       (EfficientNet, "efficientnet"), (VisionTransformer, "vit")):
         if isinstance(model, cls):
             return name
     raise ValueError(
         f"Grad-CAM: no default layer for {type(model).__name__}; supported: DenseNet, ResNet, "
-        "ConvNeXt, EfficientNet, VisionTransformer (torchvision). Pass layer= (a module of "
-        "the model, or its dotted path) whose output is [B, C, h, w]")
+        "ConvNeXt, EfficientNet, VisionTransformer (torchvision) and timm models. Pass layer= "
+        "(a module of the model, or its dotted path) whose output is [B, C, h, w]")
 
 
 def default_layer(model: nn.Module) -> str:
     """The dotted path of the layer Grad-CAM uses for ``model`` by default.
 
-    ``encoder.layers[-1]`` for a ViT means the tokens *entering* that block (see the module
-    docstring).
+    ``encoder.layers[-1]`` for a ViT (``blocks[-1]`` for timm's) means the tokens *entering*
+    that block (see the module docstring). A timm CNN's is the module of its last feature map.
 
     Raises:
-        ValueError: ``model`` is of no supported torchvision family.
+        ValueError: ``model`` is of no supported family.
     """
+    family = _family(model)
+    if family == "timm":
+        return model.feature_info[-1]["module"]
     return {"densenet": "features", "resnet": "layer4", "convnext": "features",
-            "efficientnet": "features", "vit": "encoder.layers[-1]"}[_family(model)]
+            "efficientnet": "features", "vit": "encoder.layers[-1]",
+            "timm_vit": "blocks[-1]"}[family]
 
 
 def _normalise(cam: torch.Tensor) -> torch.Tensor:
@@ -297,7 +313,8 @@ def _spec(model: nn.Module, probe: torch.Tensor, module: nn.Module, is_vit: bool
     """:class:`MapSpec` from one forward of ``probe`` (``[1, C, H, W]``)."""
     classes, geometry = _trace(model, probe, None if is_vit else module)
     if is_vit:
-        cell: float | None = float(model.patch_size)
+        patch = getattr(model, "patch_size", None) or model.patch_embed.patch_size
+        cell: float | None = float(patch if isinstance(patch, int) else patch[0])
     else:
         cell = None if geometry is None else float(max(axis[0] for axis in geometry))
     return MapSpec((int(probe.shape[-2]), int(probe.shape[-1])), classes, geometry, cell)
@@ -305,7 +322,8 @@ def _spec(model: nn.Module, probe: torch.Tensor, module: nn.Module, is_vit: bool
 
 def _is_vit_grid(model: nn.Module, layer: nn.Module | str | None) -> bool:
     """Whether Grad-CAM uses a ViT's token grid (the default layer of a ViT)."""
-    return layer in (None, "encoder.layers[-1]") and _family(model) == "vit"
+    return layer in (None, "encoder.layers[-1]", "blocks[-1]") \
+        and _family(model) in ("vit", "timm_vit")
 
 
 def map_spec(model: nn.Module, size: int | tuple[int, int], channels: int = 3,

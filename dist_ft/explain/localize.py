@@ -28,7 +28,7 @@ from torch import nn
 
 from dist_ft.data.findings import FINDINGS
 from dist_ft.data.images import ImageError
-from dist_ft.data.transforms import BatchNormalize
+from dist_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize
 from dist_ft.evaluation.bootstrap import confidence_interval, patient_bootstrap
 from dist_ft.explain.gradcam import MapSpec, gradcam, map_spec, model_device_dtype
 from dist_ft.explain.predict import load_image_tensor
@@ -209,11 +209,13 @@ def bootstrap_mean_by_group(values: np.ndarray, groups: np.ndarray, resamples: i
 def heatmaps_for(model: nn.Module, paths: Sequence[Path], class_index: int, image_size: int,
                  batch_size: int = 16, channels: int = 1,
                  layer: nn.Module | str | None = None, *,
-                 spec: MapSpec | None = None) -> np.ndarray:
+                 spec: MapSpec | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Grad-CAM maps ``[N, image_size, image_size]`` of one class for image files.
 
-    Images are decoded, resized as the loaders do (shorter side, centre crop) and
-    ImageNet-normalised; the model runs on the device and in the dtype of its parameters.
+    Images are decoded, resized as the loaders do (shorter side, centre crop) and normalised
+    with ``mean``/``std`` (the model's, ``models.preprocessing.input_config``); the model
+    runs on the device and in the dtype of its parameters.
 
     Args:
         model: the classifier (eval mode).
@@ -235,7 +237,7 @@ def heatmaps_for(model: nn.Module, paths: Sequence[Path], class_index: int, imag
     device, dtype = model_device_dtype(model)
     if spec is None:
         spec = map_spec(model, image_size, 3, layer)
-    normalize = BatchNormalize().to(device)
+    normalize = BatchNormalize(tuple(mean), tuple(std)).to(device)
     out = []
     for start in range(0, len(paths), batch_size):
         batch = torch.stack([load_image_tensor(p, image_size, channels)
@@ -266,7 +268,8 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
                         threshold: float = 0.5, channels: int = 1,
                         box_image_size: int | None = None, resamples: int = 1000,
                         seed: int = 0, layer: nn.Module | str | None = None,
-                        tolerance_px: float = 0.0) -> dict[str, Any]:
+                        tolerance_px: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
+                        std: Sequence[float] = IMAGENET_STD) -> dict[str, Any]:
     """Pointing game and IoU of the model's Grad-CAM maps with every box of a box list.
 
     Args:
@@ -289,6 +292,8 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
         tolerance_px: pointing-game tolerance in the box list's pixels (scaled with the box):
             a maximum this close to the box still hits. 0 (default) is strict; the
             literature's 15 px (Zhang et al. 2016) is about 1.5% of a 1024 px radiograph.
+        mean, std: the input normalisation (default ImageNet's; a timm model's own from
+            :func:`dist_ft.models.preprocessing.input_config`).
 
     Returns:
         JSON-able dict: ``findings`` (per finding: boxes, images, hits, hit_rate, hit_rate_ci,
@@ -322,7 +327,8 @@ def localization_report(model: nn.Module, image_size: int, image_paths: Mapping[
         of_finding = [b for b in usable if b.finding == finding]
         names = list(dict.fromkeys(b.image for b in of_finding))
         maps = heatmaps_for(model, [Path(image_paths[n]) for n in names], index[finding],
-                            image_size, batch_size, channels, layer, spec=spec)
+                            image_size, batch_size, channels, layer, spec=spec, mean=mean,
+                            std=std)
         by_name = dict(zip(names, maps, strict=True))
         for box in of_finding:
             if box_image_size is not None:

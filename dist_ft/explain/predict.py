@@ -23,7 +23,7 @@ from torch import nn
 
 from dist_ft.console import progress
 from dist_ft.data.images import load_gray_resized, load_rgb_resized
-from dist_ft.data.transforms import BatchNormalize
+from dist_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize
 from dist_ft.explain.gradcam import gradcam
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -154,7 +154,8 @@ def _safe(name: str) -> str:
 def predict_images(model: nn.Module, paths: Sequence[Path], out: str | Path,
                    classes: Sequence[str], image_size: int, *, batch_size: int = 16,
                    channels: int = 1, multilabel: bool = True, heatmaps: bool = False,
-                   threshold: float = 0.5) -> dict[str, Any]:
+                   threshold: float = 0.5, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> dict[str, Any]:
     """Write ``out/predictions.csv`` and, with ``heatmaps``, Grad-CAM overlays.
 
     The CSV has a ``path`` column and one probability column per class (sigmoid for a
@@ -172,6 +173,8 @@ def predict_images(model: nn.Module, paths: Sequence[Path], out: str | Path,
         multilabel: sigmoid per class (True) or softmax over classes.
         heatmaps: write overlays.
         threshold: probability at or above which a class gets an overlay.
+        mean, std: the input normalisation (default ImageNet's; a timm model's own from
+            :func:`dist_ft.models.preprocessing.input_config`).
 
     Returns:
         A summary: ``images``, ``predictions`` (the CSV's path), ``heatmaps`` (count),
@@ -186,7 +189,7 @@ def predict_images(model: nn.Module, paths: Sequence[Path], out: str | Path,
         raise ValueError(f"--threshold must be within [0, 1], got {threshold}")
     out = Path(out)
     device = next(model.parameters()).device
-    normalize = BatchNormalize().to(device)
+    normalize = BatchNormalize(tuple(mean), tuple(std)).to(device)
     stems = heatmap_stems(paths)
     probs: list[np.ndarray] = []
     written = 0

@@ -15,10 +15,19 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_ft.config.architectures import family_of
+from dist_ft.config.schema import TIMM_PREFIX
 
 
 def enable_activation_checkpointing(model: nn.Module, name: str) -> list[str]:
-    """Checkpoint every block of ``model`` (architecture ``name``); returns their paths."""
+    """Checkpoint every block of ``model`` (architecture ``name``); returns their paths.
+
+    A timm model (``timm/NAME``) checkpoints its own blocks (``set_grad_checkpointing``);
+    the paths returned are then the modules that do.
+    """
+    if name.startswith(TIMM_PREFIX):
+        from dist_ft.models.timm_backbone import enable_timm_checkpointing
+
+        return enable_timm_checkpointing(model)
     pattern = re.compile(family_of(name).blocks + "$")
     wrapped = []
     for path, module in model.named_modules():

@@ -1,4 +1,5 @@
-"""Build torchvision classifiers with a head sized for the task and the chosen weights."""
+"""Build classifiers (torchvision's, or timm's through ``timm_backbone``) with a head sized for
+the task and the chosen weights."""
 
 from __future__ import annotations
 
@@ -35,7 +36,12 @@ def build_model(cfg: ModelConfig, *, meta: bool = False) -> nn.Module:
 
     Raises:
         dist_ft.models.weights.WeightsError: the requested weights are missing or do not fit.
+        dist_ft.config.ConfigError: timm does not know the model (``source: timm``).
     """
+    if cfg.source == "timm":
+        from dist_ft.models.timm_backbone import build_timm_model
+
+        return build_timm_model(cfg, meta=meta)
     family = family_of(cfg.name)
     if meta:
         import torch

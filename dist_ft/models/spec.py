@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dist_ft.config.architectures import family_of
-from dist_ft.config.schema import ModelConfig
+from dist_ft.config.schema import TIMM_PREFIX, ModelConfig
 from dist_ft.models.blocks import resolve_block_map
 from dist_ft.models.factory import build_model
 from dist_ft.models.structure import LayerInfo, ModelSpec, NormModule, ParamInfo
@@ -27,8 +27,9 @@ def weight_layers(model: nn.Module) -> tuple[LayerInfo, ...]:
 
 
 def describe_model(model: nn.Module, name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of ``model``, an instance of the supported architecture ``name``."""
-    family = family_of(name)
+    """The :class:`ModelSpec` of ``model``, an instance of the architecture ``name`` (a
+    recipe's ``model.name``: torchvision's, or ``timm/NAME``), peft adapters possibly
+    injected (each adapter parameter in the block of the layer it adapts)."""
     params = tuple(ParamInfo(n, tuple(p.shape)) for n, p in model.named_parameters())
     norms = []
     for mod_name, module in model.named_modules():
@@ -36,6 +37,13 @@ def describe_model(model: nn.Module, name: str) -> ModelSpec:
             own = tuple(f"{mod_name}.{p}" for p, _ in module.named_parameters(recurse=False))
             tracks = isinstance(module, _BatchNorm) and module.track_running_stats
             norms.append(NormModule(mod_name, type(module).__name__, tracks, own))
+    if name.startswith(TIMM_PREFIX):
+        from dist_ft.models.timm_backbone import classifier_path, timm_block_map, timm_no_decay
+
+        return ModelSpec(name=name, params=params, norms=tuple(norms),
+                         blocks=timm_block_map(model), head=classifier_path(model),
+                         layers=weight_layers(model), no_decay=timm_no_decay(model))
+    family = family_of(name)
     blocks = resolve_block_map(family.name, (p.name for p in params))
     return ModelSpec(name=name, params=params, norms=tuple(norms), blocks=blocks, head=family.head,
                      layers=weight_layers(model))

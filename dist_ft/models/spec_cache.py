@@ -8,6 +8,10 @@ When the installed torchvision is that version the table is used (head shapes ad
 describes the real model it trains, and the test suite checks that the table matches fresh
 builds.
 
+timm models (``model.name: timm/NAME``) are never in the table: timm has over a thousand
+architectures and changes them between releases, so their spec always comes from a meta-device
+build of the installed timm (about a second).
+
 Regenerate after a torchvision upgrade: ``python -m dist_ft.models.spec_cache``.
 """
 
@@ -72,7 +76,8 @@ def _shipped() -> dict[str, Any]:
 
 
 def shipped_spec(cfg: ModelConfig) -> ModelSpec | None:
-    """The shipped spec for ``cfg``, or None when absent or made with another torchvision."""
+    """The shipped spec for ``cfg``, or None when absent (every timm model) or made with
+    another torchvision."""
     table = _shipped()
     # Architectures do not change within a release series (0.29.x); tests/models/test_blocks.py
     # checks the table against fresh builds of whatever torchvision is installed.

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from dist_ft.models.blocks import BlockMap
+
+BASE_LAYER = "base_layer"  # where peft moves a wrapped layer's own weights
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,31 @@ class ModelSpec:
     def num_params(self) -> int:
         """Total number of parameter elements."""
         return sum(p.numel for p in self.params)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapters:
+    """A stage's adapters: their kind and hyper-parameters, and the layers they wrap.
+
+    Two stages keep the same adapters exactly when their ``ResolvedAdapters`` are equal.
+    """
+
+    kind: str
+    r: int
+    alpha: float
+    dropout: float
+    modules: tuple[str, ...]
+
+    def record(self) -> dict[str, Any]:
+        """A JSON form for the plan digest (floats exact, as ``float.hex``)."""
+        return {"kind": self.kind, "r": self.r, "alpha": float(self.alpha).hex(),
+                "dropout": float(self.dropout).hex(), "modules": list(self.modules)}
+
+    def adapted_name(self, name: str) -> str:
+        """The name of base parameter ``name`` once the adapters are injected."""
+        module, _, leaf = name.rpartition(".")
+        return f"{module}.{BASE_LAYER}.{leaf}" if module in self._targets else name
+
+    @property
+    def _targets(self) -> frozenset[str]:
+        return frozenset(self.modules)

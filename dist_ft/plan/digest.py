@@ -13,22 +13,23 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dist_ft.models.structure import ModelSpec
     from dist_ft.plan.resolve import ResolvedStage
 
 _FIELDS = ("shape", "trainable", "group", "lr", "weight_decay", "bn")
 
 
-def plan_records(spec: ModelSpec, stages: Sequence[ResolvedStage]) -> list[dict[str, Any]]:
-    """Per stage: its start and policy, and one row per parameter (sorted by name).
+def plan_records(stages: Sequence[ResolvedStage]) -> list[dict[str, Any]]:
+    """Per stage: its start, policy and adapters, and one row per parameter of the model as
+    the stage trains it (sorted by name).
 
     A row is ``[name, shape, trainable, group, lr, weight_decay, bn]`` where ``bn`` is
     ``eval``/``train`` for parameters of BatchNorm layers with running statistics and ``-``
     otherwise; frozen parameters have group ``-`` and lr/weight decay ``-``.
     """
-    bn_params = {p: n.name for n in spec.norms if n.tracks_stats for p in n.params}
     records = []
     for stage in stages:
+        spec = stage.spec
+        bn_params = {p: n.name for n in spec.norms if n.tracks_stats for p in n.params}
         where = {p: g for g in stage.groups for p in g.params}
         eval_set = set(stage.bn_eval)
         rows = []
@@ -45,12 +46,11 @@ def plan_records(spec: ModelSpec, stages: Sequence[ResolvedStage]) -> list[dict[
                 group.weight_decay.hex() if group else "-",
                 bn,
             ])
-        records.append({
-            "stage": stage.name,
-            "start": stage.start,
-            "bn_policy": stage.bn_policy,
-            "params": rows,
-        })
+        record = {"stage": stage.name, "start": stage.start, "bn_policy": stage.bn_policy,
+                  "params": rows}
+        if stage.adapters is not None:  # absent otherwise: digests of older plans stay valid
+            record["adapters"] = stage.adapters.record()
+        records.append(record)
     return records
 
 
@@ -65,7 +65,7 @@ def diff_records(
 ) -> list[str]:
     """Name the first differences between two plans' records (empty list when equal).
 
-    >>> diff_records(plan_records(spec, p.stages), plan_records(spec, q.stages))
+    >>> diff_records(plan_records(p.stages), plan_records(q.stages))
     ["stage 1 'last_blocks': features.norm5.weight: trainable True != False", ...]
     """
     out: list[str] = []
@@ -73,9 +73,9 @@ def diff_records(
         out.append(f"number of stages: {len(a)} != {len(b)}")
     for i, (sa, sb) in enumerate(zip(a, b, strict=False)):
         label = f"stage {i} '{sa['stage']}'"
-        for key in ("stage", "start", "bn_policy"):
-            if sa[key] != sb[key]:
-                out.append(f"{label}: {key} {sa[key]!r} != {sb[key]!r}")
+        for key in ("stage", "start", "bn_policy", "adapters"):
+            if sa.get(key) != sb.get(key):
+                out.append(f"{label}: {key} {sa.get(key)!r} != {sb.get(key)!r}")
         rows_b = {r[0]: r for r in sb["params"]}
         names_a = {r[0] for r in sa["params"]}
         for row in sa["params"]:

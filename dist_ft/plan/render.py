@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dist_ft.plan.resolve import ResolvedPlan
+from dist_ft.plan.resolve import ResolvedPlan, ResolvedStage
 
 
 def plan_to_json(plan: ResolvedPlan, with_params: bool = False) -> dict[str, Any]:
@@ -56,6 +56,12 @@ def plan_to_json(plan: ResolvedPlan, with_params: bool = False) -> dict[str, Any
             "frozen_bn_modules": list(s.bn_eval),
             "pruned_groups": list(s.pruned_groups),
             "groups": groups,
+            "adapters": None if s.adapters is None else {
+                "kind": s.adapters.kind, "r": s.adapters.r, "alpha": s.adapters.alpha,
+                "dropout": s.adapters.dropout, "modules": list(s.adapters.modules),
+                "adapter_params": s.adapter_params,
+                "frozen_base_params": s.frozen_params,
+            },
         })
     if with_params:
         where = [{p: g.name for g in s.groups for p in g.params} for s in plan.stages]
@@ -69,6 +75,18 @@ def plan_to_json(plan: ResolvedPlan, with_params: bool = False) -> dict[str, Any
             for p in spec.params
         ]
     return doc
+
+
+def adapter_summary(stage: ResolvedStage) -> str:
+    """A stage's adapters in one line: kind, size, wrapped layers, what they train."""
+    a = stage.adapters
+    if a is None:
+        return "none"
+    rank = "" if a.kind == "ia3" else f" r={a.r} alpha={a.alpha:g}"
+    shown = ", ".join(a.modules[:3]) + (f", ... ({len(a.modules)} layers)"
+                                         if len(a.modules) > 3 else "")
+    return (f"{a.kind}{rank} on {shown}: {stage.adapter_params:,} adapter params train, "
+            f"{stage.frozen_params:,} base params frozen")
 
 
 def plan_to_text(plan: ResolvedPlan) -> str:
@@ -90,6 +108,8 @@ def plan_to_text(plan: ResolvedPlan) -> str:
         start = ", ".join(f"{k} {v}" for k, v in s.start.items())
         lines.append(f"stage {s.index} {s.name} from {start}: {s.trainable_params:,} "
                      f"trainable, {len(s.bn_eval)} BN frozen")
+        if s.adapters is not None:
+            lines.append(f"  adapters: {adapter_summary(s)}")
         lines += [f"  {g.name}: {g.num_params:,} params, lr {g.lr:.3g}, wd {g.weight_decay:g}"
                   for g in s.groups]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.schema import Recipe
 from dist_ft.models.structure import ModelSpec
+from dist_ft.plan.adapters import ResolvedAdapters, resolve_adapters
 from dist_ft.plan.digest import plan_records, records_digest
 from dist_ft.plan.groups import ResolvedGroup, resolve_groups
 from dist_ft.plan.rules import RuleError, match_rule
@@ -28,6 +29,9 @@ class ResolvedStage:
         bn_eval: the BatchNorm layers held in eval mode (``frozen_norms`` under ``freeze``).
         pruned_groups: configured groups with no trainable parameter in this stage.
         trainable_params, frozen_params: element counts.
+        spec: the model as this stage trains it (with its adapters injected, if any).
+        adapters: the stage's adapters, or None.
+        adapter_params: trainable adapter elements (0 without adapters).
     """
 
     index: int
@@ -43,6 +47,9 @@ class ResolvedStage:
     pruned_groups: tuple[str, ...]
     trainable_params: int
     frozen_params: int
+    spec: ModelSpec
+    adapters: ResolvedAdapters | None = None
+    adapter_params: int = 0
 
     @property
     def start(self) -> dict[str, int]:
@@ -64,7 +71,27 @@ class ResolvedPlan:
 
     def records(self) -> list[dict]:
         """Per-stage, per-parameter records (see :func:`dist_ft.plan.digest.plan_records`)."""
-        return plan_records(self.spec, self.stages)
+        return plan_records(self.stages)
+
+    @property
+    def has_adapters(self) -> bool:
+        """Whether some stage trains adapters."""
+        return any(s.adapters is not None for s in self.stages)
+
+    def changed_before(self, index: int) -> tuple[str, ...]:
+        """Base parameters (the model's own names) that differ from the initial weights when
+        stage ``index`` begins: trained in an earlier stage, or merged into by earlier
+        adapters that stage ``index`` no longer carries."""
+        base = {p.name for p in self.spec.params}
+        changed: set[str] = set()
+        for k in range(index):
+            changed |= base & set(self.stages[k].trainable)
+            adapters = self.stages[k].adapters
+            if adapters is not None and any(s.adapters != adapters
+                                            for s in self.stages[k + 1:index + 1]):
+                wrapped = set(adapters.modules)
+                changed |= {n for n in base if n.rpartition(".")[0] in wrapped}
+        return tuple(p.name for p in self.spec.params if p.name in changed)
 
     def stage_at(self, epoch: int, step: int) -> ResolvedStage:
         """The stage in force at ``epoch`` (0-based) and global ``step``."""
@@ -91,36 +118,62 @@ def resolve_plan(recipe: Recipe, spec: ModelSpec) -> ResolvedPlan:
             stage with nothing to train, each with its key path.
     """
     problems: list[str] = []
-    info = {p.name: p for p in spec.params}
 
-    def matches(rules: list, key: str) -> set[str]:
+    def adapted(adapters: ResolvedAdapters) -> ModelSpec:
+        # The adapted model's parameter shapes are peft's: a meta-device build (torch).
+        from dist_ft.models.adapters import adapted_spec
+
+        return adapted_spec(recipe.model, adapters)
+
+    def matches(rules: list, key: str, stage_spec: ModelSpec) -> set[str]:
         out: set[str] = set()
         for j, rule in enumerate(rules):
             try:
-                out.update(match_rule(rule, spec))
+                out.update(match_rule(rule, stage_spec))
             except RuleError as exc:
                 problems.append(f"{key}[{j}]: {exc}")
         return out
 
-    group_members = {
-        g.name: matches(g.match, f"optim.groups[{i}].match")
-        for i, g in enumerate(recipe.optim.groups)
-    }
+    members_by_spec: dict[int, dict[str, set[str]]] = {}
+
+    def group_members(stage_spec: ModelSpec) -> dict[str, set[str]]:
+        key = id(stage_spec)
+        if key not in members_by_spec:
+            members_by_spec[key] = {
+                g.name: matches(g.match, f"optim.groups[{i}].match", stage_spec)
+                for i, g in enumerate(recipe.optim.groups)
+            }
+        return members_by_spec[key]
+
     stages: list[ResolvedStage] = []
     for i, cfg in enumerate(recipe.plan.stages):
         before = len(problems)
-        selected = matches(cfg.include, _stage_key(i, "include"))
-        selected -= matches(cfg.exclude, _stage_key(i, "exclude"))
+        adapters, stage_spec, adapter_names = None, spec, set()
+        if cfg.adapters is not None:
+            try:
+                adapters = resolve_adapters(cfg.adapters, spec)
+            except RuleError as exc:
+                problems.append(f"{_stage_key(i, 'adapters.target')}: {exc}")
+                continue
+            stage_spec = adapted(adapters)
+            renamed = {adapters.adapted_name(p.name) for p in spec.params}
+            adapter_names = {p.name for p in stage_spec.params} - renamed
+        selected = matches(cfg.include, _stage_key(i, "include"), stage_spec)
+        selected -= matches(cfg.exclude, _stage_key(i, "exclude"), stage_spec)
         if len(problems) > before:
             continue
+        if adapters is not None:  # wrapped layers' own weights stay frozen: adapters train
+            selected = {n for n in selected if ".base_layer." not in n} | adapter_names
         if not selected:
             problems.append(f"plan.stages[{i}] ({cfg.name}): exclude removes every parameter")
             continue
-        trainable = [p.name for p in spec.params if p.name in selected]
-        groups, pruned = resolve_groups(spec, recipe.optim, trainable, group_members, cfg.lr_scale)
+        info = {p.name: p for p in stage_spec.params}
+        trainable = [p.name for p in stage_spec.params if p.name in selected]
+        groups, pruned = resolve_groups(stage_spec, recipe.optim, trainable,
+                                        group_members(stage_spec), cfg.lr_scale)
         bn_policy = cfg.bn_policy or recipe.plan.bn_policy
         frozen_norms = tuple(
-            n.name for n in spec.norms
+            n.name for n in stage_spec.norms
             if n.tracks_stats and n.params and not any(p in selected for p in n.params)
         )
         trainable_params = sum(info[n].numel for n in trainable)
@@ -138,10 +191,13 @@ def resolve_plan(recipe: Recipe, spec: ModelSpec) -> ResolvedPlan:
                 bn_eval=frozen_norms if bn_policy == "freeze" else (),
                 pruned_groups=tuple(pruned),
                 trainable_params=trainable_params,
-                frozen_params=spec.num_params - trainable_params,
+                frozen_params=stage_spec.num_params - trainable_params,
+                spec=stage_spec,
+                adapters=adapters,
+                adapter_params=sum(info[n].numel for n in adapter_names),
             )
         )
     if problems:
         raise ConfigError(problems)
-    digest = records_digest(plan_records(spec, stages))
+    digest = records_digest(plan_records(stages))
     return ResolvedPlan(spec.name, spec, recipe.optim.lr, tuple(stages), digest)

@@ -27,10 +27,17 @@ log = logging.getLogger("dist_ft.train")
 
 
 def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dict[str, Any],
-                    rank_state: dict[str, Any], keep_last: int) -> Path:
+                    rank_state: dict[str, Any], keep_last: int,
+                    changed_frozen: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint from every rank, atomically; prune this run's to the last ``keep_last``.
 
     Only checkpoints carrying the same ``run_id`` as ``trainer_state`` are ever pruned.
+
+    Args:
+        changed_frozen: a *lean* checkpoint (adapter stages): the model file then holds only
+            the trainable parameters (and buffers), and these frozen weights that differ from
+            the initial ones are stored beside it (main process's copy); the rest is rebuilt
+            from the recipe's ``model`` section on resume (see :func:`load_checkpoint`).
     """
     final, partial = run.checkpoint(step), run.partial(step)
     if accelerator.is_main_process:
@@ -38,7 +45,15 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
             shutil.rmtree(partial)
         partial.mkdir(parents=True, mode=0o755)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    if changed_frozen is None:
+        accelerator.save_state(str(partial))
+    else:
+        _save_lean_state(accelerator, partial)
+        if accelerator.is_main_process and changed_frozen:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in changed_frozen.items()},
+                      str(partial / CHANGED_FROZEN))
     torch.save(rank_state, partial / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -53,6 +68,50 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
             remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+CHANGED_FROZEN = "changed_frozen.safetensors"  # a lean checkpoint's frozen-but-changed weights
+
+
+def _lean_kwargs(accelerator: Any, saving: bool) -> dict[str, Any]:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"exclude_frozen_parameters": True} if saving else {"load_module_strict": False}
+    return {} if saving else {"strict": False}
+
+
+def _save_lean_state(accelerator: Any, folder: Path) -> None:
+    """``save_state`` without the frozen parameters in the model file (DeepSpeed's
+    ``exclude_frozen_parameters``; elsewhere a pre-save hook drops them)."""
+    def drop_frozen(models: list[Any], weights: list[dict[str, Any]], _dir: str) -> None:
+        for model, state in zip(models, weights, strict=False):
+            frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+            for key in [k for k in state if k in frozen]:
+                del state[key]
+
+    handle = accelerator.register_save_state_pre_hook(drop_frozen)
+    try:
+        accelerator.save_state(str(folder), **_lean_kwargs(accelerator, saving=True))
+    finally:
+        handle.remove()
+
+
+def load_checkpoint(accelerator: Any, path: Path, lean: bool) -> None:
+    """Load Accelerate's state of a checkpoint into the prepared model and optimizer.
+
+    A lean checkpoint's model file lacks the frozen parameters: the module must already hold
+    them (rebuilt from the recipe, with :data:`CHANGED_FROZEN` applied).
+    """
+    accelerator.load_state(str(path), **(_lean_kwargs(accelerator, saving=False) if lean else {}))
+
+
+def read_changed_frozen(path: Path) -> dict[str, torch.Tensor]:
+    """A lean checkpoint's frozen weights that differ from the initial ones (may be none)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / CHANGED_FROZEN
+    return load_file(str(file)) if file.is_file() else {}
 
 
 def remove_checkpoint(path: Path) -> None:

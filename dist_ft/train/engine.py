@@ -102,6 +102,21 @@ def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     return state
 
 
+def full_params(accelerator: Any, model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of the named parameters, whole (collective under ZeRO-3)."""
+    if not names:
+        return {}
+    named = dict(unwrap(accelerator, model).named_parameters())
+    params = [named[n] for n in names]
+    context = contextlib.nullcontext()
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with context:
+        return {n: p.detach().float().cpu().clone() for n, p in zip(names, params, strict=True)}
+
+
 def optimizer_state_elements(accelerator: Any, model: nn.Module, keys: tuple[str, ...]) -> int:
     """Optimizer-state elements this rank holds (per-element state x what it covers).
 

@@ -222,9 +222,13 @@ def evaluate(req: EvalRequest) -> dict[str, Any] | None:
 def _scorer(weights: Weights, req: EvalRequest, procs: EvalProcesses
             ) -> Callable[[str], tuple[SplitScores, ClassMatch]]:
     """Load ``weights`` once; the returned function scores a split of ``req.data`` with it."""
+    from dist_ft.models.preprocessing import input_config
+
     model = load_trained(weights.recipe, weights.path).to(procs.device)
+    prep = input_config(weights.recipe.model, weights.recipe.data)  # as trained
     return lambda split: score_split(model, req.model_classes, req.data, split,
-                                     weights.recipe.data.image_size, procs, req.batch_size)
+                                     weights.recipe.data.image_size, procs, req.batch_size,
+                                     prep=prep)
 
 
 def _evaluate(req: EvalRequest, procs: EvalProcesses) -> dict[str, Any] | None:

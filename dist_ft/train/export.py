@@ -100,7 +100,9 @@ def export_model(recipe: Recipe, weights: str | Path, fmt: str, out: str | Path 
     path = outputs[0]
     model = load_trained(recipe, weights)
     size = recipe.data.image_size
-    example = torch.zeros(1, 3, size, size)
+    # Batch 2: with a batch-1 example torch.export specialises the batch dimension of
+    # ConvNeXt-style models (torchvision's and timm's) and the dynamic-batch ONNX export fails.
+    example = torch.zeros(2, 3, size, size)
     # Written and verified under a temporary name: a failed export leaves no file behind and
     # the previous export (if any) in place.
     with atomic_output(path) as tmp:
@@ -162,7 +164,11 @@ def _auroc_change(recipe: Recipe, model: nn.Module, run: Any) -> dict[str, Any] 
         return None
     if not dataset.multilabel or len(dataset) == 0:
         return None
-    resize, normalize = BatchResize(recipe.data.image_size), BatchNormalize()
+    from dist_ft.models.preprocessing import input_config
+
+    prep = input_config(recipe.model, recipe.data)
+    resize = BatchResize(recipe.data.image_size, prep.interpolation)
+    normalize = BatchNormalize(prep.mean, prep.std)
     fp32, int8, targets = [], [], []
     with torch.no_grad():
         for images, target in DataLoader(dataset, batch_size=64):

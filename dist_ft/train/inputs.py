@@ -19,7 +19,14 @@ from torch.utils.data import DataLoader
 from dist_ft.config.schema import DataConfig
 from dist_ft.data.datasets import build_dataset, collate
 from dist_ft.data.sampler import ShardedSampler
-from dist_ft.data.transforms import BatchAugment, BatchNormalize, BatchResize
+from dist_ft.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchAugment,
+    BatchNormalize,
+    BatchResize,
+)
+from dist_ft.models.preprocessing import InputConfig
 
 
 @dataclass
@@ -58,9 +65,12 @@ class TrainingInputs:
 
 
 def build_inputs(cfg: DataConfig, seed: int, rank: int, world: int, device: torch.device,
-                 bad_image_log: Path) -> TrainingInputs:
+                 bad_image_log: Path, prep: InputConfig | None = None) -> TrainingInputs:
     """This rank's inputs: training order fixed by (seed, epoch), every validation image
-    once across ranks, bad images recorded in ``bad_image_log`` (``data.on_bad_image``)."""
+    once across ranks, bad images recorded in ``bad_image_log`` (``data.on_bad_image``),
+    normalised and resampled as ``prep`` says (default: torchvision's ImageNet preprocessing;
+    :func:`dist_ft.models.preprocessing.input_config`)."""
+    prep = prep or InputConfig(IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     for dataset in (train_set, val_set):
         if hasattr(dataset, "bad_image_log"):  # images read from files, skippable
@@ -78,6 +88,7 @@ def build_inputs(cfg: DataConfig, seed: int, rank: int, world: int, device: torc
         train_loader=DataLoader(train_set, sampler=train_sampler, **loader_args),
         val_loader=DataLoader(val_set, sampler=val_sampler, **loader_args),
         augment=BatchAugment(cfg.image_size, aug.crop_scale, aug.ratio, hflip=aug.hflip,
-                             rotation_deg=aug.rotation_deg),
-        resize=BatchResize(cfg.image_size), normalize=BatchNormalize().to(device),
+                             rotation_deg=aug.rotation_deg, mode=prep.interpolation),
+        resize=BatchResize(cfg.image_size, prep.interpolation),
+        normalize=BatchNormalize(prep.mean, prep.std).to(device),
         generator=torch.Generator().manual_seed(seed * 1000 + rank))

@@ -29,8 +29,9 @@ from dist_ft.console import progress
 from dist_ft.data.datasets import build_dataset, class_names, collate
 from dist_ft.data.label_map import CHESTXRAY14_TO_CHEXPERT
 from dist_ft.data.sampler import ShardedSampler
-from dist_ft.data.transforms import BatchNormalize, BatchResize
+from dist_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize, BatchResize
 from dist_ft.models.factory import build_model
+from dist_ft.models.preprocessing import InputConfig
 from dist_ft.models.weights import load_weights_strict
 from dist_ft.train.consistency import gather_objects
 from dist_ft.train.runtime import ensure_process_group_env, has_cuda
@@ -160,8 +161,8 @@ def sample_info(dataset: Any) -> dict[str, np.ndarray]:
 
 
 def score_dataset(model: torch.nn.Module, dataset: Any, image_size: int, batch_size: int,
-                  num_workers: int, procs: EvalProcesses,
-                  desc: str = "score") -> tuple[np.ndarray, np.ndarray]:
+                  num_workers: int, procs: EvalProcesses, desc: str = "score",
+                  prep: InputConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and targets of every sample of ``dataset``, each scored exactly once.
 
     Rank ``r`` scores samples ``r, r + world, ...``; the parts are all-gathered with their
@@ -175,7 +176,10 @@ def score_dataset(model: torch.nn.Module, dataset: Any, image_size: int, batch_s
     cuda = procs.device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=cuda, collate_fn=collate)
-    resize, normalize = BatchResize(image_size), BatchNormalize().to(procs.device)
+    # The preprocessing the model was trained with (default: torchvision's ImageNet one).
+    prep = prep or InputConfig(IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+    resize = BatchResize(image_size, prep.interpolation)
+    normalize = BatchNormalize(prep.mean, prep.std).to(procs.device)
     scores, targets = [], []
     with torch.inference_mode():
         for images, target in progress(loader, desc=desc, unit="batch", enabled=procs.is_main):
@@ -259,7 +263,8 @@ class EmptySplitError(ValueError):
 
 def score_split(model: torch.nn.Module, model_classes: Sequence[str], data: DataConfig,
                 split: str, image_size: int, procs: EvalProcesses,
-                batch_size: int | None = None) -> tuple[SplitScores, ClassMatch]:
+                batch_size: int | None = None,
+                prep: InputConfig | None = None) -> tuple[SplitScores, ClassMatch]:
     """Score ``split`` of ``data`` with ``model``; keep the columns of the shared classes.
 
     Raises:
@@ -276,7 +281,7 @@ def score_split(model: torch.nn.Module, model_classes: Sequence[str], data: Data
              ClassMatch(list(range(len(classes))), list(range(len(classes))), classes))
     start = time.perf_counter()
     scores, targets = score_dataset(model, dataset, image_size, batch_size or data.batch_size,
-                                    data.num_workers, procs, desc=f"eval {split}")
+                                    data.num_workers, procs, desc=f"eval {split}", prep=prep)
     seconds = max(gather_objects(time.perf_counter() - start))
     if dataset.multilabel and not match.identity:
         scores, targets = scores[:, match.model_index], targets[:, match.data_index]

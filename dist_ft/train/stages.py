@@ -20,7 +20,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dist_ft.config.schema import OptimConfig, Recipe
+from dist_ft.models.adapters import adapt
 from dist_ft.plan import ResolvedPlan, ResolvedStage
+from dist_ft.plan.adapters import ResolvedAdapters
 from dist_ft.train.progress import Progress
 
 log = logging.getLogger("dist_ft.train")
@@ -60,6 +62,18 @@ def optimizer_groups(plan: ResolvedPlan, stage_index: int) -> list[OptimGroup]:
             label = group.name if len(histories) == 1 else f"{group.name}@{plan.stages[h].name}"
             out.append(OptimGroup(label, names, group.lr, group.weight_decay, h))
     return out
+
+
+def adapter_change(current: ResolvedAdapters | None, target: ResolvedAdapters | None) -> str:
+    """What a stage boundary does to the adapters, in words."""
+    parts = []
+    if current is not None:
+        parts.append(f"{current.kind} adapters on {len(current.modules)} layers merged into "
+                     "the base weights")
+    if target is not None:
+        rank = "" if target.kind == "ia3" else f" r={target.r}"
+        parts.append(f"{target.kind}{rank} adapters on {len(target.modules)} layers injected")
+    return "; ".join(parts)
 
 
 def apply_trainable(model: nn.Module, stage: ResolvedStage) -> None:
@@ -125,12 +139,14 @@ class StageSwitcher:
         accelerator: the run's Accelerator.
         recipe: the run's recipe.
         plan: the resolved plan.
-        rebuild: makes a fresh, ready-to-train module from a full state dict.
+        rebuild: makes a fresh, ready-to-train module from a full state dict of a module
+            carrying the given adapters (or none).
         stage_weights: folder for ``trainer.save_stage_weights`` (main process writes).
     """
 
     def __init__(self, accelerator: Any, recipe: Recipe, plan: ResolvedPlan,
-                 rebuild: Callable[[dict[str, torch.Tensor]], nn.Module],
+                 rebuild: Callable[[dict[str, torch.Tensor], ResolvedAdapters | None],
+                                   nn.Module],
                  stage_weights: Path) -> None:
         self.accelerator, self.recipe, self.plan = accelerator, recipe, plan
         self.rebuild, self.stage_weights = rebuild, stage_weights
@@ -151,6 +167,8 @@ class StageSwitcher:
         acc, save = self.accelerator, self.recipe.trainer.save_stage_weights
         started, rebuilt = time.perf_counter(), optimizer is not None
         moments: dict[str, dict[str, torch.Tensor]] = {}
+        # The adapters ``model`` carries: none on the plain module a run (or resume) starts from.
+        current = None if optimizer is None else self.plan.stages[progress.stage].adapters
         if optimizer is None:
             module = model
         else:
@@ -158,10 +176,15 @@ class StageSwitcher:
                 self.save_weights(f"stage{progress.stage}_end", model, optimizer, moments=True)
             if carry:
                 moments = engine.snapshot_moments(acc, model, optimizer, self.keys)
-            module = engine.module_for_new_stage(acc, model, self.rebuild)
+            module = engine.module_for_new_stage(
+                acc, model, lambda state: self.rebuild(state, current))
             acc.free_memory()
             model = optimizer = None
         stage = self.plan.stages[index]
+        if current != stage.adapters:  # merge the old adapters, inject the new ones (peft)
+            module = adapt(module, current, stage.adapters, self.adapter_seed(index))
+            log.info("stage %d '%s': %s", index, stage.name, adapter_change(current,
+                                                                          stage.adapters))
         apply_trainable(module, stage)
         groups = optimizer_groups(self.plan, index)
         model, optimizer = acc.prepare(module, build_optimizer(self.recipe.optim, module, groups))
@@ -182,6 +205,10 @@ class StageSwitcher:
                  f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded, seconds,
                  engine.optimizer_state_elements(acc, model, self.keys))
         return model, optimizer
+
+    def adapter_seed(self, index: int) -> int:
+        """The seed of stage ``index``'s new adapters: the run's seed and the stage alone."""
+        return self.recipe.trainer.seed * 1000 + index
 
     def save_weights(self, label: str, model: Any, optimizer: Any,
                      moments: bool = False) -> None:

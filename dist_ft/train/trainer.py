@@ -30,17 +30,29 @@ from dist_ft.config.load import recipe_to_dict
 from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.data.cache import CacheError, CacheReader
 from dist_ft.data.images import ImageError
+from dist_ft.models.adapters import (
+    ADAPTER_WEIGHTS,
+    adapt,
+    merged_state_dict,
+    remove_peft_adapter,
+    save_peft_adapter,
+    state_digest,
+    trained_modules,
+)
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
 from dist_ft.models.spec_cache import fast_model_spec
-from dist_ft.plan import ResolvedPlan, resolve_plan
+from dist_ft.plan import ResolvedPlan, ResolvedStage, resolve_plan
+from dist_ft.plan.adapters import ResolvedAdapters
 from dist_ft.plan.render import plan_to_json, plan_to_text
-from dist_ft.rundir import RunDir, write_json_atomic
+from dist_ft.rundir import WEIGHTS, RunDir, write_json_atomic
 from dist_ft.runlock import RunLock
 from dist_ft.train import engine
 from dist_ft.train.checkpoint import (
     checkpoint_bytes,
+    load_checkpoint,
     load_rank_state,
+    read_changed_frozen,
     read_trainer_state,
     save_checkpoint,
 )
@@ -179,6 +191,10 @@ class Trainer:
         self.spec = describe_model(self.base_module, self.recipe.model.name)
 
         self.plan: ResolvedPlan = resolve_plan(self.recipe, self.spec)
+        # Adapter stages checkpoint only what trains; the rest is rebuilt from the recipe's
+        # model section, which this digest pins (checked on resume).
+        self.base_digest = state_digest(self.base_module.state_dict()) \
+            if self.plan.has_adapters else None
         check_plan_consistency(self.acc, self.plan, "at start")
         self.stages = StageSwitcher(self.acc, self.recipe, self.plan, self._fresh_module,
                                     self.run.stage_weights)
@@ -211,8 +227,11 @@ class Trainer:
         recipe, data = self.recipe, self.recipe.data
         if data.cache is not None and data.verify_cache:
             self._verify_cache(data.cache)
+        from dist_ft.models.preprocessing import input_config
+
         self.inputs = inputs = build_inputs(data, recipe.trainer.seed, self.rank, self.world,
-                                            self.acc.device, self.run.bad_images(self.rank))
+                                            self.acc.device, self.run.bad_images(self.rank),
+                                            input_config(recipe.model, data))
         train_set, val_set = inputs.train_set, inputs.val_set
         classes = len(train_set.classes)
         if classes != recipe.model.num_classes:
@@ -289,9 +308,12 @@ class Trainer:
                              "data.verify_cache=false to train without this check)")
 
     # ------------------------------------------------------------------ stages
-    def _fresh_module(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def _fresh_module(self, state: dict[str, torch.Tensor],
+                      adapters: ResolvedAdapters | None) -> nn.Module:
         cfg = ModelConfig(name=self.recipe.model.name, num_classes=self.recipe.model.num_classes)
         module = build_model(cfg)
+        if adapters is not None:  # their values come from ``state``: no seed needed
+            module = adapt(module, None, adapters)
         module.load_state_dict(state)
         return self._checkpointed(module)
 
@@ -437,6 +459,8 @@ class Trainer:
         """After the first backward of a stage: name trainable params that got no gradient."""
         self.grad_check_pending = False
         missing = engine.params_without_grad(self.acc, self.model)
+        # LoRA starts with B = 0, so A's first gradient is exactly zero: expected, not a fault.
+        missing = [n for n in missing if ".lora_A." not in n]
         if missing:
             log.warning("stage %d: %d trainable parameter(s) received no gradient: %s",
                         self.progress.stage, len(missing), ", ".join(missing[:10]))
@@ -523,6 +547,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         weights.parent.mkdir(parents=True, exist_ok=True)
+        state = self._plain_weights(weights.parent, state)
         tmp = weights.with_name(weights.name + ".tmp")
         header = {"model": self.recipe.model.name, "digest": self.plan.digest,
                   "run_id": self.run_id, **{k: str(v) for k, v in (about or {}).items()}}
@@ -531,6 +556,25 @@ class Trainer:
             os.fsync(fh.fileno())
         tmp.replace(weights)
         write_json_atomic(metrics_path, metrics)
+
+    def _plain_weights(self, folder: Path, state: dict[str, torch.Tensor]
+                       ) -> dict[str, torch.Tensor]:
+        """The model's own weights of ``state``: in an adapter stage the adapters are merged
+        (a plain model, loadable anywhere) and also written alone in peft's format beside."""
+        stage = self.plan.stages[self.progress.stage]
+        if stage.adapters is None:
+            remove_peft_adapter(folder)  # left by an earlier adapter stage: not these weights
+            return state
+        cfg = self.recipe.model
+        size = save_peft_adapter(folder, cfg, state, stage.adapters,
+                                 trained_modules(stage.trainable, stage.adapters))
+        log.info("adapters (%s, %s params) in peft's format: %s (%.2f MiB)", stage.adapters.kind,
+                 f"{stage.adapter_params:,}", folder / ADAPTER_WEIGHTS, size / 2**20)
+        if set(self.plan.changed_before(stage.index)) - set(stage.trainable):
+            log.warning("%s applies to the base these weights merged it into, not to the model "
+                        "built from model.pretrained alone (earlier stages changed frozen "
+                        "weights): use %s", folder / ADAPTER_WEIGHTS, folder / WEIGHTS)
+        return merged_state_dict(cfg, state, stage.adapters)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -541,13 +585,52 @@ class Trainer:
                  "contract": self.contract,
                  "accepted_changes": self.accepted_changes, "world_size": self.world}
         rank_state = {"generator": self.inputs.generator.get_state()}
+        changed = None
+        stage = self.plan.stages[self.progress.stage]
+        if stage.adapters is not None:  # lean: what trains, what changed, the base's digest
+            changed = self._changed_frozen(stage)
+            state["base"] = {"model": self.recipe.model.name,
+                             "pretrained": self.recipe.model.pretrained,
+                             "digest": self.base_digest, "changed_frozen": sorted(changed)}
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
-                               self.recipe.trainer.keep_last)
+                               self.recipe.trainer.keep_last, changed)
         self.last_saved = path
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
                  usage.get("open_files", "?"), usage.get("rss_mib", float("nan")))
         return path
+
+    def _changed_frozen(self, stage: ResolvedStage) -> dict[str, torch.Tensor]:
+        """Frozen weights of ``stage`` that differ from the initial ones, by their base names
+        (a collective call under ZeRO-3)."""
+        assert stage.adapters is not None
+        trainable = set(stage.trainable)
+        names = {n: stage.adapters.adapted_name(n)
+                 for n in self.plan.changed_before(stage.index)}
+        names = {n: a for n, a in names.items() if a not in trainable}
+        found = engine.full_params(self.acc, self.model, list(names.values()))
+        return {n: found[a] for n, a in names.items()}
+
+    def _load_base(self, path: Path, state: dict[str, Any]) -> None:
+        """Before resuming a lean checkpoint: check that the model built from the recipe is
+        the one it was trained from, and put back its frozen weights that had changed.
+
+        Raises:
+            RunUsageError: the initial weights differ (``model.pretrained`` changed).
+        """
+        base = state.get("base", {})
+        if base.get("digest") != self.base_digest:
+            raise RunUsageError(
+                f"{path} stores only what trains in an adapter stage; the rest comes from "
+                f"model.pretrained ({base.get('pretrained')!r} when saved, "
+                f"{self.recipe.model.pretrained!r} now), whose weights differ from the ones "
+                f"it was trained from ({base.get('digest')} != {self.base_digest}): resume "
+                "with the same initial weights")
+        changed = read_changed_frozen(path)
+        if changed:
+            _missing, unexpected = self.base_module.load_state_dict(changed, strict=False)
+            if unexpected:
+                raise RunUsageError(f"{path}: frozen weights the model lacks: {unexpected[:3]}")
 
     def _load(self, path: Path) -> None:
         """Resume from a verified checkpoint after checking that it fits this run.
@@ -582,8 +665,11 @@ class Trainer:
                         self.monitor.name, self.monitor.mode)
         if self.monitor.best is not None and self.reporter is not None:
             self.reporter.status_extra["best"] = self.monitor.selected()
+        lean = self.plan.stages[p.stage].adapters is not None
+        if lean:
+            self._load_base(path, state)
         self._enter_stage(p.stage, carry=False, snapshot=False)
-        self.acc.load_state(str(path))
+        load_checkpoint(self.acc, path, lean)
         if (path / f"rank{self.rank}.pt").is_file():
             self.inputs.generator.set_state(load_rank_state(path, self.rank)["generator"])
         log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,

@@ -124,7 +124,7 @@ BAD_RECIPES: list[tuple[str, Any, list[str]]] = [
      lambda d: d["plan"]["stages"].append({"name": "all", "start_step": 900, "include": ["all"]}),
      ["plan", "start_epoch in every stage or start_step in every stage"]),
     ("rule_of_wrong_type", _stage(0, include=[3]), ["plan.stages[0].include[0]", "a rule is"]),
-    ("empty_include", _stage(0, include=[]), ["plan.stages[0].include", "at least 1 item"]),
+    ("empty_include", _stage(0, include=[]), ["plan.stages[0].include", "at least one rule"]),
     ("negative_weight_decay", ["optim.weight_decay=-1"],
      ["optim.weight_decay", "must be greater than or equal to 0", "-1"]),
     ("zero_classes", ["model.num_classes=0"],

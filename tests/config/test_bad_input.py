@@ -39,6 +39,8 @@ SECTIONS: dict[type[Section], tuple[str, list[str]]] = {
     schema.StageConfig: ("plan.stages[0]", []),
     schema.Rule: ("plan.stages[0].include[0]",
                   ["plan.stages=[{name: s, start_step: 0, include: [{last_blocks: 1}]}]"]),
+    schema.AdapterConfig: ("plan.stages[0].adapters",
+                           ["plan.stages=[{name: s, start_step: 0, adapters: {target: [head]}}]"]),
     schema.OptimConfig: ("optim", []),
     schema.GroupConfig: ("optim.groups[0]", ["optim.groups=[{name: g, match: [head]}]"]),
     schema.ScheduleConfig: ("schedule", []),
@@ -62,9 +64,12 @@ def _kinds(annotation: Any) -> tuple[set[str], bool]:
         return _kinds(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType, tuple, list):
         kinds: set[str] = set()
+        tuples = origin is tuple
         for arg in typing.get_args(annotation):
-            kinds |= _kinds(arg)[0]
-        return kinds, origin is tuple
+            arg_kinds, arg_tuple = _kinds(arg)
+            kinds |= arg_kinds
+            tuples |= arg_tuple and origin is not list  # an optional tuple (data.mean) too
+        return kinds, tuples
     return set(), False
 
 

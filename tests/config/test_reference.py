@@ -59,7 +59,8 @@ def test_keys_match_what_pydantic_accepts() -> None:
         "data": {"format": "csv", "csv": {"file": "labels.csv", "label_columns": ["a"]},
                  "split_files": {"test": "test.txt"}},
         "plan": {"stages": [{"name": "s", "start_epoch": 0, "include": ["all"],
-                             "exclude": [{"last_blocks": 1}]}]},
+                             "exclude": [{"last_blocks": 1}],
+                             "adapters": {"target": [{"last_blocks": 1}]}}]},
         "optim": {"groups": [{"name": "g", "match": ["head"]}]},
     })
     dumped = _dump_paths(full.model_dump())
@@ -81,7 +82,7 @@ def test_types_defaults_and_allowed_values_read_as_a_user_writes_them() -> None:
         "trainer.max_steps": ("int >= 1 or null", "null"),
         "model.num_classes": ("int >= 1", "14"),
         "logging.trackers": ("list, each one of: tensorboard, mlflow, wandb", "[tensorboard]"),
-        "plan.stages[].include": ("list of rules (at least 1)", "required"),
+        "plan.stages[].include": ("list of rules", "[]"),  # required unless adapters
         "trainer.precision": ("one of: no, fp16, bf16", "'no'"),  # quoted: YAML's false
     }
     for key, (type_text, default) in expect.items():

@@ -1,0 +1,89 @@
+"""A timm backbone under DeepSpeed ZeRO-2 on 2 gloo processes: stages, resume, export.
+
+One run of timm's EfficientNet-B0 (32 px synthetic ChestX-ray14 twin, activation
+checkpointing through timm, layer decay, frozen BatchNorm) through three freeze stages is
+shared by the tests; a second run resumes it from a mid-run checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_ft.config import load_recipe
+from dist_ft.models.spec_cache import fast_model_spec
+from dist_ft.plan import resolve_plan
+from tests.conftest import CONFIGS, CliResult
+from tests.train.test_trainer_mp import launch
+
+pytestmark = pytest.mark.multiprocess
+
+SMOKE = CONFIGS / "chestxray14_smoke.yaml"
+ARGS = [
+    "model.name=timm/efficientnet_b0", "optim.layer_decay=0.8",
+    "data.image_size=32", "data.load_size=32", "data.batch_size=8",
+    "plan.stages[1].start_step=3", "plan.stages[2].start_step=6",
+    "trainer.max_steps=8", "trainer.epochs=10", "trainer.checkpoint_every_steps=4",
+    "trainer.keep_last=5", "trainer.save_stage_weights=true", "logging.every_steps=2",
+    "trainer.activation_checkpointing=true", "schedule.warmup_steps=0",
+    "trainer.backend=deepspeed", "trainer.zero_stage=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dist_ft.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("timm_data")
+    write_synthetic(root, images=80, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("timm_run")
+    result = launch(["train", str(SMOKE), f"data.root={data}", f"output_dir={out}", *ARGS])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_stages_train_what_timms_blocks_say(run: Path) -> None:
+    recipe = load_recipe(SMOKE, ARGS)
+    plan = resolve_plan(recipe, fast_model_spec(recipe.model))
+    assert plan.spec.blocks.blocks[-3:] == ("blocks.5.3", "blocks.6.0", "head")
+    weights = run / "stage_weights"
+    for k, stage in enumerate(plan.stages):
+        start = load_file(weights / f"stage{k}_start.safetensors")
+        end = load_file(weights / f"stage{k}_end.safetensors")
+        trainable = set(stage.trainable)
+        for name in (p.name for p in plan.spec.params):
+            moved = not torch.equal(start[name], end[name])
+            assert moved == (name in trainable), f"stage {k}: {name}"
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "final weights identical on 2 ranks" in log and "moments carried for" in log
+    assert "activation checkpointing on" in log
+
+
+def test_resume_from_a_checkpoint_is_bitwise(run: Path, data: Path, tmp_path: Path) -> None:
+    checkpoint = run / "checkpoints" / "step_00000004"
+    assert (checkpoint / "COMPLETE").is_file()
+    result = launch(["train", str(SMOKE), f"data.root={data}", f"output_dir={tmp_path}", *ARGS,
+                     "trainer.save_stage_weights=false", "--resume", str(checkpoint)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    a = load_file(run / "final" / "model.safetensors")
+    b = load_file(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_exports_to_onnx(run: Path, run_cli: Callable[..., CliResult]) -> None:
+    result = run_cli("export", str(run), "--weights", "final", "--format", "onnx", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["max_abs_error"] <= 1e-4 and Path(report["path"]).is_file()
