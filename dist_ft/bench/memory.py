@@ -17,6 +17,11 @@ ZeRO-1 4P + 12P/N, ZeRO-2 2P + 14P/N, ZeRO-3 16P/N bytes. Their fp32 counterpart
 on CPU, where there is no mixed precision): parameters and gradients take 4 bytes each, DDP's
 Adam keeps 8P (no master copy is needed), DeepSpeed keeps 12P/N (it always holds an fp32
 master partition): DDP 16P, ZeRO-1 8P + 12P/N, ZeRO-2 4P + 16P/N, ZeRO-3 20P/N.
+
+``--adapters`` (:func:`bench_adapters`) compares a LoRA plan with full fine-tuning: the
+formulas on the plan engine's counts for every model, a ZeRO-2 run per measured model that
+also writes the checkpoint the trainer would (lean in the adapter stage) and counts its
+bytes, and the step time of head-only / LoRA / full training in one process.
 """
 
 from __future__ import annotations
@@ -90,27 +95,66 @@ def _param_tensors(module: torch.nn.Module, zero_opt: Any) -> list[Any]:
 
 
 def bench_model_recipe(backend: str, model_name: str, image_size: int,
-                       batch: int = 1) -> Recipe:
-    """A recipe training ``model_name`` from scratch under ``backend`` (no data is read)."""
+                       batch: int = 1, plan: str | None = None) -> Recipe:
+    """A recipe training ``model_name`` from scratch under ``backend`` (no data is read).
+
+    Args:
+        plan: one of :data:`ADAPTER_PLANS` as a one-stage plan; None: the default plan.
+    """
     from dist_ft.config.load import validate_recipe
 
     trainer = ({"backend": "ddp"} if backend == "ddp"
                else {"backend": "deepspeed", "zero_stage": int(backend[-1])})
-    return validate_recipe({
+    doc: dict[str, Any] = {
         "model": {"name": model_name, "pretrained": "none", "num_classes": 14},
         "data": {"root": tempfile.gettempdir(), "batch_size": batch, "image_size": image_size},
         "trainer": {**trainer, "grad_clip_norm": None},
         "output_dir": tempfile.gettempdir(),
-    })
+    }
+    if plan is not None:
+        doc["plan"] = {"stages": [plan_stage(plan, model_name)]}
+    return validate_recipe(doc)
 
 
-def measure(acc: Any, recipe: Recipe) -> dict[str, Any]:
+# ``bench memory --adapters``: LoRA r=8 on every encoder block's MLP Linear layers of a ViT
+# (torchvision's MultiheadAttention has no Linear q/k/v and reads out_proj's weight directly,
+# so the MLP is what an adapter can train there) with the head training, vs the head alone
+# and full training.
+ADAPTER_MODELS = ("vit_b_16", "vit_l_16")
+ADAPTER_PLANS = ("head", "lora", "full")
+LORA_R, LORA_ALPHA = 8, 16
+VIT_LORA_TARGET: list[Any] = [{"glob": "encoder.layers"}, "mlp"]
+CHECKPOINT_FILES = ("model", "optimizer", "other")
+
+
+def lora_target(model_name: str) -> list[Any]:
+    """The LoRA target rules the bench uses: a ViT's encoder blocks' Linear layers; for any
+    other model the Linear/Conv2d layers of its last two blocks (small models in tests)."""
+    return VIT_LORA_TARGET if model_name.startswith("vit_") else [{"last_blocks": 2}]
+
+
+def plan_stage(plan: str, model_name: str) -> dict[str, Any]:
+    """The one stage of ``plan`` (``head``, ``lora``, ``full``) as a recipe's YAML would say."""
+    if plan not in ADAPTER_PLANS:
+        raise ValueError(f"plan {plan!r}: use one of {', '.join(ADAPTER_PLANS)}")
+    stage: dict[str, Any] = {"name": plan, "start_step": 0,
+                             "include": ["all"] if plan == "full" else ["head"]}
+    if plan == "lora":
+        stage["adapters"] = {"kind": "lora", "r": LORA_R, "alpha": LORA_ALPHA,
+                             "target": lora_target(model_name)}
+    return stage
+
+
+def measure(acc: Any, recipe: Recipe, checkpoint: Path | None = None) -> dict[str, Any]:
     """Build, prepare and step ``recipe.model`` once; this rank's bytes per component.
 
     Args:
         acc: the process's Accelerator (dist-ft's ``build_accelerator``), reused per model.
-        recipe: from :func:`bench_model_recipe`.
+        recipe: from :func:`bench_model_recipe`; an adapter stage's adapters are injected.
+        checkpoint: a scratch run folder: after the step, write a checkpoint there as the
+            trainer does (lean in an adapter stage), count its files' bytes, delete it.
     """
+    from dist_ft.models.adapters import adapt
     from dist_ft.models.factory import build_model
     from dist_ft.models.spec import describe_model
     from dist_ft.plan import resolve_plan
@@ -122,6 +166,7 @@ def measure(acc: Any, recipe: Recipe) -> dict[str, Any]:
     clock = [time.perf_counter()]
     module = build_model(recipe.model)
     plan = resolve_plan(recipe, describe_model(module, model_name))
+    module = adapt(module, None, plan.stages[0].adapters)
     apply_trainable(module, plan.stages[0])
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     optimizer = build_optimizer(recipe.optim, module, optimizer_groups(plan, 0))
@@ -155,6 +200,9 @@ def measure(acc: Any, recipe: Recipe) -> dict[str, Any]:
     measured["optimizer"] = storage_bytes(state + _attrs(zero_opt, _MASTERS))
     measured["params"] = storage_bytes(_param_tensors(module, zero_opt))
     elements = engine.optimizer_state_elements(acc, model, ("exp_avg", "exp_avg_sq"))
+    if checkpoint is not None:
+        measured["checkpoint"] = checkpoint_bytes(acc, checkpoint, plan.stages[0].adapters
+                                                  is not None)
     acc.free_memory()
     del model, optimizer, module, inner, zero_opt, state, grads
     gc.collect()
@@ -170,6 +218,10 @@ def worker(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, required=True)
     parser.add_argument("--models", required=True)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--plans", default="",
+                        help="comma-separated ADAPTER_PLANS: results keyed MODEL/PLAN")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="scratch folder: also write and measure a checkpoint")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     from dist_ft.train.consistency import gather_objects
@@ -177,9 +229,14 @@ def worker(argv: list[str] | None = None) -> int:
 
     names = args.models.split(",")
     acc = build_accelerator(bench_model_recipe(args.backend, names[0], args.image_size))
-    results = {name: gather_objects(measure(acc, bench_model_recipe(args.backend, name,
-                                                                    args.image_size)))
-               for name in names}
+    if args.plans:
+        results = {f"{name}/{plan}": gather_objects(measure(
+            acc, bench_model_recipe(args.backend, name, args.image_size, plan=plan),
+            args.checkpoint)) for name in names for plan in args.plans.split(",")}
+    else:
+        results = {name: gather_objects(measure(acc, bench_model_recipe(args.backend, name,
+                                                                        args.image_size)))
+                   for name in names}
     if torch.distributed.get_rank() == 0:
         args.out.write_text(json.dumps({"backend": args.backend, "models": results,
                                         "world_size": torch.distributed.get_world_size()}))
@@ -247,6 +304,208 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"\nZeRO optimizer state measured / formula: "
                      f"{result['zero_optimizer_ratio_min']:.4f}-"
                      f"{result['zero_optimizer_ratio_max']:.4f}")
+    return "\n".join(lines)
+
+
+def _file_kind(name: str) -> str:
+    """Which part of a checkpoint a file of Accelerate's / DeepSpeed's ``save_state`` holds."""
+    if "optim" in name:  # zero_pp_rank_*_optim_states.pt, optimizer.bin
+        return "optimizer"
+    if name.startswith(("mp_rank_", "model", "pytorch_model")):
+        return "model"
+    return "other"  # RNG states, rank files, trainer state, DeepSpeed's zero_to_fp32.py
+
+
+def checkpoint_bytes(acc: Any, folder: Path, lean: bool) -> dict[str, int]:
+    """Write a checkpoint as the trainer does (``lean``: an adapter stage's), return its bytes
+    by part (:data:`CHECKPOINT_FILES`, counted on the main process), and delete it."""
+    from dist_ft.rundir import RunDir
+    from dist_ft.train.checkpoint import remove_checkpoint, save_checkpoint
+
+    path = save_checkpoint(acc, RunDir(folder), 1, {"run_id": "bench-memory"}, {}, keep_last=1,
+                           changed_frozen={} if lean else None)
+    sizes = dict.fromkeys(CHECKPOINT_FILES, 0)
+    if acc.is_main_process:
+        for f in path.rglob("*"):
+            if f.is_file():
+                sizes[_file_kind(f.name)] += f.stat().st_size
+        remove_checkpoint(path)
+    acc.wait_for_everyone()
+    return sizes
+
+
+def adapter_formula(model_name: str, world: int, image_size: int = 224) -> list[dict[str, Any]]:
+    """The LoRA and full plans of ``model_name`` counted by the plan engine (meta-device
+    builds, nothing trains), with the formulas' bytes for ``T`` trainable of ``P`` parameters:
+
+    - optimizer state per rank: DDP 8T (Adam's m and v, fp32), ZeRO-1/2/3 12T/N (plus the fp32
+      master partition DeepSpeed always keeps);
+    - a ZeRO checkpoint: the model file's weights (only the T trainable in a lean adapter
+      checkpoint, all P otherwise; 4 bytes each in fp32, 2 under bf16 mixed precision) plus
+      every rank's optimizer partition (12T in all). Buffers and file overhead are left out.
+    """
+    from dist_ft.models.spec_cache import fast_model_spec
+    from dist_ft.plan import resolve_plan
+
+    rows = []
+    for plan in ("lora", "full"):
+        recipe = bench_model_recipe("zero2", model_name, image_size, plan=plan)
+        resolved = resolve_plan(recipe, fast_model_spec(recipe.model))
+        stage = resolved.stages[0]
+        t, p = stage.trainable_params, resolved.spec.num_params
+        saved = t if stage.adapters is not None else p
+        rows.append({"model": model_name, "plan": plan, "num_params": p, "trainable_params": t,
+                     "adapter_params": stage.adapter_params,
+                     "adapter_modules": len(stage.adapters.modules) if stage.adapters else 0,
+                     "world_size": world, "optimizer_ddp": 8 * t,
+                     "optimizer_zero": 12 * t / world,
+                     "checkpoint_fp32": 4 * saved + 12 * t,
+                     "checkpoint_mixed": 2 * saved + 12 * t})
+    return rows
+
+
+def time_plans(model_name: str, batch: int = 4, image_size: int = 224, steps: int = 3,
+               plans: Iterable[str] = ADAPTER_PLANS) -> list[dict[str, Any]]:
+    """Seconds per training step of each plan in this process (CPU fp32, AdamW), round-robin:
+    every round times one step of each plan, so a busy machine slows them alike. Median of
+    ``steps`` rounds after one warm-up round."""
+    from dist_ft.models.adapters import adapt
+    from dist_ft.models.factory import build_model
+    from dist_ft.models.spec import describe_model
+    from dist_ft.plan import resolve_plan
+    from dist_ft.train.stages import (
+        apply_trainable,
+        build_optimizer,
+        optimizer_groups,
+        set_bn_modes,
+    )
+
+    torch.manual_seed(0)
+    runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, int]] = {}
+    for plan in plans:
+        recipe = bench_model_recipe("ddp", model_name, image_size, batch, plan=plan)
+        module = build_model(recipe.model)
+        resolved = resolve_plan(recipe, describe_model(module, model_name))
+        stage = resolved.stages[0]
+        module = adapt(module, None, stage.adapters)
+        apply_trainable(module, stage)
+        optimizer = build_optimizer(recipe.optim, module, optimizer_groups(resolved, 0))
+        module.train()
+        set_bn_modes(module, stage)
+        runs[plan] = (module, optimizer, stage.trainable_params)
+    x = torch.randn(batch, 3, image_size, image_size)
+    y = torch.randint(0, 2, (batch, 14)).float()
+    times: dict[str, list[float]] = {plan: [] for plan in runs}
+    for _ in range(steps + 1):
+        for plan, (module, optimizer, _t) in runs.items():
+            start = time.perf_counter()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(module(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[plan].append(time.perf_counter() - start)
+    rows = [{"model": model_name, "plan": plan, "trainable_params": runs[plan][2],
+             "step_s": statistics.median(ts[1:]), "step_s_min": min(ts[1:]),
+             "step_s_max": max(ts[1:])} for plan, ts in times.items()]
+    full = next((r["step_s"] for r in rows if r["plan"] == "full"), None)
+    for row in rows:
+        row["step_vs_full"] = row["step_s"] / full if full else None
+    del runs
+    gc.collect()
+    return rows
+
+
+def bench_adapters(models: Iterable[str] = ADAPTER_MODELS,
+                   measure_models: Iterable[str] = ("vit_b_16",), time_model: str | None =
+                   "vit_b_16", processes: int = 2, image_size: int = 224, batch: int = 4,
+                   steps: int = 3) -> dict[str, Any]:
+    """``bench memory --adapters``: LoRA vs full fine-tuning.
+
+    Args:
+        models: counted by the plan engine and the formulas (:func:`adapter_formula`).
+        measure_models: also measured by one ZeRO-2 launch on ``processes`` CPU ranks: the
+            optimizer state each rank holds after a step and the bytes of the checkpoint the
+            trainer writes (lean for LoRA), vs the formulas.
+        time_model: step time of head / LoRA / full in one process (:func:`time_plans`).
+    """
+    from dist_ft.bench.throughput import launch_command, run_logged
+
+    formula = {(r["model"], r["plan"]): r for m in models
+               for r in adapter_formula(m, processes, image_size)}
+    measure_models = list(measure_models)
+    measured = []
+    if measure_models:
+        with tempfile.TemporaryDirectory(prefix="dist-ft-bench-adapters-") as tmp:
+            out = Path(tmp) / "zero2.json"
+            timing = run_logged(launch_command(processes, [
+                "dist_ft.bench.memory", "--backend", "zero2", "--models",
+                ",".join(measure_models), "--image-size", str(image_size), "--plans",
+                "lora,full", "--checkpoint", str(Path(tmp) / "run"), "--out", str(out)]),
+                Path(tmp) / "zero2.log")
+            found = json.loads(out.read_text())
+        for name in measure_models:
+            for f in adapter_formula(name, found["world_size"], image_size):
+                ranks = found["models"][f"{name}/{f['plan']}"]
+                mixed = ranks[0]["mixed"]
+                ckpt = ranks[0]["checkpoint"]  # counted on the main process
+                total = sum(ckpt.values())
+                expected = f["checkpoint_mixed" if mixed else "checkpoint_fp32"]
+                measured.append({
+                    "model": name, "plan": f["plan"], "backend": "zero2",
+                    "world_size": found["world_size"], "mixed_precision": mixed,
+                    "trainable_params": ranks[0]["trainable_params"],
+                    "optimizer": max(r["optimizer"] for r in ranks),
+                    "optimizer_formula": f["optimizer_zero"],
+                    "optimizer_ratio": max(r["optimizer"] for r in ranks) / f["optimizer_zero"],
+                    "checkpoint": ckpt, "checkpoint_total": total,
+                    "checkpoint_formula": expected, "checkpoint_ratio": total / expected,
+                    "launch_s": timing.get("wall_s")})
+    steps_rows = time_plans(time_model, batch, image_size, steps) if time_model else []
+    return {"formula": list(formula.values()), "measured": measured, "step_time": steps_rows,
+            "processes": processes, "image_size": image_size, "batch": batch, "steps": steps,
+            "lora": {"r": LORA_R, "alpha": LORA_ALPHA}}
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def format_adapters_table(result: dict[str, Any]) -> str:
+    """Markdown tables of ``bench memory --adapters``: formulas, measured bytes, step time."""
+    n = result["processes"]
+    lora = result["lora"]
+    lines = [f"LoRA r={lora['r']} (alpha {lora['alpha']}; ViTs: every encoder block's MLP Linear "
+             "layers, other models: their last 2 blocks') + head vs full fine-tuning; formula "
+             f"on the plan engine's counts (T trainable of P), N={n} ranks",
+             "", "| model | plan | trainable T | optimizer state / rank, DDP 8T | ZeRO 12T/N | "
+             "ZeRO checkpoint fp32 | bf16 mixed |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["formula"]:
+        lines.append(f"| {r['model']} | {r['plan']} | {r['trainable_params']:,} of "
+                     f"{r['num_params'] / 1e6:.1f}M | {_size(r['optimizer_ddp'])} | "
+                     f"{_size(r['optimizer_zero'])} | {_size(r['checkpoint_fp32'])} | "
+                     f"{_size(r['checkpoint_mixed'])} |")
+    if result["measured"]:
+        lines += ["", f"measured: ZeRO-2 on {n} CPU processes, one step, then the checkpoint the "
+                  "trainer writes (lean for LoRA); measured (measured / formula)", "",
+                  "| model | plan | optimizer state / rank | checkpoint model file | "
+                  "optimizer files | other | total |", "|---|---|---:|---:|---:|---:|---:|"]
+        for r in result["measured"]:
+            c = r["checkpoint"]
+            lines.append(f"| {r['model']} | {r['plan']} | {_size(r['optimizer'])} "
+                         f"({r['optimizer_ratio']:.3f}) | {_size(c['model'])} | "
+                         f"{_size(c['optimizer'])} | {_size(c['other'])} | "
+                         f"{_size(r['checkpoint_total'])} ({r['checkpoint_ratio']:.3f}) |")
+    if result["step_time"]:
+        lines += ["", f"step time: one CPU process, batch {result['batch']}, "
+                  f"{result['image_size']}px, AdamW fp32; median of {result['steps']} "
+                  "round-robin steps after a warm-up", "",
+                  "| model | plan | trainable | step s | min-max | vs full |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in result["step_time"]:
+            vs = f"{r['step_vs_full']:.2f}" if r["step_vs_full"] else "-"
+            lines.append(f"| {r['model']} | {r['plan']} | {r['trainable_params']:,} | "
+                         f"{r['step_s']:.3f} | {r['step_s_min']:.3f}-{r['step_s_max']:.3f} | "
+                         f"{vs} |")
     return "\n".join(lines)
 
 

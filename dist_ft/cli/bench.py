@@ -12,6 +12,7 @@ EXAMPLES = """\
 examples:
   dist-ft bench trainer --json                          # dist-ft train vs the tutorial loop
   dist-ft bench memory                                  # DDP / ZeRO-1/2/3 bytes vs formulas
+  dist-ft bench memory --adapters                       # LoRA vs full: state, checkpoint, time
   dist-ft bench freeze                                  # head / last blocks / full
   dist-ft bench optimizer                               # AdamW kernels: loop, foreach, fused
   dist-ft bench scaling --processes 1 2                 # this machine (1 process per GPU)
@@ -174,12 +175,24 @@ def _add_memory(suites: argparse._SubParsersAction) -> None:
 
     p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP and "
                "ZeRO-1/2/3 vs the ZeRO formulas")
-    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                   help="torchvision model names")
+    p.add_argument("--models", nargs="+",
+                   help=f"torchvision model names (default {' '.join(DEFAULT_MODELS)}; with "
+                   "--adapters: vit_b_16 vit_l_16, counted by the plan engine)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                    help="backends to measure")
     p.add_argument("--processes", type=int, default=2, help="processes per run")
     p.add_argument("--image-size", type=int, default=224, help="input side")
+    p.add_argument("--adapters", action="store_true",
+                   help="LoRA r=8 (every encoder block's MLP Linear layers + head) vs full "
+                   "fine-tuning: optimizer state per rank and checkpoint bytes by formula, "
+                   "measured under ZeRO-2 for --measure-models; step time head/LoRA/full")
+    p.add_argument("--measure-models", nargs="*", default=["vit_b_16"],
+                   help="with --adapters: models measured by a real ZeRO-2 run and checkpoint "
+                   "(none: formulas only)")
+    p.add_argument("--time-model", default="vit_b_16",
+                   help="with --adapters: model whose step time is compared ('none' to skip)")
+    p.add_argument("--batch-size", type=int, default=4, help="with --adapters: timed batch")
+    p.add_argument("--steps", type=int, default=3, help="with --adapters: timed steps per plan")
     _add_output_args(p)
     p.set_defaults(run=run_memory)
 
@@ -290,10 +303,18 @@ def run_trainer(args: argparse.Namespace) -> int:
 
 def run_memory(args: argparse.Namespace) -> int:
     """``bench memory``."""
-    from dist_ft.bench.memory import bench_memory, format_table
+    from dist_ft.bench import memory
 
-    result = bench_memory(args.models, args.backends, args.processes, args.image_size)
-    return _emit(result, args, format_table(result))
+    if args.adapters:
+        result = memory.bench_adapters(
+            args.models or memory.ADAPTER_MODELS,
+            [m for m in args.measure_models if m != "none"],
+            None if args.time_model == "none" else args.time_model, args.processes,
+            args.image_size, args.batch_size, args.steps)
+        return _emit(result, args, memory.format_adapters_table(result))
+    result = memory.bench_memory(args.models or memory.DEFAULT_MODELS, args.backends,
+                                 args.processes, args.image_size)
+    return _emit(result, args, memory.format_table(result))
 
 
 def run_freeze(args: argparse.Namespace) -> int:

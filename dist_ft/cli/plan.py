@@ -10,7 +10,7 @@ from typing import Any
 
 from dist_ft.config import ConfigError, Recipe, load_recipe
 from dist_ft.plan import ResolvedPlan, ResolvedStage, resolve_plan
-from dist_ft.plan.render import adapter_summary, plan_to_json
+from dist_ft.plan.render import adapter_summary, all_params, plan_to_json
 
 EXAMPLES = """\
 examples:
@@ -122,9 +122,9 @@ def print_plan(plan: ResolvedPlan, with_params: bool) -> None:
         for col in ("shape", "block", *(s.name for s in plan.stages)):
             table.add_column(col)
         where = [{p: g.name for g in s.groups for p in g.params} for s in plan.stages]
-        for p in spec.params:
+        for p, block in all_params(plan):
             table.add_row(
-                p.name, "×".join(map(str, p.shape)) or "scalar", spec.blocks.block_of[p.name],
+                p.name, "×".join(map(str, p.shape)) or "scalar", block,
                 *(w.get(p.name, "[dim]frozen[/]") for w in where),
             )
         console.print()

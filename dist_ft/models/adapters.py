@@ -148,6 +148,7 @@ def save_peft_adapter(folder: Path, cfg: ModelConfig, state: dict[str, torch.Ten
                                 if not is_adapter_param(k)}, None)
     with torch.random.fork_rng(devices=[]):  # no draw from the run's generator
         peft_model = get_peft_model(plain, config, low_cpu_mem_usage=True)
+    config.base_model_name_or_path = cfg.name  # get_peft_model resets it
     # PeftModel's names: base_model.model.<ours>, with modules_to_save copies beside.
     names = {}
     for key in peft_model.state_dict():
@@ -182,13 +183,26 @@ def is_adapter_param(name: str) -> bool:
     return any(m in name for m in _ADAPTER_MARKERS)
 
 
-def trained_modules(trainable: tuple[str, ...], adapters: ResolvedAdapters) -> list[str]:
-    """Modules whose own weights train beside the adapters (peft's ``modules_to_save``)."""
+def peft_modules_to_save(trainable: tuple[str, ...], adapters: ResolvedAdapters
+                         ) -> tuple[list[str], str]:
+    """The modules whose own weights train beside the adapters (peft's ``modules_to_save``),
+    or why peft's format cannot hold this stage (an empty list and the reason).
+
+    peft saves whole modules that hold no adapted layer: a tensor of the model itself
+    (ViT's class token) or of a module around an adapted layer (ConvNeXt's block scale) has no
+    place in its format.
+    """
     out: dict[str, None] = {}
     for name in trainable:
-        if not is_adapter_param(name) and ".base_layer." not in name:
-            out.setdefault(name.rpartition(".")[0], None)
-    return [m for m in out if m not in adapters.modules]
+        if is_adapter_param(name) or ".base_layer." in name:
+            continue
+        module = name.rpartition(".")[0]
+        if not module or any(m == module or m.startswith(module + ".")
+                             for m in adapters.modules):
+            return [], (f"{name} trains beside the adapters but is not a parameter of a whole "
+                        "module peft can save (modules_to_save)")
+        out.setdefault(module, None)
+    return list(out), ""
 
 
 def state_digest(state: dict[str, Any]) -> str:

@@ -21,6 +21,8 @@ def weight_layers(model: nn.Module) -> tuple[LayerInfo, ...]:
     out = []
     for mod_name, module in model.named_modules():
         kind = next((t.__name__ for t in _LAYER_TYPES if isinstance(module, t)), None)
+        if kind is not None and getattr(module, "groups", 1) > 1:
+            kind = f"Grouped{kind}"  # depthwise/grouped: peft neither adapts nor merges it well
         if kind is not None and mod_name:
             out.append(LayerInfo(mod_name, kind))
     return tuple(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dist_ft.models.structure import ParamInfo
 from dist_ft.plan.resolve import ResolvedPlan, ResolvedStage
 
 
@@ -69,12 +70,22 @@ def plan_to_json(plan: ResolvedPlan, with_params: bool = False) -> dict[str, Any
             {
                 "name": p.name,
                 "shape": list(p.shape),
-                "block": spec.blocks.block_of[p.name],
+                "block": block,
                 "stages": [w.get(p.name) for w in where],
             }
-            for p in spec.params
+            for p, block in all_params(plan)
         ]
     return doc
+
+
+def all_params(plan: ResolvedPlan) -> list[tuple[ParamInfo, str]]:
+    """Every parameter any stage has (the model's, then adapter stages' new names), with its
+    block, in model order."""
+    seen: dict[str, tuple[ParamInfo, str]] = {}
+    for spec in (plan.spec, *(s.spec for s in plan.stages)):
+        for p in spec.params:
+            seen.setdefault(p.name, (p, spec.blocks.block_of[p.name]))
+    return list(seen.values())
 
 
 def adapter_summary(stage: ResolvedStage) -> str:

@@ -155,7 +155,12 @@ def resolve_plan(recipe: Recipe, spec: ModelSpec) -> ResolvedPlan:
             except RuleError as exc:
                 problems.append(f"{_stage_key(i, 'adapters.target')}: {exc}")
                 continue
-            stage_spec = adapted(adapters)
+            try:
+                stage_spec = adapted(adapters)
+            except ValueError as exc:  # peft refuses a layer (its message names it)
+                problems.append(f"{_stage_key(i, 'adapters.target')}: peft cannot adapt "
+                                f"these layers: {exc}")
+                continue
             renamed = {adapters.adapted_name(p.name) for p in spec.params}
             adapter_names = {p.name for p in stage_spec.params} - renamed
         selected = matches(cfg.include, _stage_key(i, "include"), stage_spec)
@@ -163,7 +168,15 @@ def resolve_plan(recipe: Recipe, spec: ModelSpec) -> ResolvedPlan:
         if len(problems) > before:
             continue
         if adapters is not None:  # wrapped layers' own weights stay frozen: adapters train
-            selected = {n for n in selected if ".base_layer." not in n} | adapter_names
+            wrapped = sorted(n for n in selected if ".base_layer." in n)
+            if wrapped:
+                problems.append(
+                    f"plan.stages[{i}] ({cfg.name}): include selects {', '.join(wrapped[:3])}"
+                    f"{'...' if len(wrapped) > 3 else ''}, weights of layers its adapters wrap "
+                    "(they stay frozen): remove those layers from adapters.target or from "
+                    "include")
+                continue
+            selected |= adapter_names
         if not selected:
             problems.append(f"plan.stages[{i}] ({cfg.name}): exclude removes every parameter")
             continue

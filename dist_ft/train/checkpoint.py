@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +98,32 @@ def _save_lean_state(accelerator: Any, folder: Path) -> None:
         handle.remove()
 
 
-def load_checkpoint(accelerator: Any, path: Path, lean: bool) -> None:
+def load_checkpoint(accelerator: Any, path: Path, trainable: Collection[str] | None = None
+                    ) -> None:
     """Load Accelerate's state of a checkpoint into the prepared model and optimizer.
 
-    A lean checkpoint's model file lacks the frozen parameters: the module must already hold
-    them (rebuilt from the recipe, with :data:`CHANGED_FROZEN` applied).
+    Args:
+        trainable: for a lean checkpoint, the parameters its model file must hold (the
+            module already holds the rest: rebuilt from the recipe, with
+            :data:`CHANGED_FROZEN` applied); None for a full checkpoint.
+
+    Raises:
+        CheckpointDamaged: a lean model file lacks a trainable tensor.
     """
-    accelerator.load_state(str(path), **(_lean_kwargs(accelerator, saving=False) if lean else {}))
+    if trainable is None:
+        accelerator.load_state(str(path))
+        return
+    file = Path(path) / "model.safetensors"  # Accelerate's model file outside DeepSpeed
+    if file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as fh:
+            held = {k.removeprefix("module.") for k in fh.keys()}  # noqa: SIM118
+        missing = sorted(set(trainable) - held)
+        if missing:
+            raise CheckpointDamaged(file, f"lacks {len(missing)} trainable tensors, e.g. "
+                                          f"{', '.join(missing[:3])}")
+    accelerator.load_state(str(path), **_lean_kwargs(accelerator, saving=False))
 
 
 def read_changed_frozen(path: Path) -> dict[str, torch.Tensor]:

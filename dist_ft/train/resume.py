@@ -39,10 +39,25 @@ def _matches(key: str, prefixes: Iterable[str]) -> bool:
                for p in prefixes)
 
 
+def _without_later_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without keys added later at their defaults (a stage's ``adapters: null``,
+    ``model.source: torchvision``), so checkpoints written before them still match."""
+    recipe = {**recipe}
+    model = recipe.get("model")
+    if isinstance(model, dict) and model.get("source") == "torchvision":
+        recipe["model"] = {k: v for k, v in model.items() if k != "source"}
+    plan = recipe.get("plan")
+    if isinstance(plan, dict) and isinstance(plan.get("stages"), list):
+        stages = [{k: v for k, v in s.items() if not (k == "adapters" and v is None)}
+                  if isinstance(s, dict) else s for s in plan["stages"]]
+        recipe["plan"] = {**plan, "stages": stages}
+    return recipe
+
+
 def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
                  world_size: int, zero_stage: int) -> dict[str, Any]:
     """The flat key -> value map a checkpoint records and a resume compares."""
-    contract = {k: v for k, v in _flatten(recipe).items()
+    contract = {k: v for k, v in _flatten(_without_later_defaults(recipe)).items()
                 if not _matches(k, IGNORED_PREFIXES)}
     # Derived facts: the plan as resolved on this model, the images and labels of the split.
     contract.update({"plan.digest": plan_digest, "data.split": split_digest})

@@ -34,10 +34,10 @@ from dist_ft.models.adapters import (
     ADAPTER_WEIGHTS,
     adapt,
     merged_state_dict,
+    peft_modules_to_save,
     remove_peft_adapter,
     save_peft_adapter,
     state_digest,
-    trained_modules,
 )
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec import describe_model
@@ -547,7 +547,12 @@ class Trainer:
         from safetensors.torch import save_file
 
         weights.parent.mkdir(parents=True, exist_ok=True)
-        state = self._plain_weights(weights.parent, state)
+        stage = self.plan.stages[self.progress.stage]
+        adapted = state
+        if stage.adapters is not None:  # a plain model, loadable anywhere: adapters merged
+            state = merged_state_dict(self.recipe.model, state, stage.adapters)
+        else:
+            remove_peft_adapter(weights.parent)  # left by an adapter stage: not these weights
         tmp = weights.with_name(weights.name + ".tmp")
         header = {"model": self.recipe.model.name, "digest": self.plan.digest,
                   "run_id": self.run_id, **{k: str(v) for k, v in (about or {}).items()}}
@@ -556,25 +561,31 @@ class Trainer:
             os.fsync(fh.fileno())
         tmp.replace(weights)
         write_json_atomic(metrics_path, metrics)
+        if stage.adapters is not None:
+            self._write_peft_adapter(weights.parent, adapted, stage)
 
-    def _plain_weights(self, folder: Path, state: dict[str, torch.Tensor]
-                       ) -> dict[str, torch.Tensor]:
-        """The model's own weights of ``state``: in an adapter stage the adapters are merged
-        (a plain model, loadable anywhere) and also written alone in peft's format beside."""
-        stage = self.plan.stages[self.progress.stage]
-        if stage.adapters is None:
-            remove_peft_adapter(folder)  # left by an earlier adapter stage: not these weights
-            return state
-        cfg = self.recipe.model
-        size = save_peft_adapter(folder, cfg, state, stage.adapters,
-                                 trained_modules(stage.trainable, stage.adapters))
+    def _write_peft_adapter(self, folder: Path, state: dict[str, torch.Tensor],
+                            stage: ResolvedStage) -> None:
+        """The stage's adapters alone, in peft's format, beside the merged weights (written
+        after them: the weights are what ``eval``/``export`` read)."""
+        assert stage.adapters is not None
+        remove_peft_adapter(folder)
+        saved, why = peft_modules_to_save(stage.trainable, stage.adapters)
+        if why:
+            log.warning("adapters not written in peft's format to %s: %s; the merged weights "
+                        "are in %s", folder, why, folder / WEIGHTS)
+            return
+        try:
+            size = save_peft_adapter(folder, self.recipe.model, state, stage.adapters, saved)
+        except Exception as exc:  # the merged weights are written: never lose them to this
+            log.warning("adapters not written in peft's format to %s: %s", folder, exc)
+            return
         log.info("adapters (%s, %s params) in peft's format: %s (%.2f MiB)", stage.adapters.kind,
                  f"{stage.adapter_params:,}", folder / ADAPTER_WEIGHTS, size / 2**20)
         if set(self.plan.changed_before(stage.index)) - set(stage.trainable):
             log.warning("%s applies to the base these weights merged it into, not to the model "
                         "built from model.pretrained alone (earlier stages changed frozen "
                         "weights): use %s", folder / ADAPTER_WEIGHTS, folder / WEIGHTS)
-        return merged_state_dict(cfg, state, stage.adapters)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
@@ -665,11 +676,12 @@ class Trainer:
                         self.monitor.name, self.monitor.mode)
         if self.monitor.best is not None and self.reporter is not None:
             self.reporter.status_extra["best"] = self.monitor.selected()
-        lean = self.plan.stages[p.stage].adapters is not None
+        stage = self.plan.stages[p.stage]
+        lean = stage.adapters is not None  # the checkpoint holds what trains: see save()
         if lean:
             self._load_base(path, state)
         self._enter_stage(p.stage, carry=False, snapshot=False)
-        load_checkpoint(self.acc, path, lean)
+        load_checkpoint(self.acc, path, stage.trainable if lean else None)
         if (path / f"rank{self.rank}.pt").is_file():
             self.inputs.generator.set_state(load_rank_state(path, self.rank)["generator"])
         log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,

@@ -55,3 +55,72 @@ def test_zero_optimizer_state_matches_the_formula_on_two_ranks(run_cli, tmp_path
     # ... and half of the gradients and (but for small persistent tensors) of the weights.
     assert row["grads"] == pytest.approx(4 * p / 2, rel=0.05)
     assert 4 * p / 2 <= row["params"] < 0.6 * 4 * p
+
+
+def _peft_trainable(model_name: str) -> int:
+    """An independent count: peft's own LoRA r=8 on the blocks' MLP Linear layers of a
+    torchvision ViT, with the head as a module to save (built on meta)."""
+    import torchvision
+    from peft import LoraConfig, get_peft_model
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, model_name)(num_classes=14)
+    config = LoraConfig(r=8, lora_alpha=16, modules_to_save=["heads.head"],
+                        target_modules=r"encoder\.layers\..*\.(mlp\.0|mlp\.3)")
+    peft_model = get_peft_model(model, config, low_cpu_mem_usage=True)
+    return sum(p.numel() for n, p in peft_model.named_parameters()
+               if p.requires_grad and "original_module" not in n)
+
+
+def test_adapter_formulas_use_the_plan_engines_counts() -> None:
+    from dist_ft.bench.memory import adapter_formula
+
+    lora, full = adapter_formula("vit_b_16", N)
+    t, p = lora["trainable_params"], full["num_params"]
+    # 12 blocks x r=8 x MLP (768->3072->768) + the 14-class head.
+    assert lora["adapter_params"] == 12 * 8 * 2 * (768 + 3072)
+    assert t == lora["adapter_params"] + 768 * 14 + 14 == 748_046 == _peft_trainable("vit_b_16")
+    assert p == full["trainable_params"] == sum(
+        x.numel() for x in __import__("torchvision").models.vit_b_16(num_classes=14).parameters())
+    # The issue's rule: LoRA state is 12 bytes x trainable params / N under ZeRO.
+    assert lora["optimizer_zero"] == 12 * t / N and full["optimizer_zero"] == 12 * p / N
+    assert lora["optimizer_ddp"] == 8 * t
+    # Lean checkpoint: the T trainable weights + the 12T optimizer partitions; full: P + 12P.
+    assert (lora["checkpoint_fp32"], lora["checkpoint_mixed"]) == (16 * t, 14 * t)
+    assert (full["checkpoint_fp32"], full["checkpoint_mixed"]) == (16 * p, 14 * p)
+    lora_l, _ = adapter_formula("vit_l_16", N)
+    assert lora_l["trainable_params"] == 24 * 8 * 2 * (1024 + 4096) + 1024 * 14 + 14
+    assert lora_l["adapter_modules"] == 48
+
+
+@pytest.mark.multiprocess
+def test_lora_state_and_lean_checkpoint_measured_under_zero2(run_cli, tmp_path: Path) -> None:
+    """A real 2-rank ZeRO-2 step and checkpoint of resnet18's LoRA and full plans, and the
+    three plans timed (structure only: timings are never asserted)."""
+    out = tmp_path / "adapters.json"
+    result = run_cli("bench", "memory", "--adapters", "--models", "resnet18",
+                     "--measure-models", "resnet18", "--time-model", "resnet18",
+                     "--image-size", "64", "--batch-size", "2", "--steps", "1",
+                     "--out", str(out))
+    assert result.code == 0, result.err
+    assert "| resnet18 | lora | 234,510 of 11.2M |" in result.out
+    found = json.loads(out.read_text())
+    lora, full = found["measured"]
+    assert (lora["plan"], full["plan"], lora["world_size"]) == ("lora", "full", 2)
+    t, p = lora["trainable_params"], full["trainable_params"]
+    assert t == found["formula"][0]["trainable_params"] and p == 11_183_694
+    # Each rank holds half of the fp32 master copy and Adam's moments of what trains.
+    assert lora["optimizer"] == pytest.approx(12 * t / 2, rel=0.01)
+    assert full["optimizer"] == pytest.approx(12 * p / 2, rel=0.01)
+    # The lean checkpoint's model file holds the trainable weights (and BatchNorm buffers),
+    # not the frozen ones; its optimizer files all ranks' partitions.
+    assert 4 * t <= lora["checkpoint"]["model"] < 4 * t + 0.2e6
+    assert lora["checkpoint"]["optimizer"] == pytest.approx(12 * t, rel=0.05)
+    assert full["checkpoint"]["model"] >= 4 * p
+    assert lora["checkpoint_ratio"] == pytest.approx(1, abs=0.1)
+    assert full["checkpoint_ratio"] == pytest.approx(1, abs=0.02)
+    assert lora["checkpoint_total"] < full["checkpoint_total"] / 30
+    plans = {r["plan"]: r for r in found["step_time"]}
+    assert list(plans) == ["head", "lora", "full"]
+    assert plans["head"]["trainable_params"] < t < plans["full"]["trainable_params"] == p
+    assert all(r["step_s"] > 0 for r in plans.values())

@@ -13,9 +13,9 @@ from dist_ft.config.schema import ModelConfig
 from dist_ft.models.adapters import (
     adapt,
     merged_state_dict,
+    peft_modules_to_save,
     save_peft_adapter,
     state_digest,
-    trained_modules,
 )
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
@@ -90,7 +90,12 @@ def test_trained_base_layers_travel_as_modules_to_save(tmp_path: Path) -> None:
     model.eval()
     trainable = ("layer4.1.conv2.lora_A.default.weight", "layer4.1.conv2.lora_B.default.weight",
                  "fc.weight", "fc.bias")
-    assert trained_modules(trainable, adapters) == ["fc"]
+    assert peft_modules_to_save(trainable, adapters) == (["fc"], "")
+    # A tensor of the model itself, or of a module around an adapted layer, has no place in
+    # peft's format (the trainer then writes the merged weights only, and says why).
+    for odd in ("class_token", "layer4.1.weight_scale"):
+        saved, why = peft_modules_to_save((*trainable, odd), adapters)
+        assert saved == [] and odd in why
     save_peft_adapter(tmp_path / "out", CFG, model.state_dict(), adapters, ["fc"])
     base = build_model(ModelConfig(name="resnet18", num_classes=14, pretrained=str(pretrained)))
     loaded = PeftModel.from_pretrained(base, tmp_path / "out").eval()
@@ -135,3 +140,24 @@ def test_state_digest_sees_any_change() -> None:
     assert digest == state_digest({k: v.clone() for k, v in state.items()})
     state["fc.bias"][3] += 1e-6
     assert state_digest(state) != digest
+
+
+def test_every_adapter_of_a_timm_vit_attention_gets_a_gradient() -> None:
+    """timm's attention calls its qkv and proj Linear layers: their adapters train (unlike
+    torchvision's MultiheadAttention, which the plan refuses to target)."""
+    recipe = load_recipe(SMOKE, [
+        "model.name=timm/deit_tiny_patch16_224", "data.image_size=32",
+        "plan.stages=[{name: lora, start_step: 0, include: [head], "
+        "adapters: {r: 4, target: [{last_blocks: 2}, attn]}}]", "optim.groups=[]"])
+    stage = resolve_plan(recipe, fast_model_spec(recipe.model)).stages[0]
+    assert [m.rpartition(".")[2] for m in stage.adapters.modules] == ["qkv", "proj"] * 2
+    torch.manual_seed(0)
+    model = adapt(build_model(recipe.model), None, stage.adapters)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    adapters = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    assert len(adapters) == 8
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for _, p in adapters)

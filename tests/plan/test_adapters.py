@@ -104,3 +104,20 @@ def test_planned_shapes_are_what_peft_injects(kind: str) -> None:
     torch.manual_seed(0)
     assert {n for n in live if ".base_layer." in n} == {
         f"{m}.base_layer.weight" for m in stage.adapters.modules}
+
+
+def test_grouped_convolutions_and_wrapped_includes_are_refused() -> None:
+    # ConvNeXt's depthwise 7x7 convolutions: peft can neither adapt nor merge them well.
+    plan = _plan("[{name: l, start_step: 0, adapters: {target: [{last_blocks: 1}]}}]",
+                 "model.name=convnext_tiny")
+    kinds = {la.name: la.kind for la in plan.spec.layers}
+    assert kinds["features.7.0.block.0"] == "GroupedConv2d"
+    assert {kinds[m] for m in plan.stages[0].adapters.modules} == {"Linear"}
+    with pytest.raises(ConfigError) as info:
+        _plan("[{name: l, start_step: 0, adapters: {target: ['features.7.0.block.0']}}]",
+              "model.name=convnext_tiny")
+    assert "GroupedConv2d" in str(info.value)
+    # A weight both trained (include) and wrapped (target) is a contradiction: named.
+    with pytest.raises(ConfigError) as info:
+        _plan("[{name: l, start_step: 0, include: [head], adapters: {target: [head]}}]")
+    assert "include selects fc.base_layer.bias, fc.base_layer.weight" in str(info.value)

@@ -58,3 +58,20 @@ def test_other_differences_need_an_explicit_acceptance_by_key_or_section() -> No
     assert [(c.key, c.saved, c.now) for c in changes] == [
         ("data.split", "sha256:a", "sha256:b"), ("schedule.warmup_steps", 10, 0),
         ("trainer.epochs", 3, 5)]
+
+
+def test_checkpoints_from_before_adapters_and_timm_still_match() -> None:
+    """Keys added later at their defaults (a stage's ``adapters: null``, ``model.source:
+    torchvision``) leave the contract as older checkpoints recorded it."""
+    stages = [{"name": "head", "start_epoch": 0, "include": [{"keyword": "head"}]}]
+    old = {**RECIPE, "plan": {"bn_policy": "freeze", "stages": stages}}
+    new = {**RECIPE, "model": {**RECIPE["model"], "source": "torchvision"},
+           "plan": {"bn_policy": "freeze", "stages": [{**stages[0], "adapters": None}]}}
+    saved = run_contract(old, "sha256:plan", "sha256:a", 2, 2)
+    assert check_resume(saved, run_contract(new, "sha256:plan", "sha256:a", 2, 2), [],
+                        "ckpt") == []
+    lora = {**stages[0], "adapters": {"kind": "lora", "r": 8}}
+    with pytest.raises(ResumeMismatch, match=r"plan\.stages"):
+        check_resume(saved, run_contract({**new, "plan": {"bn_policy": "freeze",
+                                                          "stages": [lora]}},
+                                         "sha256:plan", "sha256:a", 2, 2), [], "ckpt")
