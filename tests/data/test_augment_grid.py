@@ -96,9 +96,10 @@ def test_cpu_chunks_never_hold_fewer_samples_than_threads(monkeypatch: pytest.Mo
     sizes: list[int] = []
     warp = transforms._warp
 
-    def recording(images: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    def recording(images: torch.Tensor, theta: torch.Tensor, size: int,
+                  mode: str = "bilinear") -> torch.Tensor:
         sizes.append(len(images))
-        return warp(images, theta, size)
+        return warp(images, theta, size, mode)
 
     monkeypatch.setattr(transforms, "_warp", recording)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
