@@ -24,7 +24,13 @@ from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
 from tests.conftest import REPO, plain_env
-from tests.train.test_trainer_mp import BACKENDS, SMOKE, _relative_gap, launch
+from tests.train.test_trainer_mp import (
+    BACKENDS,
+    SMOKE,
+    _relative_gap,
+    first_global_batch,
+    launch,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -223,9 +229,6 @@ def test_sgd_step_moves_each_adapter_tensor_by_lr_times_gradient(
     smoke_data: Path, tmp_path: Path, backend: str
 ) -> None:
     """One plain-SGD step on 2 ranks (IA3: every adapter tensor has a gradient at once)."""
-    from dist_ft.data.datasets import build_dataset
-    from dist_ft.data.sampler import epoch_order
-    from dist_ft.data.transforms import BatchAugment, BatchNormalize
     from dist_ft.models.adapters import adapt
 
     result = launch(["train", str(SMOKE), f"data.root={smoke_data}", f"output_dir={tmp_path}",
@@ -236,18 +239,12 @@ def test_sgd_step_moves_each_adapter_tensor_by_lr_times_gradient(
     start = load_file(tmp_path / "stage_weights" / "stage0_start.safetensors")
     end = load_file(tmp_path / "stage_weights" / "stage0_end.safetensors")
 
-    # The same global batch in this process: ranks 0 and 1 took order[0::2] and order[1::2].
-    train = build_dataset(recipe.data, "train")
-    indices = epoch_order(len(train), recipe.trainer.seed, 0)[:16]
-    images = torch.stack([train[int(i)][0] for i in indices])
-    targets = torch.stack([train[int(i)][1] for i in indices])
+    x, targets = first_global_batch(recipe)
     model = adapt(build_model(ModelConfig(name="resnet18", num_classes=14)), None,
                   stage.adapters)
     model.load_state_dict(start)
     model.requires_grad_(True)  # peft leaves only its adapters trainable
     model.eval()  # every BatchNorm is frozen in this plan
-    augment = BatchAugment(32, (1.0, 1.0), (1.0, 1.0), hflip=False, rotation_deg=0)
-    x = BatchNormalize()(augment(images))
     torch.nn.functional.binary_cross_entropy_with_logits(model(x), targets).backward()
     lr = {p: g.lr for g in stage.groups for p in g.params}
     adapters = [n for n in lr if ".ia3_l." in n]

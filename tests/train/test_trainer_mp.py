@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_ft.config import load_recipe
-from dist_ft.config.schema import ModelConfig
+from dist_ft.config.schema import ModelConfig, Recipe
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
@@ -294,15 +294,27 @@ SGD_STEP = [
 ]
 
 
+def first_global_batch(recipe: Recipe, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first global batch of ``recipe`` (no augmentation), as the model sees it: ranks 0
+    and 1 took order[0::2] and order[1::2] of these ``count`` samples."""
+    from dist_ft.data.datasets import build_dataset
+    from dist_ft.data.sampler import epoch_order
+    from dist_ft.data.transforms import BatchAugment, BatchNormalize
+
+    train = build_dataset(recipe.data, "train")
+    indices = epoch_order(len(train), recipe.trainer.seed, 0)[:count]
+    images = torch.stack([train[int(i)][0] for i in indices])
+    targets = torch.stack([train[int(i)][1] for i in indices])
+    size = recipe.data.image_size
+    augment = BatchAugment(size, (1.0, 1.0), (1.0, 1.0), hflip=False, rotation_deg=0)
+    return BatchNormalize()(augment(images)), targets
+
+
 @pytest.mark.parametrize("backend", SHARED_CODE_BACKENDS)
 def test_sgd_step_is_lr_times_gradient_per_group(
     smoke_data: Path, tmp_path: Path, backend: str
 ) -> None:
     """One plain-SGD step on 2 ranks: each parameter moves by its group's lr x gradient."""
-    from dist_ft.data.datasets import build_dataset
-    from dist_ft.data.sampler import epoch_order
-    from dist_ft.data.transforms import BatchAugment, BatchNormalize
-
     result = launch(["train", str(SMOKE), f"data.root={smoke_data}", f"output_dir={tmp_path}",
                      *SGD_STEP, *BACKENDS[backend]])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -310,16 +322,10 @@ def test_sgd_step_is_lr_times_gradient_per_group(
     start = load_file(tmp_path / "stage_weights" / "stage0_start.safetensors")
     end = load_file(tmp_path / "stage_weights" / "stage0_end.safetensors")
 
-    # The same global batch in this process: ranks 0 and 1 took order[0::2] and order[1::2].
-    train = build_dataset(recipe.data, "train")
-    indices = epoch_order(len(train), recipe.trainer.seed, 0)[:16]
-    images = torch.stack([train[int(i)][0] for i in indices])
-    targets = torch.stack([train[int(i)][1] for i in indices])
+    x, targets = first_global_batch(recipe)
     model = build_model(ModelConfig(name="resnet18", num_classes=14))
     model.load_state_dict(start)
     model.eval()  # every BatchNorm is frozen in this plan
-    augment = BatchAugment(32, (1.0, 1.0), (1.0, 1.0), hflip=False, rotation_deg=0)
-    x = BatchNormalize()(augment(images))
     torch.nn.functional.binary_cross_entropy_with_logits(model(x), targets).backward()
     lrs = {"fc": 0.5, "layer4": 0.05}
     for name, param in model.named_parameters():
