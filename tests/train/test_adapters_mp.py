@@ -9,8 +9,10 @@ weights and the adapters in peft's format, and 2 processes equal 1.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from dist_ft.models.adapters import merged_state_dict
 from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
-from tests.conftest import REPO, plain_env
+from tests.conftest import REPO, CliResult, plain_env
 from tests.train.test_trainer_mp import (
     BACKENDS,
     SMOKE,
@@ -186,7 +188,8 @@ def one_process(smoke_data: Path, pretrained: Path,
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2"])
 def test_final_adapters_merge_load_in_peft_and_match_one_process(
-    smoke_data: Path, pretrained: Path, one_process: Path, tmp_path: Path, backend: str
+    smoke_data: Path, pretrained: Path, one_process: Path, tmp_path: Path, backend: str,
+    run_cli: Callable[..., CliResult]
 ) -> None:
     from peft import PeftModel
 
@@ -209,6 +212,11 @@ def test_final_adapters_merge_load_in_peft_and_match_one_process(
     assert float((got - want).norm() / want.norm()) < 1e-5
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "adapters (lora, " in log and "in peft's format" in log
+    if backend == "ddp":  # export takes the merged weights: a plain resnet18
+        result = run_cli("export", str(tmp_path), "--weights", "final", "--format", "onnx",
+                         "--json")
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["max_abs_error"] <= 1e-4
 
 
 SGD_STEP = [
