@@ -99,8 +99,4 @@ class ResolvedAdapters:
     def adapted_name(self, name: str) -> str:
         """The name of base parameter ``name`` once the adapters are injected."""
         module, _, leaf = name.rpartition(".")
-        return f"{module}.{BASE_LAYER}.{leaf}" if module in self._targets else name
-
-    @property
-    def _targets(self) -> frozenset[str]:
-        return frozenset(self.modules)
+        return f"{module}.{BASE_LAYER}.{leaf}" if module in self.modules else name

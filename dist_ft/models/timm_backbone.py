@@ -17,6 +17,7 @@ import difflib
 import fnmatch
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +183,14 @@ def _base_names(model: nn.Module) -> dict[str, str]:
     ``X.modules_to_save.default``. Every parameter below such a wrapper at ``X`` is named
     ``X.<leaf>``: it belongs where ``X``'s own weight does.
     """
+    wrapper_types: tuple[type, ...] = ()
+    if "peft" in sys.modules:  # else no module can be a peft wrapper (and peft is slow to load)
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        wrapper_types = (BaseTunerLayer, ModulesToSaveWrapper)
     wrappers = [path + "." for path, m in model.named_modules()
-                if path and ((hasattr(m, "adapter_layer_names")
-                              and callable(getattr(m, "get_base_layer", None)))
-                             or (hasattr(m, "original_module") and hasattr(m, "modules_to_save")))]
+                if path and isinstance(m, wrapper_types)]
     # A PeftModel (get_peft_model) holds the model under base_model.model.
     outer = "base_model.model." if callable(getattr(model, "get_base_model", None)) else ""
     out = {}

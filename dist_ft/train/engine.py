@@ -54,8 +54,10 @@ def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def gathered(accelerator: Any, model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, the unwrapped module holds full parameters (ZeRO-3 gathers them).
+def gathered(accelerator: Any, model: nn.Module,
+             params: list[nn.Parameter] | None = None) -> Iterator[nn.Module]:
+    """Within the block, the unwrapped module holds full parameters (ZeRO-3 gathers them:
+    ``params``, or all of them).
 
     Collective under ZeRO-3: every rank must enter.
     """
@@ -63,7 +65,8 @@ def gathered(accelerator: Any, model: nn.Module) -> Iterator[nn.Module]:
     if zero_stage(accelerator) == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        gather = list(module.parameters()) if params is None else params
+        with deepspeed.zero.GatheredParameters(gather, modifier_rank=None):
             yield module
     else:
         yield module
@@ -108,12 +111,7 @@ def full_params(accelerator: Any, model: nn.Module, names: list[str]) -> dict[st
         return {}
     named = dict(unwrap(accelerator, model).named_parameters())
     params = [named[n] for n in names]
-    context = contextlib.nullcontext()
-    if zero_stage(accelerator) == 3:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    with context:
+    with gathered(accelerator, model, params):
         return {n: p.detach().float().cpu().clone() for n, p in zip(names, params, strict=True)}
 
 

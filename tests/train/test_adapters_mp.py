@@ -26,6 +26,7 @@ from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
 from tests.conftest import REPO, CliResult, plain_env
+from tests.train.conftest import LazyRuns, assert_same_final
 from tests.train.test_trainer_mp import (
     BACKENDS,
     SMOKE,
@@ -50,28 +51,16 @@ ADAPTER_BACKENDS = ["ddp", "zero2", "zero3"]
 
 
 @pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dist_ft.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("adapter_data")
-    write_synthetic(root, images=200, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def runs(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Output folders of one 12-step head -> LoRA -> full run per backend (lazily, once)."""
+    def start(backend: str) -> Path:
+        out = tmp_path_factory.mktemp(f"lora_{backend}")
+        result = launch(["train", str(SMOKE), f"data.root={smoke_data}",
+                         f"output_dir={out}", *COMMON, *BACKENDS[backend]])
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out
 
-    class Runs(dict):
-        def __missing__(self, backend: str) -> Path:
-            out = tmp_path_factory.mktemp(f"lora_{backend}")
-            result = launch(["train", str(SMOKE), f"data.root={smoke_data}",
-                             f"output_dir={out}", *COMMON, *BACKENDS[backend]])
-            assert result.returncode == 0, result.stderr[-4000:]
-            self[backend] = out
-            return out
-
-    return Runs()
+    return LazyRuns(start)
 
 
 def _plan():
@@ -129,10 +118,7 @@ def test_lean_lora_checkpoint_resumes_bitwise(
                      *COMMON, *BACKENDS[backend], "trainer.save_stage_weights=false",
                      "--resume", str(checkpoint)])
     assert result.returncode == 0, result.stderr[-4000:]
-    a = load_file(first / "final" / "model.safetensors")
-    b = load_file(tmp_path / "final" / "model.safetensors")
-    different = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert_same_final(first, tmp_path)
 
 
 def test_lean_checkpoint_refuses_other_initial_weights(

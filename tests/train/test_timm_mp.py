@@ -21,6 +21,7 @@ from dist_ft.config import load_recipe
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
 from tests.conftest import CONFIGS, CliResult
+from tests.train.conftest import assert_same_final
 from tests.train.test_trainer_mp import launch
 
 pytestmark = pytest.mark.multiprocess
@@ -100,11 +101,7 @@ def test_resume_from_a_checkpoint_is_bitwise(family: str, run: Path, data: Path,
                      *MODELS[family], *COMMON, "trainer.save_stage_weights=false",
                      "--resume", str(checkpoint)])
     assert result.returncode == 0, result.stderr[-4000:]
-    a = load_file(run / "final" / "model.safetensors")
-    b = load_file(tmp_path / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    different = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert_same_final(run, tmp_path)
 
 
 def test_exports_to_onnx(run: Path, run_cli: Callable[..., CliResult]) -> None:

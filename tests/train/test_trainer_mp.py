@@ -25,6 +25,7 @@ from dist_ft.models.factory import build_model
 from dist_ft.models.spec_cache import fast_model_spec
 from dist_ft.plan import resolve_plan
 from tests.conftest import CONFIGS, REPO, plain_env
+from tests.train.conftest import LazyRuns, assert_same_final
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,30 +56,16 @@ def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dist_ft.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("smoke_data")
-    write_synthetic(root, images=200, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def runs(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Output folders of one 12-step run per backend (launched lazily, once)."""
-    done: dict[str, Path] = {}
+    def start(backend: str) -> Path:
+        out = tmp_path_factory.mktemp(f"run_{backend}")
+        result = launch(["train", str(SMOKE), f"data.root={smoke_data}",
+                         f"output_dir={out}", *COMMON, *BACKENDS[backend]])
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out
 
-    class Runs(dict):
-        def __missing__(self, backend: str) -> Path:
-            out = tmp_path_factory.mktemp(f"run_{backend}")
-            result = launch(["train", str(SMOKE), f"data.root={smoke_data}",
-                             f"output_dir={out}", *COMMON, *BACKENDS[backend]])
-            assert result.returncode == 0, result.stderr[-4000:]
-            done[backend] = out
-            self[backend] = out
-            return out
-
-    return Runs()
+    return LazyRuns(start)
 
 
 def _plan(backend: str):
@@ -156,10 +143,7 @@ def test_resume_mid_epoch_mid_stage_is_bitwise_identical(
                      *COMMON, *BACKENDS[backend], "trainer.save_stage_weights=false",
                      "--resume", str(checkpoint)])
     assert result.returncode == 0, result.stderr[-4000:]
-    a = load_file(first / "final" / "model.safetensors")
-    b = load_file(tmp_path / "final" / "model.safetensors")
-    different = [n for n in a if not torch.equal(a[n], b[n])]
-    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+    assert_same_final(first, tmp_path)
 
 
 def test_a_rank_with_another_plan_stops_every_rank(smoke_data: Path, tmp_path: Path) -> None:
