@@ -603,6 +603,33 @@ class ScheduleConfig(Section):
     """Plateau: evaluations that pass after a reduction before counting again."""
 
 
+class FsdpMixedPrecision(Section):
+    """``trainer.fsdp.mixed_precision``: the dtypes FSDP2 computes and reduces in (fp32
+    master weights and optimizer state either way)."""
+
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the gathered weights the forward and backward run in (default: as stored,
+    fp32)."""
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the gradient reduce-scatter (default: ``param_dtype``)."""
+
+
+class FsdpConfig(Section):
+    """``trainer.fsdp``: how PyTorch FSDP2 (``fully_shard``) shards the model."""
+
+    reshard_after_forward: bool = True
+    """Free each unit's gathered weights after its forward and gather again in backward
+    (ZeRO-3-like memory); false keeps them until backward (ZeRO-2-like, less traffic)."""
+    wrap: Literal["blocks", "none"] = "blocks"
+    """Shard unit: one per block of the plan's block map (dense blocks, ResNet layers,
+    encoder layers, stages), gathered one at a time; ``none``: the whole model as one unit."""
+    cpu_offload: bool = False
+    """Keep sharded weights, gradients and optimizer state in CPU memory (GPU runs; on a
+    CPU-only machine they are there already)."""
+    mixed_precision: FsdpMixedPrecision = Field(default_factory=FsdpMixedPrecision)
+    """The dtypes of compute and of the gradient reduction."""
+
+
 class TrainerConfig(Section):
     """``trainer``: length of the run, backend, precision and numerics."""
 
@@ -610,11 +637,14 @@ class TrainerConfig(Section):
     """Passes over the training set."""
     max_steps: PositiveInt | None = None
     """Stop after this many optimizer steps, even mid-epoch (default: run every epoch)."""
-    backend: Literal["ddp", "deepspeed"] = "deepspeed"
-    """PyTorch DDP, or DeepSpeed ZeRO at ``zero_stage``."""
+    backend: Literal["ddp", "deepspeed", "fsdp"] = "deepspeed"
+    """PyTorch DDP, DeepSpeed ZeRO at ``zero_stage``, or PyTorch FSDP2 (``fully_shard``,
+    settings in ``trainer.fsdp``)."""
     zero_stage: Annotated[Literal[1, 2, 3], BeforeValidator(_not_bool)] = 2
     """DeepSpeed ZeRO stage: shard optimizer states (1), also gradients (2), also weights
     (3)."""
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    """FSDP2's sharding settings (with ``backend: fsdp``)."""
     precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision: ``no`` (fp32), ``fp16`` or ``bf16``."""
     grad_accum_steps: PositiveInt = 1
@@ -657,13 +687,25 @@ class TrainerConfig(Section):
     save_stage_weights: bool = False
     """Save full weights + optimizer moments at each stage boundary."""
 
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainerConfig:
+        if self.backend == "fsdp" and self.precision != "no":
+            raise ValueError(
+                f"precision={self.precision} with backend=fsdp: FSDP2 computes in the dtype of "
+                "trainer.fsdp.mixed_precision.param_dtype (e.g. bfloat16) over fp32 master "
+                "weights; set that and leave precision at 'no'")
+        return self
+
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 def backend_label(backend: str, zero_stage: int | None = None) -> str:
-    """What runs, in words: ``DDP`` or ``DeepSpeed ZeRO-2`` (``trainer.backend`` and
-    ``trainer.zero_stage``); one wording for the log, ``recipes list``, ``submit`` and benches."""
+    """What runs, in words: ``DDP``, ``DeepSpeed ZeRO-2`` or ``FSDP2`` (``trainer.backend``
+    and ``trainer.zero_stage``); one wording for the log, ``recipes list``, ``submit`` and
+    benches."""
+    if backend == "fsdp":
+        return "FSDP2"
     return "DDP" if backend == "ddp" else f"DeepSpeed ZeRO-{zero_stage}"
 
 

@@ -1,11 +1,13 @@
 """Atomic checkpoints: written under a ``.partial`` name, renamed when every rank is done.
 
 ``OUTPUT_DIR/checkpoints/step_00000120/`` holds Accelerate's state (model, optimizer — sharded
-under ZeRO —, RNG states), ``trainer_state.json`` (counters, stage, data position, schedule,
-the run id and the run's contract, see :mod:`dist_ft.train.resume`) and one ``rank{r}.pt`` per
-rank (the augmentation generator). A ``COMPLETE`` marker written last makes it eligible for
-``--resume auto``; a crash mid-write leaves only a ``.partial`` folder that is never picked and
-is replaced on the next save. Names and layout come from :class:`dist_ft.rundir.RunDir`.
+under ZeRO —, RNG states; under FSDP2 the model and optimizer shards are in ``sharded/``,
+written by ``torch.distributed.checkpoint``), ``trainer_state.json`` (counters, stage, data
+position, schedule, the run id and the run's contract, see :mod:`dist_ft.train.resume`) and
+one ``rank{r}.pt`` per rank (the augmentation generator). A ``COMPLETE`` marker written last
+makes it eligible for ``--resume auto``; a crash mid-write leaves only a ``.partial`` folder
+that is never picked and is replaced on the next save. Names and layout come from
+:class:`dist_ft.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from typing import Any
 import torch
 
 from dist_ft.rundir import COMPLETE, TRAINER_STATE, RunDir, write_json_atomic
+from dist_ft.train.fsdp import SHARDED
 
 log = logging.getLogger("dist_ft.train")
 
 
 def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dict[str, Any],
                     rank_state: dict[str, Any], keep_last: int,
-                    changed_frozen: dict[str, torch.Tensor] | None = None) -> Path:
+                    changed_frozen: dict[str, torch.Tensor] | None = None,
+                    sharded: tuple[Any, Any] | None = None) -> Path:
     """Write a checkpoint from every rank, atomically; prune this run's to the last ``keep_last``.
 
     Only checkpoints carrying the same ``run_id`` as ``trainer_state`` are ever pruned.
@@ -39,6 +43,8 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
             the trainable parameters (and buffers), and these frozen weights that differ from
             the initial ones are stored beside it (main process's copy); the rest is rebuilt
             from the recipe's ``model`` section on resume (see :func:`load_checkpoint`).
+        sharded: an FSDP2 model and its optimizer: their shards go to ``sharded/`` through
+            DCP (Accelerate, which did not prepare them, then writes the RNG states only).
     """
     final, partial = run.checkpoint(step), run.partial(step)
     if accelerator.is_main_process:
@@ -46,15 +52,20 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
             shutil.rmtree(partial)
         partial.mkdir(parents=True, mode=0o755)
     accelerator.wait_for_everyone()
-    if changed_frozen is None:
+    if sharded is not None:
+        from dist_ft.train.fsdp import save_sharded
+
+        save_sharded(partial, *sharded, lean=changed_frozen is not None)
+        accelerator.save_state(str(partial))
+    elif changed_frozen is None:
         accelerator.save_state(str(partial))
     else:
         _save_lean_state(accelerator, partial)
-        if accelerator.is_main_process and changed_frozen:
-            from safetensors.torch import save_file
+    if changed_frozen and accelerator.is_main_process:
+        from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in changed_frozen.items()},
-                      str(partial / CHANGED_FROZEN))
+        save_file({k: v.contiguous() for k, v in changed_frozen.items()},
+                  str(partial / CHANGED_FROZEN))
     torch.save(rank_state, partial / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -98,18 +109,31 @@ def _save_lean_state(accelerator: Any, folder: Path) -> None:
         handle.remove()
 
 
-def load_checkpoint(accelerator: Any, path: Path, trainable: Collection[str] | None = None
-                    ) -> None:
+def load_checkpoint(accelerator: Any, path: Path, trainable: Collection[str] | None = None,
+                    sharded: tuple[Any, Any] | None = None) -> None:
     """Load Accelerate's state of a checkpoint into the prepared model and optimizer.
 
     Args:
         trainable: for a lean checkpoint, the parameters its model file must hold (the
             module already holds the rest: rebuilt from the recipe, with
             :data:`CHANGED_FROZEN` applied); None for a full checkpoint.
+        sharded: an FSDP2 model and its optimizer, loaded from ``sharded/`` (resharded
+            onto this run's processes, whatever number wrote it).
 
     Raises:
-        CheckpointDamaged: a lean model file lacks a trainable tensor.
+        CheckpointDamaged: a lean model file lacks a trainable tensor, or an FSDP2 run meets
+            a checkpoint of another backend (or the reverse).
     """
+    folder = Path(path) / SHARDED
+    if (sharded is not None) != folder.is_dir():
+        raise CheckpointDamaged(folder, "an FSDP2 checkpoint holds it and only FSDP2 reads it: "
+                                "resume with the backend that wrote the checkpoint")
+    if sharded is not None:
+        from dist_ft.train.fsdp import load_sharded
+
+        load_sharded(Path(path), *sharded, lean=trainable is not None)
+        accelerator.load_state(str(path))  # RNG states
+        return
     if trainable is None:
         accelerator.load_state(str(path))
         return
@@ -209,14 +233,36 @@ def _check_pickle(file: Path, allowed: list[Any]) -> None:
         raise CheckpointDamaged(file, f"unreadable: {(lines or [repr(exc)])[0][:200]}") from None
 
 
+def _check_dcp_metadata(file: Path) -> None:
+    import pickle
+
+    from dist_ft.train.fsdp import read_metadata
+
+    try:
+        read_metadata(file)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise UnsafeCheckpointError(f"{file}: refused to load ({exc}); DCP's index names "
+                                        "only its own record classes. Not resuming from it"
+                                        ) from None
+        raise CheckpointDamaged(file, f"unreadable: {exc}") from None
+    except ValueError as exc:
+        raise UnsafeCheckpointError(f"{file}: {exc}. Not resuming from it") from None
+    except Exception as exc:  # EOF, a truncated pickle, something not DCP's
+        raise CheckpointDamaged(file, f"unreadable: {str(exc)[:200] or type(exc).__name__}"
+                                ) from None
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Check every file of a finished checkpoint before anything loads it.
 
     ``trainer_state.json`` must parse; no file may be empty; safetensors files must be as
     long as their header says; every pickle-based file is opened with
     ``torch.load(weights_only=True)`` (memory-mapped: the pickles are parsed, tensors are
-    not read). Accelerate reads its files with ``weights_only=True`` but DeepSpeed reads its
-    own with ``weights_only=False``: a file that passes here holds only tensors, containers,
+    not read); DCP's ``.metadata`` index (FSDP2) may name only DCP's record classes and no
+    pickled object (its shard files then hold tensors only, which DCP reads weights-only).
+    Accelerate reads its files with ``weights_only=True`` but DeepSpeed reads its own with
+    ``weights_only=False``: a file that passes here holds only tensors, containers,
     numpy arrays and the allowlisted DeepSpeed classes, so that later read runs no foreign
     code.
 
@@ -246,6 +292,8 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointDamaged(file, "0 bytes")
         if file.suffix == ".safetensors":
             _check_safetensors(file)
+        elif file.name == ".metadata":  # DCP's index of the shards: a plain pickle
+            _check_dcp_metadata(file)
         elif file.suffix in PICKLE_SUFFIXES:
             _check_pickle(file, allowed)
 

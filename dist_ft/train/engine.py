@@ -1,4 +1,4 @@
-"""Backend-specific mechanics behind one interface: DDP or DeepSpeed ZeRO-1/2/3.
+"""Backend-specific mechanics behind one interface: DDP, DeepSpeed ZeRO-1/2/3 or FSDP2.
 
 What differs between backends, and only that, lives here: how a micro-batch's backward and
 an optimizer step run (:class:`StepBackend`: ``backward``, ``clip``, ``step``, ``grad_norm``),
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dist_ft.config.schema import backend_label
+from dist_ft.train import fsdp
 
 
 def step_tensor(steps: int, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
@@ -41,8 +42,15 @@ def zero_stage(accelerator: Any) -> int:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def backend_name(accelerator: Any) -> str:
-    """What runs, in words: ``DeepSpeed ZeRO-2``, ``DDP`` or ``one process``."""
+def is_fsdp(accelerator: Any, model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (see :mod:`dist_ft.train.fsdp`)."""
+    return fsdp.is_sharded(unwrap(accelerator, model))
+
+
+def backend_name(accelerator: Any, model: nn.Module | None = None) -> str:
+    """What runs, in words: ``DeepSpeed ZeRO-2``, ``FSDP2``, ``DDP`` or ``one process``."""
+    if model is not None and is_fsdp(accelerator, model):
+        return backend_label("fsdp")
     if is_deepspeed(accelerator):
         return backend_label("deepspeed", zero_stage(accelerator))
     return backend_label("ddp") if accelerator.num_processes > 1 else "one process"
@@ -57,7 +65,8 @@ def unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
 def gathered(accelerator: Any, model: nn.Module,
              params: list[nn.Parameter] | None = None) -> Iterator[nn.Module]:
     """Within the block, the unwrapped module holds full parameters (ZeRO-3 gathers them:
-    ``params``, or all of them).
+    ``params``, or all of them). Under FSDP2 they stay ``DTensor`` shards: read each through
+    :func:`dist_ft.train.fsdp.full_tensor`, which gathers it.
 
     Collective under ZeRO-3: every rank must enter.
     """
@@ -73,14 +82,15 @@ def gathered(accelerator: Any, model: nn.Module,
 
 
 def average_bn_stats(accelerator: Any, model: nn.Module) -> None:
-    """Average BatchNorm running statistics across ranks (DeepSpeed only).
+    """Average BatchNorm running statistics across ranks (DeepSpeed and FSDP2).
 
-    DDP broadcasts buffers from rank 0 at every forward; DeepSpeed leaves each rank with the
-    statistics of its own shard of the data. Averaging them (as timm's ``distribute_bn``
+    DDP broadcasts buffers from rank 0 at every forward; DeepSpeed and FSDP2 leave each rank
+    with the statistics of its own shard of the data. Averaging them (as timm's ``distribute_bn``
     does) before evaluation and saving makes every rank hold, and every file store, the
     same model.
     """
-    if not is_deepspeed(accelerator) or accelerator.num_processes < 2:
+    if accelerator.num_processes < 2 or not (is_deepspeed(accelerator)
+                                             or is_fsdp(accelerator, model)):
         return
     from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -100,7 +110,8 @@ def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     """
     average_bn_stats(accelerator, model)
     with gathered(accelerator, model) as module:
-        state = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}
+        state = {n: fsdp.full_tensor(p.detach()).float().cpu().clone()
+                 for n, p in module.named_parameters()}
         state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers()})
     return state
 
@@ -112,14 +123,15 @@ def full_params(accelerator: Any, model: nn.Module, names: list[str]) -> dict[st
     named = dict(unwrap(accelerator, model).named_parameters())
     params = [named[n] for n in names]
     with gathered(accelerator, model, params):
-        return {n: p.detach().float().cpu().clone() for n, p in zip(names, params, strict=True)}
+        return {n: fsdp.full_tensor(p.detach()).float().cpu().clone()
+                for n, p in zip(names, params, strict=True)}
 
 
 def optimizer_state_elements(accelerator: Any, model: nn.Module, keys: tuple[str, ...]) -> int:
     """Optimizer-state elements this rank holds (per-element state x what it covers).
 
-    Under ZeRO-1/2/3 that is the rank's flat fp32 partitions; under DDP every trainable
-    element.
+    Under ZeRO-1/2/3 that is the rank's flat fp32 partitions; under FSDP2 its shards of the
+    trainable parameters; under DDP every trainable element.
     """
     if is_deepspeed(accelerator):
         zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
@@ -127,7 +139,7 @@ def optimizer_state_elements(accelerator: Any, model: nn.Module, keys: tuple[str
                  else zero_opt.single_partition_of_fp32_groups)
         covered = sum(f.numel() for f in flats)
     else:
-        covered = sum(p.numel() for p in unwrap(accelerator, model).parameters()
+        covered = sum(fsdp.local_numel(p) for p in unwrap(accelerator, model).parameters()
                       if p.requires_grad)
     return covered * len(keys)
 
@@ -138,7 +150,7 @@ def full_grad(accelerator: Any, param: nn.Parameter) -> torch.Tensor | None:
         from deepspeed.utils import safe_get_full_grad
 
         return safe_get_full_grad(param)
-    return param.grad
+    return None if param.grad is None else fsdp.full_tensor(param.grad)
 
 
 def _relink_zero_state(accelerator: Any) -> None:
@@ -156,7 +168,8 @@ def _relink_zero_state(accelerator: Any) -> None:
 
 def snapshot_moments(accelerator: Any, model: nn.Module, optimizer: Any,
                      keys: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
-    """Full optimizer state of every trainable parameter, by name (collective under ZeRO)."""
+    """Full optimizer state of every trainable parameter, by name (collective under ZeRO and
+    FSDP2)."""
     module = unwrap(accelerator, model)
     out: dict[str, dict[str, torch.Tensor]] = {}
     if is_deepspeed(accelerator):
@@ -174,7 +187,24 @@ def snapshot_moments(accelerator: Any, model: nn.Module, optimizer: Any,
     for name, param in module.named_parameters():
         state = inner.state.get(param)
         if param.requires_grad and state and all(k in state for k in keys):
-            out[name] = {k: state[k].detach().cpu().clone() for k in keys}
+            out[name] = {k: fsdp.full_tensor(state[k].detach()).cpu().clone() for k in keys}
+    return out
+
+
+def carry_moments(accelerator: Any, model: nn.Module, optimizer: Any,
+                  keys: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer state to carry into the next stage's optimizer, by parameter name.
+
+    Under FSDP2 each rank keeps its own shards (``DTensor``; nothing is gathered, the
+    parameters keep their sharding); elsewhere the full state (:func:`snapshot_moments`).
+    """
+    if not is_fsdp(accelerator, model):
+        return snapshot_moments(accelerator, model, optimizer, keys)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in unwrap(accelerator, model).named_parameters():
+        state = optimizer.state.get(param)
+        if param.requires_grad and state and all(k in state for k in keys):
+            out[name] = {k: state[k].detach().clone() for k in keys}
     return out
 
 
@@ -197,8 +227,10 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
                 if carried is None:
                     continue
                 state = inner.state[p]
-                for k in keys:
-                    state[k] = carried[k].to(p.device, p.dtype).clone()
+                for k in keys:  # an FSDP2 shard is already where (and as) its param is
+                    value = carried[k]
+                    state[k] = value.clone() if fsdp.is_dtensor(value) \
+                        else value.to(p.device, p.dtype).clone()
                 if "exp_avg" in keys:
                     state["step"] = step_tensor(steps, group, p)
                 seeded += 1
@@ -307,21 +339,74 @@ class DeepSpeedStepBackend(StepBackend):
         return None if norm is None else float(norm)
 
 
+class FsdpStepBackend(StepBackend):
+    """Backward and step of an FSDP2 model with a plain torch optimizer.
+
+    Gradients are reduce-scattered only by the backward that ends a step: before it they
+    accumulate unsharded on each rank (``set_requires_gradient_sync``), as DDP's
+    ``no_sync``. Clipping takes the global norm over every rank's gradient shards.
+    """
+
+    @property
+    def replicated(self) -> bool:
+        """Never: each rank holds its shards."""
+        return False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch; reduce-scatter at the step boundary only."""
+        self.model.set_requires_gradient_sync(self.accelerator.sync_gradients)
+        self.accelerator.backward(loss)
+
+    def clip(self, max_norm: float | None) -> None:
+        """Clip to the global norm of the sharded gradients (a collective)."""
+        if max_norm:
+            grads = [p for p in self.model.parameters() if p.grad is not None]
+            self._norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+
+    def step(self, skip: bool = False) -> None:
+        """At a step boundary: the update (unless dropped), then zero the gradients."""
+        if not self.accelerator.sync_gradients:
+            return
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
 def step_backend(accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:
-    """The :class:`StepBackend` for the Accelerator's distributed type."""
+    """The :class:`StepBackend` for the model's sharding and the Accelerator's type."""
+    if is_fsdp(accelerator, model):
+        return FsdpStepBackend(accelerator, model, optimizer)
     cls = DeepSpeedStepBackend if is_deepspeed(accelerator) else StepBackend
     return cls(accelerator, model, optimizer)
 
 
-def module_for_new_stage(accelerator: Any, model: nn.Module,
-                         rebuild: Any) -> nn.Module:
-    """The plain module to re-prepare for a new trainable set.
+def prepare(accelerator: Any, module: nn.Module, make_optimizer: Any,
+            shard: Any = None) -> tuple[nn.Module, Any]:
+    """The model and optimizer to train: ``shard(module)`` (FSDP2, unless sharded already)
+    and a plain optimizer over its DTensors, or both prepared by Accelerate (DDP, DeepSpeed).
 
-    DDP re-wraps the same module. DeepSpeed has no ``add_param_group``, so a new engine is
-    built, from a fresh module holding the gathered full weights (ZeRO-3 holds only shards):
-    ``rebuild(state_dict)`` makes it.
+    Args:
+        make_optimizer: builds the optimizer over a module's parameters.
+        shard: FSDP2's sharding of a plain module; None for the other backends.
     """
-    if is_deepspeed(accelerator):
+    if shard is None:
+        return accelerator.prepare(module, make_optimizer(module))
+    if not fsdp.is_sharded(module):
+        module = shard(module)
+    return module, make_optimizer(module)
+
+
+def module_for_new_stage(accelerator: Any, model: nn.Module, rebuild: Any,
+                         same_structure: bool = True) -> nn.Module:
+    """The module to re-prepare for a new trainable set.
+
+    DDP re-wraps the same module; FSDP2 keeps the same sharded module while its structure
+    stays (``same_structure``: no adapters merged or injected). DeepSpeed has no
+    ``add_param_group``, so a new engine is built, from a fresh module holding the gathered
+    full weights (ZeRO-3 holds only shards): ``rebuild(state_dict)`` makes it; so is a new
+    FSDP2 module around new adapters.
+    """
+    if is_deepspeed(accelerator) or (is_fsdp(accelerator, model) and not same_structure):
         return rebuild(full_state_dict(accelerator, model))
     return unwrap(accelerator, model)
 

@@ -19,7 +19,8 @@ from typing import Any
 IGNORED_PREFIXES = ("output_dir", "model.pretrained", "logging.", "launch.", "data.num_workers",
                     "data.verify_cache", "data.on_bad_image", "trainer.checkpoint_every_steps",
                     "trainer.keep_last", "trainer.collective_timeout_min", "trainer.nonfinite_loss",
-                    "trainer.nonfinite_max_in_row", "trainer.save_stage_weights")
+                    "trainer.nonfinite_max_in_row", "trainer.save_stage_weights",
+                    "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload")
 # The saved weights, optimizer state or engine cannot be loaded into a run that changed these.
 FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "optim.name",
                   "trainer.backend", "trainer.zero_stage", "world_size")
@@ -41,8 +42,12 @@ def _matches(key: str, prefixes: Iterable[str]) -> bool:
 
 def _without_later_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe without keys added later at their defaults (a stage's ``adapters: null``,
-    ``model.source: torchvision``), so checkpoints written before them still match."""
+    ``model.source: torchvision``, ``trainer.fsdp`` outside FSDP2), so checkpoints written
+    before them still match."""
     recipe = {**recipe}
+    trainer = recipe.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("backend") != "fsdp":
+        recipe["trainer"] = {k: v for k, v in trainer.items() if k != "fsdp"}
     model = recipe.get("model")
     if isinstance(model, dict) and model.get("source") == "torchvision":
         recipe["model"] = {k: v for k, v in model.items() if k != "source"}
@@ -61,9 +66,19 @@ def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
                 if not _matches(k, IGNORED_PREFIXES)}
     # Derived facts: the plan as resolved on this model, the images and labels of the split.
     contract.update({"plan.digest": plan_digest, "data.split": split_digest})
-    # DDP checkpoints load on any number of processes; ZeRO's optimizer shards do not.
+    # DDP and FSDP2 (DCP reshards) checkpoints load on any number of processes; ZeRO's
+    # optimizer shards do not.
     contract["world_size"] = world_size if zero_stage else None
-    return contract
+    return _without_derived(contract)
+
+
+def _without_derived(contract: dict[str, Any]) -> dict[str, Any]:
+    """The contract without ``data.batch_size`` where ``data.global_batch_size`` derives it
+    from the world size: the global batch is what a resume must keep (older checkpoints
+    recorded both)."""
+    if contract.get("data.global_batch_size") is None:
+        return contract
+    return {k: v for k, v in contract.items() if k != "data.batch_size"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Change:
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[Change]:
     """Every key whose value differs (a key missing on one side counts as None)."""
+    saved, now = _without_derived(saved), _without_derived(now)
     keys = sorted(set(saved) | set(now))
     return [Change(k, saved.get(k), now.get(k)) for k in keys
             if saved.get(k) != now.get(k) and not _matches(k, IGNORED_PREFIXES)]

@@ -115,19 +115,32 @@ def with_global_batch(recipe: Recipe, world: int) -> Recipe:
 
 
 def check_launcher_agrees(recipe: Recipe, env: dict[str, str] | os._Environ[str]) -> None:
-    """Refuse a launcher config whose DeepSpeed settings contradict the recipe.
+    """Refuse a launcher config whose DeepSpeed or FSDP settings contradict the recipe.
 
     ``accelerate launch --config_file launch/zero3.yaml`` exports its ZeRO stage; the recipe's
     ``trainer.backend``/``trainer.zero_stage`` decide the backend, so a disagreement would
     silently train under something neither file says. Offload devices are taken from the
-    launcher (they change where state lives, not the arithmetic).
+    launcher (they change where state lives, not the arithmetic). ``launch/fsdp.yaml`` says
+    FSDP (version 2); how FSDP2 shards comes from the recipe's ``trainer.fsdp``.
 
     Raises:
         LauncherConflict: naming both values and the override that reconciles them.
     """
+    cfg = recipe.trainer
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        version = env.get("FSDP_VERSION", "1")
+        if cfg.backend != "fsdp":
+            raise LauncherConflict(
+                f"the launcher config asks for FSDP but the recipe says trainer.backend="
+                f"{cfg.backend}: add the override trainer.backend=fsdp, or launch with "
+                "launch/cpu_2proc.yaml, launch/ddp_gpus.yaml or a launch/zero*.yaml config")
+        if version != "2":
+            raise LauncherConflict(
+                f"the launcher config asks for FSDP version {version}; dist-ft shards with "
+                "FSDP2 (fully_shard): set fsdp_version: 2 (see launch/fsdp.yaml)")
+        return
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         return
-    cfg = recipe.trainer
     ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if ds_file not in ("", "none"):
         raise LauncherConflict(
@@ -139,7 +152,7 @@ def check_launcher_agrees(recipe: Recipe, env: dict[str, str] | os._Environ[str]
     if cfg.backend != "deepspeed":
         raise LauncherConflict(
             f"the launcher config asks for DeepSpeed ZeRO-{stage} but the recipe says "
-            "trainer.backend=ddp: add the override trainer.backend=deepspeed "
+            f"trainer.backend={cfg.backend}: add the override trainer.backend=deepspeed "
             f"trainer.zero_stage={stage}, or launch with launch/cpu_2proc.yaml or "
             "launch/ddp_gpus.yaml")
     if stage is not None and stage.isdigit() and int(stage) != cfg.zero_stage:
@@ -165,7 +178,8 @@ def apply_timeout_to_new_groups(timeout: timedelta) -> None:
 
 
 def build_accelerator(recipe: Recipe) -> Any:
-    """The Accelerator for a recipe: DDP or DeepSpeed ZeRO-N, gloo on CPU, NCCL on CUDA.
+    """The Accelerator for a recipe: DDP, DeepSpeed ZeRO-N or FSDP2 (which it only launches
+    and synchronises: dist-ft shards), gloo on CPU, NCCL on CUDA.
 
     The recipe decides the backend (``trainer.backend``, ``trainer.zero_stage``); the launcher
     (``accelerate launch``, torchrun, srun) decides the processes and machines, and may add
@@ -175,6 +189,9 @@ def build_accelerator(recipe: Recipe) -> Any:
         LauncherConflict: the launcher's DeepSpeed settings contradict the recipe.
     """
     check_launcher_agrees(recipe, os.environ)
+    # dist-ft applies FSDP2 itself (dist_ft.train.fsdp); Accelerate's plugin, engaged by
+    # launch/fsdp.yaml on GPUs only, would wrap and checkpoint differently on CPU and GPU.
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
     cuda = has_cuda()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -132,8 +132,8 @@ class StageSwitcher:
 
     At a boundary the moments of parameters that were already training are carried into the
     new optimizer (with their groups' step counts); the plan digest is re-checked on every
-    rank. Backend differences (re-wrap vs a new DeepSpeed engine) are
-    :func:`dist_ft.train.engine.module_for_new_stage`'s.
+    rank. Backend differences (re-wrap, the same FSDP2 module, or a new DeepSpeed engine) are
+    :func:`dist_ft.train.engine.module_for_new_stage`'s and :func:`dist_ft.train.engine.prepare`'s.
 
     Args:
         accelerator: the run's Accelerator.
@@ -175,9 +175,10 @@ class StageSwitcher:
             if save:
                 self.save_weights(f"stage{progress.stage}_end", model, optimizer, moments=True)
             if carry:
-                moments = engine.snapshot_moments(acc, model, optimizer, self.keys)
+                moments = engine.carry_moments(acc, model, optimizer, self.keys)
             module = engine.module_for_new_stage(
-                acc, model, lambda state: self.rebuild(state, current))
+                acc, model, lambda state: self.rebuild(state, current),
+                same_structure=current == self.plan.stages[index].adapters)
             acc.free_memory()
             model = optimizer = None
         stage = self.plan.stages[index]
@@ -187,7 +188,9 @@ class StageSwitcher:
                                                                           stage.adapters))
         apply_trainable(module, stage)
         groups = optimizer_groups(self.plan, index)
-        model, optimizer = acc.prepare(module, build_optimizer(self.recipe.optim, module, groups))
+        model, optimizer = engine.prepare(
+            acc, module, lambda m: build_optimizer(self.recipe.optim, m, groups),
+            self._sharder(stage) if self.recipe.trainer.backend == "fsdp" else None)
         progress.stage = index
         progress.stage_start.setdefault(str(index), progress.step)
         steps = [progress.step - progress.stage_start[str(g.since)] for g in groups]
@@ -205,6 +208,13 @@ class StageSwitcher:
                  f"{stage.trainable_params:,}", len(groups), len(stage.bn_eval), seeded, seconds,
                  engine.optimizer_state_elements(acc, model, self.keys))
         return model, optimizer
+
+    def _sharder(self, stage: ResolvedStage) -> Callable[[nn.Module], nn.Module]:
+        """FSDP2's sharding of a plain module carrying ``stage``'s adapters: by its blocks."""
+        from dist_ft.train.fsdp import shard_model
+
+        cfg, device = self.recipe.trainer.fsdp, self.accelerator.device
+        return lambda module: shard_model(module, stage.spec.blocks.block_of, cfg, device)
 
     def adapter_seed(self, index: int) -> int:
         """The seed of stage ``index``'s new adapters: the run's seed and the stage alone."""

@@ -283,7 +283,7 @@ class Trainer:
         self.reporter.status("running", p)
         log.info("run %s, rank %d/%d on %s, %s, %d train / %d val images, "
                  "%d steps of %d images", self.run_id, self.rank, self.world, self.acc.device,
-                 engine.backend_name(self.acc),
+                 engine.backend_name(self.acc, self.model),
                  len(self.inputs.train_set), len(self.inputs.val_set), self.total_steps,
                  recipe.data.batch_size * self.world * recipe.trainer.grad_accum_steps)
 
@@ -604,7 +604,7 @@ class Trainer:
                              "pretrained": self.recipe.model.pretrained,
                              "digest": self.base_digest, "changed_frozen": sorted(changed)}
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
-                               self.recipe.trainer.keep_last, changed)
+                               self.recipe.trainer.keep_last, changed, self._sharded())
         self.last_saved = path
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
@@ -681,11 +681,15 @@ class Trainer:
         if lean:
             self._load_base(path, state)
         self._enter_stage(p.stage, carry=False, snapshot=False)
-        load_checkpoint(self.acc, path, stage.trainable if lean else None)
+        load_checkpoint(self.acc, path, stage.trainable if lean else None, self._sharded())
         if (path / f"rank{self.rank}.pt").is_file():
             self.inputs.generator.set_state(load_rank_state(path, self.rank)["generator"])
         log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,
                  p.stage)
+
+    def _sharded(self) -> tuple[Any, Any] | None:
+        """The FSDP2 model and optimizer, whose checkpoints go through DCP; None otherwise."""
+        return (self.model, self.optimizer) if engine.is_fsdp(self.acc, self.model) else None
 
     def _stop_on_signal(self, signals: list[str]) -> None:
         """Checkpoint on every rank, requeue after SIGUSR2, and raise Preempted."""

@@ -45,6 +45,8 @@ SECTIONS: dict[type[Section], tuple[str, list[str]]] = {
     schema.GroupConfig: ("optim.groups[0]", ["optim.groups=[{name: g, match: [head]}]"]),
     schema.ScheduleConfig: ("schedule", []),
     schema.TrainerConfig: ("trainer", []),
+    schema.FsdpConfig: ("trainer.fsdp", ["trainer.backend=fsdp"]),
+    schema.FsdpMixedPrecision: ("trainer.fsdp.mixed_precision", ["trainer.backend=fsdp"]),
     schema.LoggingConfig: ("logging", []),
     schema.LaunchConfig: ("launch", []),
 }

@@ -25,6 +25,7 @@ EXPECTED = {  # file: (distributed_type, processes, machines, zero stage, offloa
     "zero3.yaml": ("DEEPSPEED", 8, 1, 3, "none"),
     "zero3_offload.yaml": ("DEEPSPEED", 8, 1, 3, "cpu"),
     "multinode.yaml": ("MULTI_GPU", 16, 2, None, None),
+    "fsdp.yaml": ("FSDP", 2, 1, None, None),
 }
 
 
@@ -64,6 +65,25 @@ def test_launcher_and_recipe_must_agree_on_deepspeed() -> None:
         check_launcher_agrees(recipe("trainer.backend=ddp"), ds)
     with pytest.raises(LauncherConflict, match="DeepSpeed JSON"):
         check_launcher_agrees(recipe(), {**ds, "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"})
+
+
+def test_launcher_and_recipe_must_agree_on_fsdp() -> None:
+    cfg = load_config_from_file(str(LAUNCH / "fsdp.yaml"))
+    assert cfg.fsdp_config["fsdp_version"] == 2
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    check_launcher_agrees(recipe("trainer.backend=fsdp"), fsdp)
+    check_launcher_agrees(recipe("trainer.backend=fsdp"), {})  # any launcher starts FSDP2
+    with pytest.raises(LauncherConflict, match=re.escape(
+            "asks for FSDP but the recipe says trainer.backend=deepspeed: add the override "
+            "trainer.backend=fsdp")):
+        check_launcher_agrees(recipe(), fsdp)
+    with pytest.raises(LauncherConflict, match="FSDP version 1; dist-ft shards with FSDP2"):
+        check_launcher_agrees(recipe("trainer.backend=fsdp"), {**fsdp, "FSDP_VERSION": "1"})
+    with pytest.raises(LauncherConflict, match=re.escape(
+            "recipe says trainer.backend=fsdp: add the override trainer.backend=deepspeed")):
+        check_launcher_agrees(recipe("trainer.backend=fsdp"),
+                              {"ACCELERATE_USE_DEEPSPEED": "true",
+                               "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
 
 
 @pytest.mark.multiprocess
