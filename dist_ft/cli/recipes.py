@@ -133,6 +133,8 @@ def _launch_row(item: ShippedFile) -> dict[str, Any]:
         offload = ds.get("offload_param_device") or "none"
         backend = f"DeepSpeed ZeRO-{ds.get('zero_stage', '?')}" + (
             f", offload to {offload}" if offload != "none" else "")
+    elif kind == "FSDP":  # the recipe must say trainer.backend: fsdp (checked at start-up)
+        backend = backend_label("fsdp")
     return {"name": item.name, "path": str(item.path), "backend": backend,
             "distributed_type": kind,
             "processes": data.get("num_processes", 1), "machines": data.get("num_machines", 1),

@@ -69,11 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_dry_run(doc: dict[str, Any]) -> None:
-    from dist_ft.config.schema import backend_label
-
     print(f"# {doc['kind']} on {doc['cluster']}: {doc['nodes']} node(s) x "
           f"{doc['processes_per_node']} process(es) = world size {doc['world_size']}, "
-          f"{backend_label(doc['backend'], doc.get('zero_stage'))}")
+          f"{doc['backend_label']}")
     for task in doc["tasks"]:
         print(f"# task {task['index']} {task['name']}: {task['output_dir']} "
               f"{' '.join(task['overrides'])}")

@@ -29,7 +29,7 @@ from typing import Any
 from dist_ft.cluster import rendezvous_port, slurm_process_group_env
 from dist_ft.config.errors import ConfigError
 from dist_ft.config.load import load_recipe, recipe_to_dict, validate_recipe
-from dist_ft.config.schema import LaunchConfig, Recipe, slurm_time_seconds
+from dist_ft.config.schema import LaunchConfig, Recipe, backend_label, slurm_time_seconds
 from dist_ft.launch.sweep import Sweep, format_value, load_sweep, safe_name, task_folder
 from dist_ft.rundir import RunDir
 
@@ -328,15 +328,25 @@ def node_layout(sub: Submission, job_id: int = EXAMPLE_JOB_ID) -> list[dict[str,
 
 
 def dry_run(sub: Submission) -> dict[str, Any]:
-    """What would be submitted, as data: scripts, per-node layout, tasks."""
+    """What would be submitted, as data: scripts, per-node layout, tasks.
+
+    The backend (DDP, DeepSpeed ZeRO-N, FSDP2) is the recipe's: every task is one rank that
+    ``dist-ft train`` starts under srun, with no ``accelerate launch`` config in between.
+    """
+    trainer = sub.tasks[0].recipe["trainer"]
+    # zero_stage only where it means something: an FSDP2 or DDP run has none.
+    stage = trainer["zero_stage"] if trainer["backend"] == "deepspeed" else None
+    labels = [backend_label(t.recipe["trainer"]["backend"], t.recipe["trainer"]["zero_stage"])
+              for t in sub.tasks]  # a sweep may compare backends
     doc: dict[str, Any] = {
         "kind": sub.kind, "cluster": sub.launch.cluster, "root": str(sub.root),
         "nodes": sub.launch.nodes, "processes_per_node": sub.processes_per_node,
-        "world_size": sub.world_size, "backend": sub.tasks[0].recipe["trainer"]["backend"],
-        "zero_stage": sub.tasks[0].recipe["trainer"]["zero_stage"],
+        "world_size": sub.world_size, "backend": trainer["backend"], "zero_stage": stage,
+        "backend_label": " | ".join(dict.fromkeys(labels)),
         "executor_parameters": executor_parameters(sub),
         "tasks": [{"index": t.index, "name": t.name, "overrides": list(t.overrides),
-                   "output_dir": t.output_dir} for t in sub.tasks],
+                   "output_dir": t.output_dir, "backend_label": label}
+                  for t, label in zip(sub.tasks, labels, strict=True)],
         "example_job_id": EXAMPLE_JOB_ID,
         "rendezvous": {"master_addr": "first host of the step's node list",
                        "master_port": f"10000 + SLURM_JOB_ID % 20000 "

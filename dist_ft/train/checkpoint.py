@@ -239,7 +239,9 @@ def _check_dcp_metadata(file: Path) -> None:
     from dist_ft.train.fsdp import read_metadata
 
     try:
-        read_metadata(file)
+        metadata = read_metadata(file)
+        extents = [(str(i.relative_path), i.offset + i.length, index.fqn)
+                   for index, i in (metadata.storage_data or {}).items()]
     except pickle.UnpicklingError as exc:
         if "GLOBAL" in str(exc):
             raise UnsafeCheckpointError(f"{file}: refused to load ({exc}); DCP's index names "
@@ -251,6 +253,20 @@ def _check_dcp_metadata(file: Path) -> None:
     except Exception as exc:  # EOF, a truncated pickle, something not DCP's
         raise CheckpointDamaged(file, f"unreadable: {str(exc)[:200] or type(exc).__name__}"
                                 ) from None
+    # Each tensor's extent in its shard file, as the index records it: a missing or truncated
+    # shard is found here, not inside DCP's load on every rank.
+    sizes: dict[str, int] = {}
+    for name, end, fqn in extents:
+        shard = file.parent / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise UnsafeCheckpointError(f"{file}: a shard path {name!r} outside its folder. "
+                                        "Not resuming from it")
+        if name not in sizes:
+            sizes[name] = shard.stat().st_size if shard.is_file() else -1
+        if sizes[name] < 0:
+            raise CheckpointDamaged(shard, "missing")
+        if end > sizes[name]:
+            raise CheckpointDamaged(shard, f"truncated: {sizes[name]} bytes, {fqn} needs {end}")
 
 
 def verify_checkpoint(path: str | Path) -> None:

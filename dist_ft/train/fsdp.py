@@ -185,11 +185,20 @@ _METADATA_GLOBALS = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _METADATA_GLOBALS.get(module, set())
-        listed = module in _METADATA_GLOBALS and (allowed is None or name in allowed)
+        refused = pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        # One plain name only: pickle resolves "a.b" by getattr through the module, and
+        # DCP's metadata module imports os and torch ("os.system" would reach os.system).
+        if "." in name or module not in _METADATA_GLOBALS:
+            raise refused
+        allowed = _METADATA_GLOBALS[module]
+        if allowed is None:  # a class defined in that module, not one of its imports
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
+            raise refused
         dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not (listed or dtype):
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        if name not in allowed and not dtype:
+            raise refused
         return super().find_class(module, name)
 
 

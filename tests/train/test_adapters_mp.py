@@ -1,4 +1,4 @@
-"""Adapter stages (LoRA through peft) on 2 gloo processes: DDP and DeepSpeed ZeRO-2/3.
+"""Adapter stages (LoRA through peft) on 2 gloo processes: DDP, DeepSpeed ZeRO-2/3 and FSDP2.
 
 One run per backend trains head (steps 0-3) -> LoRA on the last two blocks' conv2 with the
 head (4-7) -> everything, the LoRA merged (8-11), with stage snapshots and a (lean)
@@ -47,7 +47,7 @@ COMMON = [
     "trainer.keep_last=5", "trainer.save_stage_weights=true", "logging.every_steps=2",
     "schedule.warmup_steps=0", "optim.groups=[]",
 ]
-ADAPTER_BACKENDS = ["ddp", "zero2", "zero3"]
+ADAPTER_BACKENDS = ["ddp", "zero2", "zero3", "fsdp"]
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,15 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen[str]) -> None:
 
 
 # ----------------------------------------------------------------- a rank dies or hangs
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+@pytest.mark.parametrize(("sig", "backend"), [
+    pytest.param(signal.SIGKILL, (), id="killed"),
+    pytest.param(signal.SIGSTOP, (), id="hung"),
+    # FSDP2's all-gathers and reduce-scatters run on its device mesh's group, not DDP's.
+    pytest.param(signal.SIGKILL, ("trainer.backend=fsdp",), id="fsdp-killed"),
+    pytest.param(signal.SIGSTOP, ("trainer.backend=fsdp",), id="fsdp-hung"),
+])
 def test_a_rank_that_dies_or_hangs_stops_its_peer_with_a_clear_error(
-    data: Path, tmp_path: Path, sig: signal.Signals
+    data: Path, tmp_path: Path, sig: signal.Signals, backend: tuple[str, ...]
 ) -> None:
     """Two ranks as ``srun`` starts them (no launcher to kill the survivor): the survivor
     stops by itself, at once for a dead peer, after the configured collective timeout
@@ -84,7 +90,7 @@ def test_a_rank_that_dies_or_hangs_stops_its_peer_with_a_clear_error(
         port = str(s.getsockname()[1])
     args = [sys.executable, "-m", "dist_ft", "train", str(SMOKE),
             *small_run(data, out, 500, "trainer.checkpoint_every_steps=2",
-                      "trainer.collective_timeout_min=0.1")]
+                      "trainer.collective_timeout_min=0.1", *backend)]
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                                  LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -111,7 +117,9 @@ def test_a_rank_that_dies_or_hangs_stops_its_peer_with_a_clear_error(
         assert "6000ms" in message  # gloo applied the recipe's timeout, not its default
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and "lost contact" in status["error"]
-    assert "lost contact" in (out / "logs" / "rank0.log").read_text()
+    log = (out / "logs" / "rank0.log").read_text()
+    assert "lost contact" in log
+    assert ("FSDP2 over 2 ranks" in log) == bool(backend)  # the backend that was asked for
     print(f"{sig.name}: rank 0 stopped {stopped_after:.1f} s after the signal")
 
 

@@ -1,0 +1,157 @@
+"""FSDP2 checkpoint files as ``verify_checkpoint`` sees them, written for real by DCP in one
+process (a 1-rank gloo group), and FSDP2's wrapping units on densenet121's block map.
+
+DCP's ``.metadata`` index is a plain pickle that DCP itself loads unchecked: dist-ft accepts
+one naming only DCP's record classes and recording no pickled object.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from dist_ft.config.schema import FsdpConfig, ModelConfig
+from dist_ft.models.blocks import HEAD
+from dist_ft.models.spec import model_spec
+from dist_ft.train.checkpoint import (
+    CheckpointDamaged,
+    UnsafeCheckpointError,
+    _check_dcp_metadata,
+    verify_checkpoint,
+)
+from dist_ft.train.fsdp import SHARDED, is_dtensor, save_sharded, shard_model, wrap_units
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[None]:
+    """A 1-process gloo group for this module's tests, gone afterwards."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already running in this test process")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(group: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder whose ``sharded/`` dist-ft wrote: a sharded Sequential after one
+    AdamW step, with the files ``verify_checkpoint`` needs beside it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    block_of = {"0.weight": "block1", "0.bias": "block1", "2.weight": HEAD, "2.bias": HEAD}
+    shard_model(model, block_of, FsdpConfig(), torch.device("cpu"))
+    assert all(is_dtensor(p) for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    folder = tmp_path_factory.mktemp("ckpt") / "step_00000001"
+    folder.mkdir()
+    save_sharded(folder, model, optimizer)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 1, "world_size": 1}))
+    torch.save({"generator": torch.zeros(4)}, folder / "rank0.pt")
+    return folder
+
+
+def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(checkpoint, tmp_path / checkpoint.name))
+
+
+def test_a_checkpoint_dcp_wrote_passes(checkpoint: Path) -> None:
+    files = sorted(p.name for p in (checkpoint / SHARDED).iterdir())
+    assert ".metadata" in files and any(f.endswith(".distcp") for f in files), files
+    _check_dcp_metadata(checkpoint / SHARDED / ".metadata")
+    verify_checkpoint(checkpoint)
+
+
+def test_a_metadata_naming_a_foreign_global_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    meta = folder / SHARDED / ".metadata"
+    meta.write_bytes(b"cos\nsystem\n.")  # protocol 0: GLOBAL os.system, nothing called
+    with pytest.raises(UnsafeCheckpointError) as exc:
+        verify_checkpoint(folder)
+    assert str(meta) in str(exc.value) and "GLOBAL os.system" in str(exc.value)
+
+
+def _stack_global(module: str, name: str) -> bytes:
+    """A protocol-4 pickle of the object ``module``.``name`` (looked up, never called)."""
+    def text(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()
+    return pickle.PROTO + b"\x04" + text(module) + text(name) + pickle.STACK_GLOBAL + pickle.STOP
+
+
+def test_a_dotted_name_through_an_allowed_module_is_refused(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    meta = folder / SHARDED / ".metadata"
+    meta.write_bytes(_stack_global("torch.distributed.checkpoint.metadata", "os.system"))
+    with pytest.raises(UnsafeCheckpointError, match=r"os\.system"):
+        _check_dcp_metadata(meta)
+
+
+def test_a_truncated_metadata_is_damage_naming_the_file(checkpoint: Path,
+                                                        tmp_path: Path) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    meta = folder / SHARDED / ".metadata"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])
+    with pytest.raises(CheckpointDamaged) as exc:
+        verify_checkpoint(folder)
+    assert exc.value.file == meta
+
+
+def test_a_truncated_shard_file_is_damage_naming_the_file(checkpoint: Path,
+                                                          tmp_path: Path) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    shard = next((folder / SHARDED).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointDamaged) as exc:
+        verify_checkpoint(folder)
+    assert exc.value.file == shard
+
+
+def test_a_metadata_recording_a_pickled_object_is_refused(group: None, tmp_path: Path) -> None:
+    """DCP saves a non-tensor value as a pickle (``BytesStorageMetadata``) and loads it with
+    ``weights_only=False``: a checkpoint holding one is refused before anything loads it."""
+    dcp.save({"model": {"w": torch.ones(2)}, "extra": {"note": [1, "two"]}},
+             checkpoint_id=str(tmp_path / SHARDED))
+    meta = tmp_path / SHARDED / ".metadata"
+    with pytest.raises(UnsafeCheckpointError, match=r"records pickled objects \(extra\.note"):
+        _check_dcp_metadata(meta)
+
+
+def test_densenet121_units_are_dense_blocks_with_their_transition_and_norm5() -> None:
+    spec = model_spec(ModelConfig(name="densenet121", num_classes=14))
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.densenet121(num_classes=14)
+    units = wrap_units(model, spec.blocks.block_of)
+    named = {id(m): n for n, m in model.named_modules()}
+    assert {b: [named[id(m)] for m in ms] for b, ms in units.items()} == {
+        "denseblock1": ["features.denseblock1", "features.transition1"],
+        "denseblock2": ["features.denseblock2", "features.transition2"],
+        "denseblock3": ["features.denseblock3", "features.transition3"],
+        "denseblock4": ["features.denseblock4", "features.norm5"],
+    }
+    assert list(units) == list(spec.blocks.body)
+    # Stem (conv0, norm0) and head (classifier) stay with the root unit.
+    wrapped = {id(p) for ms in units.values() for m in ms for p in m.parameters()}
+    left = [n for n, p in model.named_parameters() if id(p) not in wrapped]
+    assert {spec.blocks.block_of[n] for n in left} == {"stem", "head"}
