@@ -125,9 +125,11 @@ def load_checkpoint(accelerator: Any, path: Path, trainable: Collection[str] | N
             a checkpoint of another backend (or the reverse).
     """
     folder = Path(path) / SHARDED
-    if (sharded is not None) != folder.is_dir():
-        raise CheckpointDamaged(folder, "an FSDP2 checkpoint holds it and only FSDP2 reads it: "
-                                "resume with the backend that wrote the checkpoint")
+    if sharded is not None and not folder.is_dir():
+        raise CheckpointDamaged(folder, "missing: the checkpoint was written by another backend "
+                                "than FSDP2; resume with the trainer.backend that wrote it")
+    if sharded is None and folder.is_dir():
+        raise CheckpointDamaged(folder, "an FSDP2 checkpoint: resume with trainer.backend=fsdp")
     if sharded is not None:
         from dist_ft.train.fsdp import load_sharded
 
@@ -300,11 +302,15 @@ def verify_checkpoint(path: str | Path) -> None:
     for rank in range(world if isinstance(world, int) else 0):
         if not (path / f"rank{rank}.pt").is_file():
             raise CheckpointDamaged(path / f"rank{rank}.pt", "missing")
+    if (path / SHARDED).is_dir() and not (path / SHARDED / ".metadata").is_file():
+        raise CheckpointDamaged(path / SHARDED / ".metadata", "missing")
     allowed = [*TORCH_SAFE_GLOBALS, *_deepspeed_classes()]
     for file in sorted(path.rglob("*")):
         if not file.is_file():
             continue
-        if file.stat().st_size == 0 and file.name != COMPLETE:
+        # A rank may hold no shard at all (more ranks than rows): its DCP file can be empty;
+        # the index's extents are checked against every shard file below.
+        if file.stat().st_size == 0 and file.name != COMPLETE and file.suffix != ".distcp":
             raise CheckpointDamaged(file, "0 bytes")
         if file.suffix == ".safetensors":
             _check_safetensors(file)

@@ -360,7 +360,7 @@ class FsdpStepBackend(StepBackend):
     def clip(self, max_norm: float | None) -> None:
         """Clip to the global norm of the sharded gradients (a collective)."""
         if max_norm:
-            grads = [p for p in self.model.parameters() if p.grad is not None]
+            grads = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
             self._norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(grads, max_norm))
 
     def step(self, skip: bool = False) -> None:
@@ -369,7 +369,8 @@ class FsdpStepBackend(StepBackend):
             return
         if not skip:
             self.optimizer.step()
-        self.optimizer.zero_grad()
+        # Every parameter's: one frozen since its gradient was reduced must not keep it.
+        self.model.zero_grad(set_to_none=True)
 
 
 def step_backend(accelerator: Any, model: nn.Module, optimizer: Any) -> StepBackend:

@@ -114,6 +114,17 @@ def shard_model(module: nn.Module, block_of: dict[str, str], cfg: FsdpConfig,
                               "reshard_after_forward": cfg.reshard_after_forward}
     if cfg.cpu_offload and device.type != "cpu":
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+    norms = 0
+    if policy.param_dtype is not None:
+        # BatchNorm stays fp32, each layer its own unit: its running statistics are fp32
+        # buffers, which CPU batch norm refuses to mix with low-precision weights and inputs.
+        norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32,
+                                           reduce_dtype=torch.float32,
+                                           output_dtype=policy.param_dtype)
+        for norm in module.modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                fully_shard(norm, **{**kwargs, "mp_policy": norm_policy})
+                norms += 1
     units = wrap_units(module, block_of) if cfg.wrap == "blocks" else {}
     for modules in units.values():
         fully_shard(modules, **kwargs)
@@ -125,7 +136,8 @@ def shard_model(module: nn.Module, block_of: dict[str, str], cfg: FsdpConfig,
     fully_shard(module, **{**kwargs, "mp_policy": root_policy})
     log.info("FSDP2 over %d ranks: %d block units + root, reshard_after_forward=%s%s", world,
              len(units), cfg.reshard_after_forward,
-             f", compute in {precision.param_dtype}" if precision.param_dtype else "")
+             f", compute in {precision.param_dtype} ({norms} BatchNorm units in fp32)"
+             if precision.param_dtype else "")
     return module
 
 
@@ -147,12 +159,16 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
         lean: leave the frozen parameters out (an adapter stage's checkpoint).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer,
-                                              options=_state_dict_options(lean))
-    dcp.save({"model": model_state, "optim": optim_state["state"]},
-             checkpoint_id=str(Path(folder) / SHARDED))
+    options = _state_dict_options(lean)
+    if not optimizer.state:  # no step taken yet (or all skipped): nothing of it to write,
+        # and get_state_dict would create its state by a zero step of the live optimizer
+        state = {"model": get_model_state_dict(model, options=options)}
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        state = {"model": model_state, "optim": optim_state["state"]}
+    dcp.save(state, checkpoint_id=str(Path(folder) / SHARDED))
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -160,12 +176,24 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """Load ``folder/sharded`` into the sharded model and its optimizer, resharded onto
     this run's ranks whatever number wrote it (collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     options = _state_dict_options(lean)
+    folder = Path(folder) / SHARDED
+    saved = read_metadata(folder / ".metadata").state_dict_metadata
+    if not any(k.startswith("optim.") for k in saved):  # saved before any optimizer step
+        state = {"model": get_model_state_dict(model, options=options)}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_model_state_dict(model, state["model"], options=options)
+        return
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state["state"]}
-    dcp.load(state, checkpoint_id=str(Path(folder) / SHARDED))
+    dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={"state": state["optim"],
                                      "param_groups": optim_state["param_groups"]},

@@ -20,7 +20,8 @@ IGNORED_PREFIXES = ("output_dir", "model.pretrained", "logging.", "launch.", "da
                     "data.verify_cache", "data.on_bad_image", "trainer.checkpoint_every_steps",
                     "trainer.keep_last", "trainer.collective_timeout_min", "trainer.nonfinite_loss",
                     "trainer.nonfinite_max_in_row", "trainer.save_stage_weights",
-                    "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload")
+                    "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload",
+                    "trainer.fsdp.wrap")
 # The saved weights, optimizer state or engine cannot be loaded into a run that changed these.
 FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "optim.name",
                   "trainer.backend", "trainer.zero_stage", "world_size")

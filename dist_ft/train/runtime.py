@@ -203,7 +203,10 @@ def build_accelerator(recipe: Recipe) -> Any:
 
     cfg = recipe.trainer
     timeout = timedelta(minutes=cfg.collective_timeout_min)
-    handlers = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
+    backend = "nccl" if cuda else "gloo"
+    if cuda and cfg.backend == "fsdp" and cfg.fsdp.cpu_offload:
+        backend = "cuda:nccl,cpu:gloo"  # offloaded shards: collectives on CPU tensors too
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     apply_timeout_to_new_groups(timeout)
     plugin = None
     if cfg.backend == "deepspeed":

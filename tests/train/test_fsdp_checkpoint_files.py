@@ -1,5 +1,6 @@
 """FSDP2 checkpoint files as ``verify_checkpoint`` sees them, written for real by DCP in one
-process (a 1-rank gloo group), and FSDP2's wrapping units on densenet121's block map.
+process (a 1-rank gloo group); FSDP2's wrapping units on densenet121's block map and its bf16
+compute on a BatchNorm model.
 
 DCP's ``.metadata`` index is a plain pickle that DCP itself loads unchecked: dist-ft accepts
 one naming only DCP's record classes and recording no pickled object.
@@ -155,3 +156,61 @@ def test_densenet121_units_are_dense_blocks_with_their_transition_and_norm5() ->
     wrapped = {id(p) for ms in units.values() for m in ms for p in m.parameters()}
     left = [n for n, p in model.named_parameters() if id(p) not in wrapped]
     assert {spec.blocks.block_of[n] for n in left} == {"stem", "head"}
+
+
+def _tiny_sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    shard_model(model, {"0.weight": "b", "0.bias": "b"}, FsdpConfig(), torch.device("cpu"))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def test_a_save_before_any_step_leaves_the_optimizer_alone_and_loads(
+    group: None, tmp_path: Path
+) -> None:
+    """Every step so far skipped (non-finite losses): the checkpoint holds the weights only,
+    and writing it creates no optimizer state (which would shift the next real step)."""
+    from dist_ft.train.fsdp import load_sharded
+
+    model, optimizer = _tiny_sharded(0)
+    save_sharded(tmp_path, model, optimizer)
+    assert not optimizer.state
+    other, fresh = _tiny_sharded(1)
+    load_sharded(tmp_path, other, fresh)
+    assert not fresh.state
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), name
+
+
+def test_a_sharded_folder_without_its_index_is_damage(checkpoint: Path, tmp_path: Path) -> None:
+    folder = copy_of(checkpoint, tmp_path)
+    (folder / SHARDED / ".metadata").unlink()
+    with pytest.raises(CheckpointDamaged, match="missing") as exc:
+        verify_checkpoint(folder)
+    assert exc.value.file == folder / SHARDED / ".metadata"
+
+
+def test_bf16_compute_keeps_batchnorm_and_the_master_weights_fp32(group: None) -> None:
+    """``mixed_precision.param_dtype: bfloat16`` on a BatchNorm model: the layers compute in
+    bf16, BatchNorm in fp32 (CPU batch norm refuses bf16 inputs with fp32 statistics), the
+    logits come out fp32 and the sharded weights and gradients stay fp32."""
+    import torchvision
+
+    from dist_ft.config.schema import FsdpMixedPrecision
+
+    model = torchvision.models.resnet18(num_classes=3)
+    block_of = {n: n.split(".")[0] for n, _ in model.named_parameters()
+                if n.startswith("layer")}
+    cfg = FsdpConfig(mixed_precision=FsdpMixedPrecision(param_dtype="bfloat16"))
+    shard_model(model, block_of, cfg, torch.device("cpu"))
+    seen: set[torch.dtype] = set()
+    model.layer1[0].conv1.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    for train in (True, False):
+        model.train(train)
+        logits = model(torch.randn(2, 3, 32, 32))
+        assert logits.dtype == torch.float32
+    logits.sum().backward()
+    assert seen == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
