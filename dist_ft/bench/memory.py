@@ -1,4 +1,5 @@
-"""``dist-ft bench memory``: per-rank model-state bytes under DDP and ZeRO-1/2/3 vs the formulas.
+"""``dist-ft bench memory``: per-rank model-state bytes under DDP, ZeRO-1/2/3 and FSDP2 vs the
+formulas.
 
 Each backend runs once on ``processes`` ranks (``accelerate launch``); inside, every model is
 built, prepared with dist-ft's own accelerator set-up, optimizer and parameter groups, and
@@ -6,17 +7,22 @@ trained one step on a random batch at its native resolution. The bytes are count
 tensors the backend really holds (unique storages, so views are not counted twice):
 
 - parameters: the module's parameters (DDP), DeepSpeed's flat parameter buffer (ZeRO-1/2),
-  or this rank's partition plus the small parameters ZeRO-3 keeps whole (``ds_persist``);
+  or this rank's partition plus the small parameters ZeRO-3 keeps whole (``ds_persist``),
+  or each parameter's local ``DTensor`` shard (FSDP2, sharded the way the trainer shards);
 - gradients, right after backward and before the step: ``.grad`` and DeepSpeed's gradient
-  partitions (ZeRO-2/3); its fixed-size bucket buffers are reported apart;
-- optimizer state after the step: the optimizer's moments plus DeepSpeed's fp32 master
-  partition.
+  partitions (ZeRO-2/3); its fixed-size bucket buffers are reported apart; under FSDP2 the
+  local shards of the reduce-scattered ``.grad``;
+- optimizer state after the step: the optimizer's moments (local shards under FSDP2) plus
+  DeepSpeed's fp32 master partition.
 
 The formulas (ZeRO paper, mixed-precision Adam, P parameters, N ranks): DDP 16P,
 ZeRO-1 4P + 12P/N, ZeRO-2 2P + 14P/N, ZeRO-3 16P/N bytes. Their fp32 counterparts (what runs
 on CPU, where there is no mixed precision): parameters and gradients take 4 bytes each, DDP's
 Adam keeps 8P (no master copy is needed), DeepSpeed keeps 12P/N (it always holds an fp32
 master partition): DDP 16P, ZeRO-1 8P + 12P/N, ZeRO-2 4P + 16P/N, ZeRO-3 20P/N.
+FSDP2 shards all three and keeps them fp32 (no master copy: ``mixed_precision.param_dtype``
+only sets the dtype of the transient gathered weights a unit computes with): parameters 4P/N,
+gradients 4P_t/N, Adam 8P_t/N (P_t trainable; the bench trains all, P_t = P), 16P/N in all.
 
 ``--adapters`` (:func:`bench_adapters`) compares a LoRA plan with full fine-tuning: the
 formulas on the plan engine's counts for every model, a ZeRO-2 run per measured model that
@@ -51,6 +57,8 @@ def formula_bytes(backend: str, params: int, world: int, mixed: bool) -> dict[st
     p, n = float(params), float(world)
     if backend == "ddp":  # fp32 weights and grads (AMP keeps them too) + Adam's m and v: 16P
         return {"params": 4 * p, "grads": 4 * p, "optimizer": 8 * p}
+    if backend == "fsdp":  # fp32 shards of weights, grads, m and v, mixed or not: 16P/N
+        return {"params": 4 * p / n, "grads": 4 * p / n, "optimizer": 8 * p / n}
     width = 2 if mixed else 4  # bytes per weight / gradient element DeepSpeed trains in
     stage = int(backend[-1])
     return {"params": width * p / (n if stage == 3 else 1),
@@ -59,9 +67,14 @@ def formula_bytes(backend: str, params: int, world: int, mixed: bool) -> dict[st
 
 
 def storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped)."""
+    """Bytes of the distinct storages behind ``tensors`` (None and empty ones skipped; a
+    ``DTensor`` counts as its local shard's storage, FSDP2's padding included)."""
+    from torch.distributed.tensor import DTensor
+
     seen: dict[int, int] = {}
     for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and t.numel() > 0:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
@@ -103,7 +116,7 @@ def bench_model_recipe(backend: str, model_name: str, image_size: int,
     """
     from dist_ft.config.load import validate_recipe
 
-    trainer = ({"backend": "ddp"} if backend == "ddp"
+    trainer = ({"backend": backend} if backend in ("ddp", "fsdp")
                else {"backend": "deepspeed", "zero_stage": int(backend[-1])})
     doc: dict[str, Any] = {
         "model": {"name": model_name, "pretrained": "none", "num_classes": 14},
@@ -159,6 +172,7 @@ def measure(acc: Any, recipe: Recipe, checkpoint: Path | None = None) -> dict[st
     from dist_ft.models.spec import describe_model
     from dist_ft.plan import resolve_plan
     from dist_ft.train import engine
+    from dist_ft.train.fsdp import shard_model
     from dist_ft.train.stages import apply_trainable, build_optimizer, optimizer_groups
 
     model_name, batch, image_size = (recipe.model.name, recipe.data.batch_size,
@@ -169,13 +183,19 @@ def measure(acc: Any, recipe: Recipe, checkpoint: Path | None = None) -> dict[st
     module = adapt(module, None, plan.stages[0].adapters)
     apply_trainable(module, plan.stages[0])
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    optimizer = build_optimizer(recipe.optim, module, optimizer_groups(plan, 0))
+    groups = optimizer_groups(plan, 0)
     clock.append(time.perf_counter())
-    model, optimizer = acc.prepare(module, optimizer)
+    # As the trainer's StageSwitcher: FSDP2 shards by the plan's blocks, then the optimizer
+    # is built over the DTensors; the other backends go through Accelerate's prepare.
+    block_of, cfg = plan.stages[0].spec.blocks.block_of, recipe.trainer.fsdp
+    model, optimizer = engine.prepare(
+        acc, module, lambda m: build_optimizer(recipe.optim, m, groups),
+        (lambda m: shard_model(m, block_of, cfg, acc.device))
+        if recipe.trainer.backend == "fsdp" else None)
     clock.append(time.perf_counter())
     deepspeed = engine.is_deepspeed(acc)
     zero_opt = acc.deepspeed_engine_wrapped.engine.optimizer if deepspeed else None
-    inner = zero_opt.optimizer if deepspeed else optimizer.optimizer
+    inner = zero_opt.optimizer if deepspeed else getattr(optimizer, "optimizer", optimizer)
     module = engine.unwrap(acc, model)
 
     x = torch.randn(batch, 3, image_size, image_size, device=acc.device)
@@ -249,7 +269,9 @@ def bench_memory(models: Iterable[str] = DEFAULT_MODELS, backends: Iterable[str]
                  processes: int = 2, image_size: int = 224) -> dict[str, Any]:
     """Run each backend once on ``processes`` ranks; compare every component with its formula.
 
-    The figure per rank is the largest over ranks (they differ only by DeepSpeed's padding).
+    The figure per rank is the largest over ranks (they differ only by DeepSpeed's padding,
+    or by FSDP2's dim-0 split: a tensor of one row, such as a ViT's position embedding, lies
+    whole on rank 0).
     """
     from dist_ft.bench.throughput import launch_command, run_logged
 
@@ -280,11 +302,19 @@ def bench_memory(models: Iterable[str] = DEFAULT_MODELS, backends: Iterable[str]
                 row["total_formula"] = sum(formula.values())
                 row["total_ratio"] = row["total"] / row["total_formula"]
                 rows.append(row)
-    zero = [r["optimizer_ratio"] for r in rows if r["backend"] != "ddp"]
+    zero = [r["optimizer_ratio"] for r in rows if r["backend"].startswith("zero")]
+    fsdp = [r["optimizer_ratio"] for r in rows if r["backend"] == "fsdp"]
     return {"rows": rows, "processes": processes, "image_size": image_size,
             "zero_optimizer_ratio_min": min(zero, default=None),
             "zero_optimizer_ratio_max": max(zero, default=None),
-            "zero_optimizer_ratio_median": statistics.median(zero) if zero else None}
+            "zero_optimizer_ratio_median": statistics.median(zero) if zero else None,
+            "fsdp_optimizer_ratio_min": min(fsdp, default=None),
+            "fsdp_optimizer_ratio_max": max(fsdp, default=None)}
+
+
+def backend_title(backend: str) -> str:
+    """A :data:`BACKENDS` name as the tables write it: ``DDP``, ``ZeRO-2``, ``FSDP2``."""
+    return {"ddp": "DDP", "fsdp": "FSDP2"}.get(backend) or f"ZeRO-{backend[-1]}"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -298,12 +328,16 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         cells = [f"{r[c] / 2**20:,.1f} ({r[f'{c}_ratio']:.3f})" for c in (*COMPONENTS, "total")]
         lines.append(f"| {r['model']} | {r['num_params'] / 1e6:.1f}M | "
-                     f"{'DDP' if r['backend'] == 'ddp' else 'ZeRO-' + r['backend'][-1]} | "
+                     f"{backend_title(r['backend'])} | "
                      + " | ".join(cells) + " |")
     if result["zero_optimizer_ratio_min"] is not None:
         lines.append(f"\nZeRO optimizer state measured / formula: "
                      f"{result['zero_optimizer_ratio_min']:.4f}-"
                      f"{result['zero_optimizer_ratio_max']:.4f}")
+    if result.get("fsdp_optimizer_ratio_min") is not None:
+        lines.append(f"FSDP2 optimizer state measured / formula 8P/N: "
+                     f"{result['fsdp_optimizer_ratio_min']:.4f}-"
+                     f"{result['fsdp_optimizer_ratio_max']:.4f}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,10 @@ and the step (plain forward / backward / ``optimizer.step`` vs dist-ft's trainer
 takes dist-ft's data path (the recipe's dataset, sampler and batched augmentation) and the
 tutorial's step (the recipe's model, Adam with torch's defaults, ``accelerator.prepare``,
 ``accelerator.backward``, the recipe's backend and clipping), so that ``dist-ft`` vs this
-loop measures the step alone, and this loop vs the tutorial the data path alone.
+loop measures the step alone, and this loop vs the tutorial the data path alone. Under
+``trainer.backend: fsdp`` the model is sharded as PyTorch's FSDP2 tutorial does (``fully_shard``
+on each block, then the root: :func:`dist_ft.train.fsdp.shard_model`, the trainer's units)
+and Adam is built over its ``DTensor`` parameters instead of ``accelerator.prepare``.
 
 Run under ``accelerate launch`` (one process per rank)::
 
@@ -72,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler,
                         num_workers=data.num_workers, pin_memory=cuda,
                         persistent_workers=data.num_workers > 0)
+    fsdp = cfg.backend == "fsdp"
+    if fsdp:  # Accelerate's FSDP plugin does not engage on CPU: shard as the trainer does
+        from dist_ft.models.spec import describe_model
+        from dist_ft.train.fsdp import shard_model
+
+        block_of = describe_model(model, recipe.model.name).blocks.block_of
+        model = shard_model(model, block_of, cfg.fsdp, acc.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = acc.prepare(model, optimizer)
     augment = BatchAugment(data.image_size, data.augment.crop_scale, data.augment.ratio,
                            hflip=data.augment.hflip, rotation_deg=data.augment.rotation_deg,
                            mode=prep.interpolation)
@@ -92,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             x = normalize(augment(x.to(acc.device, non_blocking=True), generator))
             loss = loss_fn(model(x), y.to(acc.device, non_blocking=True))
             acc.backward(loss)  # under DeepSpeed this also steps (and clips) the engine
-            if plugin is None and cfg.grad_clip_norm:
+            if fsdp and cfg.grad_clip_norm:  # the global norm over every rank's shards
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            elif plugin is None and cfg.grad_clip_norm:
                 acc.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
             optimizer.step()
             optimizer.zero_grad()

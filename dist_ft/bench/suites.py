@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MEMORY_BACKENDS = ("ddp", "zero1", "zero2", "zero3")
+MEMORY_BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 MEMORY_MODELS = ("densenet121", "convnext_base", "vit_l_16")
 FREEZE_MODELS = ("densenet121", "vit_b_16")
 FREEZE_PLANS: dict[str, list[Any]] = {

@@ -1,4 +1,5 @@
-"""``dist-ft bench trainer``: ``dist-ft train`` vs the tutorial loop, under DDP and ZeRO-2.
+"""``dist-ft bench trainer``: ``dist-ft train`` vs the tutorial loop, under DDP, ZeRO-1/2/3 and
+FSDP2.
 
 Three loops train the recipe's model at its batch size, image size and processes, on the same
 synthetic twin, with the tutorial's choices (:data:`MATCHED`: Adam, constant lr, flip only,
@@ -16,6 +17,12 @@ hits all alike; each run's rate counts the steps after warm-up, the ratio is rep
 (min/median/max) with the CPU steal of each run. Start-up (launch to first step) is measured
 for every loop, with the trainer's own set-up phases; one more ``dist-ft train`` run per
 backend goes through a three-stage plan and times each engine rebuild.
+
+FSDP2 has no tutorial loop: the tutorial's ``accelerator.prepare`` would need Accelerate's FSDP
+plugin, which does not engage on CPU (it would train DDP there). Under ``fsdp`` the suite
+runs dist-ft and the step loop (which shards as PyTorch's FSDP2 tutorial does); its dist-ft
+rate is compared with every other backend's dist-ft rate of the same run (``vs_backends``,
+also reported for the others).
 """
 
 from __future__ import annotations
@@ -44,8 +51,16 @@ MATCHED = ["optim.name=adam", "optim.weight_decay=0", "optim.groups=[]",
 BACKENDS = {"ddp": ["trainer.backend=ddp"],
             "zero1": ["trainer.backend=deepspeed", "trainer.zero_stage=1"],
             "zero2": ["trainer.backend=deepspeed", "trainer.zero_stage=2"],
-            "zero3": ["trainer.backend=deepspeed", "trainer.zero_stage=3"]}
+            "zero3": ["trainer.backend=deepspeed", "trainer.zero_stage=3"],
+            "fsdp": ["trainer.backend=fsdp"]}
 LOOPS = ("dist_ft", "tutorial", "step_loop")
+NO_TUTORIAL = ("fsdp",)  # backends the tutorial loop cannot run (see the module docstring)
+
+
+def loops_of(backend: str) -> tuple[str, ...]:
+    """The loops :func:`bench_trainer` runs under ``backend`` (:data:`LOOPS`, less the
+    tutorial's where it has none)."""
+    return tuple(k for k in LOOPS if not (k == "tutorial" and backend in NO_TUTORIAL))
 
 
 def _tutorial_args(recipe: Recipe, processes: int, steps: int, every: int) -> list[str]:
@@ -77,23 +92,27 @@ def _median_rate(runs: list[dict[str, Any]]) -> float:
 
 def _summary(runs: dict[str, list[dict[str, Any]]],
              variants: dict[str, list[str]]) -> dict[str, Any]:
-    """One backend's figures from its runs (rates, ratios, start-up)."""
-    ours, theirs = _median_rate(runs["dist_ft"]), _median_rate(runs["tutorial"])
-    step = _median_rate(runs["step_loop"])
+    """One backend's figures from its runs (rates, ratios, start-up); the ratios to the
+    tutorial are None where it did not run (:data:`NO_TUTORIAL`)."""
+    ours, step = _median_rate(runs["dist_ft"]), _median_rate(runs["step_loop"])
+    theirs = _median_rate(runs["tutorial"]) if "tutorial" in runs else None
     pairs = [a["samples_per_s"] / b["samples_per_s"]
-             for a, b in zip(runs["dist_ft"], runs["tutorial"], strict=True)]
+             for a, b in zip(runs["dist_ft"], runs.get("tutorial", []), strict=True)] \
+        if theirs else []
     phases = sorted({k for r in runs["dist_ft"] for k in r["setup_s"]})
     return {
         "dist_ft_samples_per_s": ours, "tutorial_samples_per_s": theirs,
         "step_loop_samples_per_s": step,
-        "ratio": ours / theirs, "ratio_min": min(pairs), "ratio_median": statistics.median(pairs),
-        "ratio_max": max(pairs), "pair_ratios": pairs,
-        "step_ratio": ours / step, "data_ratio": step / theirs,
+        "ratio": ours / theirs if theirs else None, "ratio_min": min(pairs, default=None),
+        "ratio_median": statistics.median(pairs) if pairs else None,
+        "ratio_max": max(pairs, default=None), "pair_ratios": pairs,
+        "step_ratio": ours / step, "data_ratio": step / theirs if theirs else None,
         "startup_s": {k: statistics.median(r["startup_s"] for r in runs[k]) for k in runs},
         "setup_s": {k: statistics.median(r["setup_s"].get(k, 0.0) for r in runs["dist_ft"])
                     for k in phases},
         "variants": {k: {"overrides": v, "samples_per_s": _median_rate(runs[k]),
-                         "ratio": _median_rate(runs[k]) / theirs} for k, v in variants.items()},
+                         "ratio": _median_rate(runs[k]) / theirs if theirs else None}
+                     for k, v in variants.items()},
         "runs": runs,
     }
 
@@ -121,8 +140,10 @@ def bench_trainer(recipe: str | Path, data: Path | None, overrides: list[str] | 
         stage_changes: also time the engine rebuilds of a three-stage run per backend.
 
     Returns:
-        ``ratio`` (the smallest backend's dist-ft / tutorial ratio of medians) and per backend
-        (``backends``) rates, ratios, start-up, set-up phases, stage entries and every run.
+        ``ratio`` (the smallest backend's dist-ft / tutorial ratio of medians; None if no
+        backend has a tutorial loop) and per backend (``backends``) rates, ratios, start-up,
+        set-up phases, stage entries, every run, and ``vs_backends``: its dist-ft rate over
+        each other backend's in this run.
     """
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -134,7 +155,7 @@ def bench_trainer(recipe: str | Path, data: Path | None, overrides: list[str] | 
     stage_changes = stage_changes and steps >= 3  # three stages need three distinct steps
     base = [*MATCHED, *(overrides or [])]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        b: {k: [] for k in (*LOOPS, *variants)} for b in backends}
+        b: {k: [] for k in (*loops_of(b), *variants)} for b in backends}
     probes: dict[str, Recipe] = {}
     settings: dict[str, list[str]] = {}
     for b in backends:
@@ -167,10 +188,14 @@ def bench_trainer(recipe: str | Path, data: Path | None, overrides: list[str] | 
                 stages[b] = run_dist_ft(rec, path, processes, warmup)["stage_entries"]
     per_backend = {b: {**_summary(runs[b], variants), "stage_entries": stages.get(b, [])}
                    for b in backends}
+    for b, res in per_backend.items():  # the same machine, recipe and time: rates compare
+        res["vs_backends"] = {o: res["dist_ft_samples_per_s"] / r["dist_ft_samples_per_s"]
+                              for o, r in per_backend.items() if o != b}
     probe = probes[backends[0]]
+    ratios = {b: r["ratio"] for b, r in per_backend.items() if r["ratio"] is not None}
     return {
-        "ratio": min(r["ratio"] for r in per_backend.values()),
-        "ratios": {b: r["ratio"] for b, r in per_backend.items()},
+        "ratio": min(ratios.values(), default=None),
+        "ratios": ratios,
         "backends": per_backend,
         "recipe": str(recipe), "overrides": base, "model": probe.model.name,
         "batch_per_process": with_global_batch(probe, processes).data.batch_size,
@@ -198,17 +223,26 @@ def format_table(r: dict[str, Any]) -> str:
                 f"dist-ft train, {' '.join(res['variants'][kind]['overrides'])} ({kind})"
             rows.append(f"| {b} | {name} | {statistics.median(rates):.1f} | "
                         f"{min(rates):.1f}-{max(rates):.1f} | {res['startup_s'][kind]:.1f} |")
-        rows.append(f"| {b} | **ratio dist-ft / tutorial** | **{res['ratio']:.3f}** | per pair "
-                    f"{res['ratio_min']:.3f}-{res['ratio_max']:.3f} | |")
-        rows.append(f"| {b} | step (dist-ft / step loop) , data (step loop / tutorial) | "
-                    f"{res['step_ratio']:.3f}, {res['data_ratio']:.3f} | | |")
+        if res["ratio"] is None:
+            rows.append(f"| {b} | step (dist-ft / step loop); no tutorial loop | "
+                        f"{res['step_ratio']:.3f} | | |")
+        else:
+            rows.append(f"| {b} | **ratio dist-ft / tutorial** | **{res['ratio']:.3f}** | per "
+                        f"pair {res['ratio_min']:.3f}-{res['ratio_max']:.3f} | |")
+            rows.append(f"| {b} | step (dist-ft / step loop) , data (step loop / tutorial) | "
+                        f"{res['step_ratio']:.3f}, {res['data_ratio']:.3f} | | |")
+        if res["vs_backends"]:
+            rows.append(f"| {b} | dist-ft vs dist-ft under "
+                        + ", ".join(res["vs_backends"]) + " (this run) | "
+                        + ", ".join(f"{v:.3f}" for v in res["vs_backends"].values()) + " | | |")
     rows.append("")
     for b, res in r["backends"].items():
         setup = ", ".join(f"{k} {v:.2f}" for k, v in res["setup_s"].items())
         rows.append(f"- {b}: dist-ft set-up {sum(res['setup_s'].values()):.1f} s ({setup})")
         rebuilds = [e for e in res["stage_entries"] if e.get("rebuilt")]
         if rebuilds:
-            rows.append(f"- {b}: stage changes (engine rebuilds) "
+            what = "new optimizer, same sharded model" if b == "fsdp" else "engine rebuilds"
+            rows.append(f"- {b}: stage changes ({what}) "
                         + ", ".join(f"stage {e['stage']} at step {e['step']}: {e['seconds']:.2f} s"
                                     for e in rebuilds))
     steal = [x.get("cpu_steal", 0.0) for res in r["backends"].values()

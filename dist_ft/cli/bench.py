@@ -11,7 +11,7 @@ SMOKE = "chestxray14_smoke"  # a shipped name: works from any folder and a wheel
 EXAMPLES = """\
 examples:
   dist-ft bench trainer --json                          # dist-ft train vs the tutorial loop
-  dist-ft bench memory                                  # DDP / ZeRO-1/2/3 bytes vs formulas
+  dist-ft bench memory                                  # DDP/ZeRO-1/2/3/FSDP2 bytes vs formulas
   dist-ft bench memory --adapters                       # LoRA vs full: state, checkpoint, time
   dist-ft bench freeze                                  # head / last blocks / full
   dist-ft bench optimizer                               # AdamW kernels: loop, foreach, fused
@@ -155,12 +155,14 @@ def _suite(suites: argparse._SubParsersAction, name: str,
 
 def _add_trainer(suites: argparse._SubParsersAction) -> None:
     p = _suite(suites, "trainer", "samples/s of dist-ft train vs the tutorial Accelerate loop, "
-               "under DDP and ZeRO-2; start-up and engine rebuilds")
+               "under DDP and ZeRO-2 (or ZeRO-1/3, FSDP2); start-up and engine rebuilds")
     _add_run_args(p, steps=45, repeats=3)
     p.set_defaults(warmup=5)
     p.add_argument("--processes", type=int, default=2, help="processes per run")
     p.add_argument("--backends", nargs="+", default=["ddp", "zero2"],
-                   choices=["ddp", "zero1", "zero2", "zero3"], help="backends to time")
+                   choices=["ddp", "zero1", "zero2", "zero3", "fsdp"],
+                   help="backends to time (fsdp has no tutorial loop: its dist-ft rate is "
+                   "compared with the other backends' in the same run)")
     p.add_argument("--no-stage-changes", action="store_true",
                    help="skip the three-stage run that times engine rebuilds")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
@@ -173,8 +175,8 @@ def _add_memory(suites: argparse._SubParsersAction) -> None:
     from dist_ft.bench.suites import MEMORY_BACKENDS as BACKENDS
     from dist_ft.bench.suites import MEMORY_MODELS as DEFAULT_MODELS
 
-    p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP and "
-               "ZeRO-1/2/3 vs the ZeRO formulas")
+    p = _suite(suites, "memory", "per-rank parameter/gradient/optimizer bytes under DDP, "
+               "ZeRO-1/2/3 and FSDP2 vs the ZeRO formulas (FSDP2: 16P/N)")
     p.add_argument("--models", nargs="+",
                    help=f"torchvision model names (default {' '.join(DEFAULT_MODELS)}; with "
                    "--adapters: vit_b_16 vit_l_16, counted by the plan engine)")

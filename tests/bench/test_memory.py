@@ -57,6 +57,39 @@ def test_zero_optimizer_state_matches_the_formula_on_two_ranks(run_cli, tmp_path
     assert 4 * p / 2 <= row["params"] < 0.6 * 4 * p
 
 
+def test_fsdp_formulas_shard_all_three() -> None:
+    assert formula_bytes("fsdp", P, N, mixed=False) == {
+        "params": 4 * P / N, "grads": 4 * P / N, "optimizer": 8 * P / N}
+    # FSDP2 keeps fp32 shards whatever its compute dtype: mixed precision changes nothing.
+    assert formula_bytes("fsdp", P, N, mixed=True) == formula_bytes("fsdp", P, N, mixed=False)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_state_matches_the_formula_on_two_ranks(run_cli, tmp_path: Path) -> None:
+    """The issue's done-when: optimizer state per rank = 8P/N within 5% for densenet121 and
+    vit_b_16 at N=2 (one launch for both; batch 1, 224 px as vit_b_16 needs)."""
+    import torchvision
+
+    out = tmp_path / "memory.json"
+    result = run_cli("bench", "memory", "--models", "densenet121", "vit_b_16",
+                     "--backends", "fsdp", "--out", str(out))
+    assert result.code == 0, result.err
+    assert "| densenet121 | 7.0M | FSDP2 |" in result.out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["densenet121", "vit_b_16"]
+    for row in rows:
+        p = row["num_params"]
+        with torch.device("meta"):
+            reference = getattr(torchvision.models, row["model"])(num_classes=14)
+        assert p == sum(x.numel() for x in reference.parameters())
+        assert (row["backend"], row["world_size"], row["mixed_precision"]) == ("fsdp", 2, False)
+        # Each rank holds its half of Adam's two fp32 moments, of the gradients and weights.
+        assert row["optimizer"] == pytest.approx(8 * p / 2, rel=0.05)
+        assert row["state_elements"] == pytest.approx(2 * p / 2, rel=0.05)
+        assert row["grads"] == pytest.approx(4 * p / 2, rel=0.05)
+        assert row["params"] == pytest.approx(4 * p / 2, rel=0.05)
+
+
 def _peft_trainable(model_name: str) -> int:
     """An independent count: peft's own LoRA r=8 on the blocks' MLP Linear layers of a
     torchvision ViT, with the head as a module to save (built on meta)."""

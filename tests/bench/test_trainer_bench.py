@@ -1,5 +1,6 @@
-"""``dist-ft bench trainer``: the three loops train on 2 processes under each backend; the JSON
-holds the ratios, start-up and the engine rebuilds of a staged run."""
+"""``dist-ft bench trainer``: the three loops train on 2 processes under each backend (FSDP2:
+dist-ft and the step loop, compared with DDP's dist-ft); the JSON holds the ratios, start-up
+and the engine rebuilds of a staged run."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def test_trainer_suite_compares_dist_ft_with_the_tutorial_loop(run_cli, tmp_path
     out = tmp_path / "trainer.json"
     result = run_cli("bench", "trainer", *TINY, "--data", str(tmp_path / "data"),
                      "--steps", "6", "--warmup", "2", "--every", "2", "--repeats", "1",
-                     "--backends", "ddp", "--json", "--out", str(out))
+                     "--backends", "ddp", "fsdp", "--json", "--out", str(out))
     assert result.code == 0, result.err
     doc = json.loads(result.out)
     assert doc == json.loads(out.read_text())
@@ -39,6 +40,18 @@ def test_trainer_suite_compares_dist_ft_with_the_tutorial_loop(run_cli, tmp_path
     assert [(e["stage"], e["step"], e["rebuilt"]) for e in entries] == [
         (0, 0, False), (1, 2, True), (2, 4, True)]
     assert all(e["seconds"] > 0 for e in entries)
+    # FSDP2: no tutorial loop (Accelerate's FSDP plugin does not run on CPU); its dist-ft rate
+    # is set against DDP's from the same run, and its staged run changes stage twice.
+    fsdp = doc["backends"]["fsdp"]
+    assert set(fsdp["runs"]) == {"dist_ft", "step_loop"} and "fsdp" not in doc["ratios"]
+    assert fsdp["ratio"] is None and fsdp["step_ratio"] > 0
+    for run in (*fsdp["runs"]["dist_ft"], *fsdp["runs"]["step_loop"]):
+        assert run["measured_steps"] == 4 and run["samples_per_s"] > 0
+    assert fsdp["vs_backends"] == {"ddp": pytest.approx(
+        fsdp["dist_ft_samples_per_s"] / ddp["dist_ft_samples_per_s"])}
+    assert ddp["vs_backends"]["fsdp"] == pytest.approx(1 / fsdp["vs_backends"]["ddp"])
+    assert [(e["stage"], e["step"], e["rebuilt"]) for e in fsdp["stage_entries"]] == [
+        (0, 0, False), (1, 2, True), (2, 4, True)]
     assert (tmp_path / "data" / ".bench-synth.json").is_file()
     table = run_cli("bench", "trainer", "--help")
     assert "--backends" in table.out
