@@ -186,7 +186,7 @@ def build_accelerator(recipe: Recipe) -> Any:
     DeepSpeed offload devices.
 
     Raises:
-        LauncherConflict: the launcher's DeepSpeed settings contradict the recipe.
+        LauncherConflict: the launcher's DeepSpeed or FSDP settings contradict the recipe.
     """
     check_launcher_agrees(recipe, os.environ)
     # dist-ft applies FSDP2 itself (dist_ft.train.fsdp); Accelerate's plugin, engaged by

@@ -168,7 +168,16 @@ def test_a_kill_during_a_checkpoint_write_keeps_the_previous_one_for_resume(
 
 # ----------------------------------------------------------------- non-finite losses
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint folder (DDP: safetensors; DeepSpeed: module)."""
+    """The model weights of a checkpoint folder (DDP: safetensors; DeepSpeed: module; FSDP2:
+    its DCP shards, consolidated)."""
+    if (path / "sharded").is_dir():
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(path / "sharded", Path(tmp) / "whole.pt")
+            return torch.load(Path(tmp) / "whole.pt", weights_only=True)["model"]
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -193,8 +202,8 @@ def scalars(out: Path, tag: str) -> dict[int, float]:
     return found
 
 
-@pytest.mark.parametrize("backend", ["trainer.backend=ddp", "trainer.zero_stage=2"],
-                         ids=["ddp", "zero2"])
+@pytest.mark.parametrize("backend", ["trainer.backend=ddp", "trainer.zero_stage=2",
+                                     "trainer.backend=fsdp"], ids=["ddp", "zero2", "fsdp"])
 def test_skip_drops_a_nan_step_on_every_rank_and_stops_after_m_in_a_row(
     data: Path, tmp_path: Path, backend: str
 ) -> None:

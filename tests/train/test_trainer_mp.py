@@ -242,15 +242,19 @@ def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
                for n in a if a[n].is_floating_point() and a[n].numel())
 
 
+VARIANTS = {"": [], "accum2": ["trainer.grad_accum_steps=2"],
+            "noclip": ["trainer.grad_clip_norm=null"]}
+
+
 @pytest.fixture(scope="module")
 def equivalence_runs(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LazyRuns:
-    """2-process runs with the equivalence settings: ``BACKEND`` or ``BACKEND-accum2``."""
+    """2-process runs with the equivalence settings: ``BACKEND`` or ``BACKEND-VARIANT``."""
     def start(key: str) -> Path:
-        backend, _, accumulation = key.partition("-")
+        backend, _, variant = key.partition("-")
         out = tmp_path_factory.mktemp(f"equivalence_{key}")
         result = launch(["train", str(SMOKE), f"data.root={smoke_data}", *COMMON,
                          *TWO_PROCESS_EQUIVALENCE, f"output_dir={out}", *BACKENDS[backend],
-                         *(["trainer.grad_accum_steps=2"] if accumulation else [])])
+                         *VARIANTS[variant]])
         assert result.returncode == 0, result.stderr[-3000:]
         return out
 
@@ -270,22 +274,20 @@ def test_two_processes_match_one_over_the_same_global_batches(
 
 
 def test_fsdp_carries_the_moments_ddp_carries(equivalence_runs: LazyRuns) -> None:
-    """At each stage boundary FSDP2's Adam moments (gathered from their shards) are DDP's:
-    bitwise at the first (the head alone trained: the same gradients), and within 1e-5 once
-    convolutions train. The carry itself is bitwise (the three-stage test); what separates
-    the two runs is the gradients' last bits, as between 2 processes and 1 (measured: 6e-6
-    at most, in exp_avg_sq after stage 1's two steps; weights 5e-8)."""
+    """At each stage boundary FSDP2's Adam moments (gathered from their shards) are DDP's,
+    bitwise. Without clipping: the global gradient norm over shards sums in another order
+    than over whole tensors, so a clipped step's scale differs in its last bits (6e-6
+    relative in the moments after stage 1, measured with trainer.grad_clip_norm=1)."""
     plan = _plan("fsdp")
     for k in range(1, len(plan.stages)):
         for label in (f"stage{k - 1}_end", f"stage{k}_start"):
-            fsdp = load_file(equivalence_runs["fsdp"] / "stage_weights" /
+            fsdp = load_file(equivalence_runs["fsdp-noclip"] / "stage_weights" /
                              f"{label}.moments.safetensors")
-            ddp = load_file(equivalence_runs["ddp"] / "stage_weights" /
+            ddp = load_file(equivalence_runs["ddp-noclip"] / "stage_weights" /
                             f"{label}.moments.safetensors")
             assert fsdp.keys() == ddp.keys() and fsdp, label
-            if k == 1:
-                assert all(torch.equal(fsdp[n], ddp[n]) for n in fsdp), label
-            assert _relative_gap(ddp, fsdp) < 1e-5, label
+            different = [n for n in fsdp if not torch.equal(fsdp[n], ddp[n])]
+            assert not different, (label, different[:3])
 
 
 def test_fsdp_checkpoint_resumes_on_one_process(

@@ -1,6 +1,6 @@
-"""FSDP2 checkpoint files as ``verify_checkpoint`` sees them, written for real by DCP in one
-process (a 1-rank gloo group); FSDP2's wrapping units on densenet121's block map and its bf16
-compute on a BatchNorm model.
+"""FSDP2 in one process (a 1-rank gloo group): checkpoint files as ``verify_checkpoint`` sees
+them, written for real by DCP; the wrapping units on the plan's block maps (torchvision
+DenseNet, timm ConvNeXt and DeiT); bf16 compute on a BatchNorm model.
 
 DCP's ``.metadata`` index is a plain pickle that DCP itself loads unchecked: dist-ft accepts
 one naming only DCP's record classes and recording no pickled object.
@@ -156,6 +156,25 @@ def test_densenet121_units_are_dense_blocks_with_their_transition_and_norm5() ->
     wrapped = {id(p) for ms in units.values() for m in ms for p in m.parameters()}
     left = [n for n, p in model.named_parameters() if id(p) not in wrapped]
     assert {spec.blocks.block_of[n] for n in left} == {"stem", "head"}
+
+
+@pytest.mark.parametrize(("name", "first", "count"), [
+    ("timm/convnext_atto", "stages.0.blocks.0", 12),  # a stage's downsample with its first
+    ("timm/deit_tiny_patch16_224", "blocks.0", 12),  # the last one with the final norm
+])
+def test_timm_units_are_its_own_blocks(name: str, first: str, count: int) -> None:
+    cfg = ModelConfig(name=name, num_classes=14)
+    spec = model_spec(cfg)
+    from dist_ft.models.factory import build_model
+
+    model = build_model(cfg, meta=True)
+    units = wrap_units(model, spec.blocks.block_of)
+    named = {id(m): n for n, m in model.named_modules()}
+    assert list(units) == list(spec.blocks.body) and len(units) == count
+    assert named[id(next(iter(units.values()))[0])] == first
+    for block, modules in units.items():  # every unit holds exactly its block's parameters
+        held = {f"{named[id(m)]}.{n}" for m in modules for n, _ in m.named_parameters()}
+        assert held == {p for p, b in spec.blocks.block_of.items() if b == block}, block
 
 
 def _tiny_sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
