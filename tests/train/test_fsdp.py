@@ -233,3 +233,27 @@ def test_bf16_compute_keeps_batchnorm_and_the_master_weights_fp32(group: None) -
     assert seen == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(("wrap", "reshard"), [("blocks", True), ("blocks", False),
+                                               ("none", True)])
+def test_wrap_and_reshard_after_forward_take_effect(group: None, wrap: str,
+                                                    reshard: bool) -> None:
+    """``wrap: blocks`` makes each ResNet layer a unit (``none``: the root alone), and
+    ``reshard_after_forward`` decides whether a unit's weights are shards again after its
+    forward (true) or stay gathered until backward (false)."""
+    import torchvision
+
+    from dist_ft.train.fsdp import is_sharded
+
+    model = torchvision.models.resnet18(num_classes=3)
+    block_of = {n: n.split(".")[0] for n, _ in model.named_parameters()
+                if n.startswith("layer")}
+    shard_model(model, block_of, FsdpConfig(wrap=wrap, reshard_after_forward=reshard),
+                torch.device("cpu"))
+    assert is_sharded(model)
+    assert [is_sharded(getattr(model, f"layer{k}")) for k in range(1, 5)] == \
+        [wrap == "blocks"] * 4
+    model(torch.randn(2, 3, 32, 32)).sum()  # forward only: backward not yet run
+    if wrap == "blocks":
+        assert is_dtensor(model.layer1[0].conv1.weight) == reshard
