@@ -171,11 +171,11 @@ def snapshot_moments(accelerator: Any, model: nn.Module, optimizer: Any,
     """Full optimizer state of every trainable parameter, by name (collective under ZeRO and
     FSDP2)."""
     module = unwrap(accelerator, model)
-    out: dict[str, dict[str, torch.Tensor]] = {}
     if is_deepspeed(accelerator):
         from deepspeed.utils import safe_get_full_optimizer_state
 
         _relink_zero_state(accelerator)
+        out: dict[str, dict[str, torch.Tensor]] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -183,11 +183,20 @@ def snapshot_moments(accelerator: Any, model: nn.Module, optimizer: Any,
             if all(v is not None for v in values.values()):
                 out[name] = {k: v.detach().cpu().clone() for k, v in values.items()}
         return out
+    return _optimizer_state(module, optimizer, keys,
+                            lambda t: fsdp.full_tensor(t).cpu().clone())
+
+
+def _optimizer_state(module: nn.Module, optimizer: Any, keys: tuple[str, ...],
+                     copy: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """``copy`` of each trainable parameter's ``keys`` state in a torch optimizer (or
+    Accelerate's wrapper of one), by name; parameters without that state are left out."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for name, param in module.named_parameters():
         state = inner.state.get(param)
         if param.requires_grad and state and all(k in state for k in keys):
-            out[name] = {k: fsdp.full_tensor(state[k].detach()).cpu().clone() for k in keys}
+            out[name] = {k: copy(state[k].detach()) for k in keys}
     return out
 
 
@@ -200,12 +209,7 @@ def carry_moments(accelerator: Any, model: nn.Module, optimizer: Any,
     """
     if not is_fsdp(accelerator, model):
         return snapshot_moments(accelerator, model, optimizer, keys)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, param in unwrap(accelerator, model).named_parameters():
-        state = optimizer.state.get(param)
-        if param.requires_grad and state and all(k in state for k in keys):
-            out[name] = {k: state[k].detach().clone() for k in keys}
-    return out
+    return _optimizer_state(unwrap(accelerator, model), optimizer, keys, torch.Tensor.clone)
 
 
 def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple[str, ...],
