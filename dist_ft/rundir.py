@@ -14,6 +14,8 @@ A run folder (``output_dir``) holds::
     final/             model.safetensors (the last weights) + metrics.json
     best/              model.safetensors (the selected weights) + metrics.json
     evaluations.jsonl  one line per dist-ft eval of these weights (time, split, sha256)
+    segments.jsonl     one line per start or resume of the run (world size, nodes, job id)
+                       and one per end (state, step): append-only
 
 Nothing else in dist-ft spells these names. Pure Python: no torch import.
 """
@@ -79,7 +81,7 @@ class RunDir:
 
     # What a run writes at its top level: any of them present means the folder holds a run.
     RUN_ENTRIES = ("recipe.yaml", "plan.json", "status.json", "tb", "trackers", "logs",
-                   "checkpoints", "stage_weights", "final", "best")
+                   "checkpoints", "stage_weights", "final", "best", "segments.jsonl")
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -170,6 +172,11 @@ class RunDir:
         return self.root / "evaluations.jsonl"
 
     @property
+    def segments(self) -> Path:
+        """``segments.jsonl``: one line per start or resume of the run, one per its end."""
+        return self.root / "segments.jsonl"
+
+    @property
     def final_weights(self) -> Path:
         """``final/model.safetensors``."""
         return self.final / WEIGHTS
@@ -243,3 +250,65 @@ class RunDir:
         """The run id a checkpoint was written by (None for unreadable or older ones)."""
         state = read_json(Path(path) / TRAINER_STATE)
         return state.get("run_id") if isinstance(state, dict) else None
+
+    # ------------------------------------------------------------------ segments
+    def append_segment(self, record: dict[str, Any]) -> None:
+        """Append one record to ``segments.jsonl`` in a single append-mode write (fsynced).
+
+        A line that an earlier crash left without its newline is closed first, so the torn
+        line spoils only itself, never the record written after it.
+        """
+        from dist_ft.jsonio import dumps
+
+        line = dumps(record, indent=None) + "\n"
+        with open(self.segments, "a+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))  # append mode: always at the end
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def segment_records(self) -> list[dict[str, Any]]:
+        """Every readable record of ``segments.jsonl``, in order (torn or damaged lines
+        skipped; an empty list when the file is missing)."""
+        try:
+            lines = self.segments.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash: the others still count
+            if isinstance(record, dict) and record.get("event") in ("start", "end"):
+                records.append(record)
+        return records
+
+    def read_segments(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """The segments (starts and resumes) of one run, oldest first.
+
+        Each is its start record (``segment``, ``start_step``, ``world_size``, ``nodes``,
+        ``processes_per_node``, ``job_id``, ``restart``, ``host``, ``started``) with
+        ``end_state``, ``end_step`` and ``ended`` from its end record, or None where the
+        segment has not ended or ended without one (killed).
+
+        Args:
+            run_id: whose segments; default the run recorded in ``status.json`` (all records
+                when there is none).
+        """
+        run_id = run_id or self.run_id()
+        records = [r for r in self.segment_records()
+                   if run_id is None or r.get("run_id") == run_id]
+        ends = {(r.get("run_id"), r.get("segment")): r for r in records if r["event"] == "end"}
+        segments = []
+        for start in (r for r in records if r["event"] == "start"):
+            end = ends.get((start.get("run_id"), start.get("segment")), {})
+            segment = {k: v for k, v in start.items() if k not in ("event", "time")}
+            segment.update(started=start.get("time"), end_state=end.get("state"),
+                           end_step=end.get("step"), ended=end.get("time"))
+            segments.append(segment)
+        return segments

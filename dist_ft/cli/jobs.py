@@ -8,6 +8,7 @@ EXAMPLES = """\
 examples:
   dist-ft jobs runs/chestxray14_smoke            # a sweep's folder (or one run's output_dir)
   dist-ft jobs runs/chestxray14_smoke --json | jq '.tasks[] | {name, run_state}'
+  dist-ft jobs runs/chestxray14_smoke --json | jq '.tasks[].segments[] | {start_step, world_size}'
 """
 
 
@@ -16,8 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "jobs", help="list a submission's tasks: state, last step, final metrics",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reads ROOT/submission.json, each run's status.json and "
-        "final/metrics.json, and Slurm's job states.")
+        description="Reads ROOT/submission.json, each run's status.json, final/metrics.json "
+        "and segments.jsonl (each start or resume: world size, nodes, job), and Slurm's job "
+        "states.")
     p.add_argument("root", help="the folder `dist-ft submit` wrote submission.json to")
     p.add_argument("--json", action="store_true", help="print one JSON document to stdout")
     p.set_defaults(run=run)
@@ -26,7 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the table (or JSON)."""
     from dist_ft.jsonio import dumps
-    from dist_ft.launch.jobs import aggregation_status, read_manifest, render_table, task_rows
+    from dist_ft.launch.jobs import (
+        aggregation_status,
+        read_manifest,
+        render_segments,
+        render_table,
+        task_rows,
+    )
 
     manifest = read_manifest(args.root)
     rows = task_rows(manifest)
@@ -39,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console(width=160)
     console.print(render_table(manifest, rows))
+    if any(len(row["segments"]) > 1 for row in rows):  # resumed: where each part ran
+        console.print(render_segments(rows))
     if aggregation:
         where = aggregation["out"]
         if aggregation["written"]:

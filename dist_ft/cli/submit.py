@@ -28,6 +28,20 @@ LAUNCH_FLAGS = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", 
                 "constraint", "mem", "cluster", "max_requeues")
 
 
+class _ResumeAction(argparse.Action):
+    """``--resume`` or ``--resume auto`` (as ``dist-ft train`` spells it). A KEY=VALUE that
+    argparse hands it (``--resume optim.lr=1e-3``) is an override, kept for ``run``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, "auto")
+        if values not in (None, "auto"):
+            if "=" not in str(values):
+                parser.error(f"--resume takes no value but 'auto' (got {values!r}): every job "
+                             "resumes from its run folder's newest checkpoint")
+            namespace.resume_overrides = [*getattr(namespace, "resume_overrides", []), values]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``submit``."""
     p = sub.add_parser(
@@ -58,9 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", metavar="SWEEP", help="a sweep file or a shipped sweep's name: "
                    "a grid and/or runs of overrides; one job array, one run directory per task")
     p.add_argument("--parallelism", type=int, help="at most this many array tasks at once")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the runs already in the task folders (each job resumes from "
-                   "its last checkpoint); without it a folder holding a run is refused")
+    p.add_argument("--resume", nargs="?", const="auto", metavar="auto", action=_ResumeAction,
+                   help="continue the runs already in the task folders (`--resume` or "
+                   "`--resume auto`: each job resumes from its last checkpoint, also on "
+                   "other --nodes); without it a folder holding a run is refused")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script and each node's processes; submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print results")
@@ -75,6 +90,8 @@ def _print_dry_run(doc: dict[str, Any]) -> None:
     for task in doc["tasks"]:
         print(f"# task {task['index']} {task['name']}: {task['output_dir']} "
               f"{' '.join(task['overrides'])}")
+    for note in doc.get("notes", []):
+        print(f"# note: {note}")
     if "sbatch" in doc:
         print("\n# ---- sbatch script (as submitit writes it) ----")
         print(doc["sbatch"])
@@ -101,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
     # Shipped names become their files here: the jobs run `dist-ft train PATH` elsewhere.
     sweep = resolve_sweep(args.sweep) if args.sweep is not None else None
-    sub = plan_submission(resolve_recipe(args.config), args.overrides, flags, sweep,
-                          args.parallelism, resume=args.resume)
+    overrides = [*args.overrides, *getattr(args, "resume_overrides", [])]
+    sub = plan_submission(resolve_recipe(args.config), overrides, flags, sweep,
+                          args.parallelism, resume=args.resume is not None)
     if args.dry_run:
         doc = dry_run(sub)
         if args.json:
@@ -110,8 +128,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_dry_run(doc)
         return 0
-    manifest, jobs = submit(sub)
     log = sys.stderr if args.json else sys.stdout
+    for note in sub.notes:
+        print(f"note: {note}", file=log, flush=True)
+    manifest, jobs = submit(sub)
     tasks = manifest["tasks"]
     print(f"submitted {manifest['kind']} as job {manifest['job_id']} on {manifest['cluster']} "
           f"({len(tasks)} task(s)); logs in {manifest['folder']}; "

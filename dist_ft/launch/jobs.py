@@ -1,8 +1,9 @@
 """``dist-ft jobs``: the state of a submission's tasks, read from what they left behind.
 
 For each task: the scheduler's state (Slurm, through submitit), the run's own
-``status.json`` (running / stopped / finished / failed, step of total), and its final
-metrics (``final/metrics.json``).
+``status.json`` (running / stopped / finished / failed, step of total), its final
+metrics (``final/metrics.json``) and its segments (``segments.jsonl``: each start or resume
+with its world size and nodes, e.g. a run preempted on 2 nodes and resubmitted on 1).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _scheduler_states(manifest: dict[str, Any]) -> dict[str, str]:
 
 
 def task_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task: ids, states, progress and final metrics."""
+    """One row per task: ids, states, progress, final metrics and segments (each start or
+    resume of the run: start step, world size, nodes, Slurm job id, start time, end state)."""
     states = _scheduler_states(manifest)
     rows = []
     for task in manifest["tasks"]:
@@ -61,6 +63,7 @@ def task_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
             "step": status.get("step"), "total_steps": status.get("total_steps"),
             "error": status.get("error"),
             "final_metrics": metrics,
+            "segments": run.read_segments(status.get("run_id")),
         })
     return rows
 
@@ -78,12 +81,44 @@ def aggregation_status(manifest: dict[str, Any]) -> dict[str, Any] | None:
             "written": (Path(info["out"]) / "summary.json").is_file()}
 
 
+def world_sizes(segments: list[dict[str, Any]]) -> str:
+    """The world size of each segment, e.g. ``2→1`` for a run resumed on fewer processes
+    (``-`` before the run has started)."""
+    return "→".join(str(s.get("world_size", "?")) for s in segments) or "-"
+
+
+def render_segments(rows: list[dict[str, Any]]) -> Any:
+    """A rich table of every task's segments (shown when a run has more than one)."""
+    import datetime
+
+    from rich.table import Table
+
+    table = Table(title="segments (each start or resume of a run)")
+    for column in ("task", "#", "from step", "to step", "world", "nodes", "job", "started",
+                   "end"):
+        table.add_column(column, justify="right" if column in ("#", "from step", "to step",
+                                                               "world", "nodes") else "left")
+    for row in rows:
+        for seg in row["segments"]:
+            started = seg.get("started")
+            table.add_row(
+                row["name"], str(seg.get("segment", "?")), str(seg.get("start_step", "?")),
+                "" if seg.get("end_step") is None else str(seg["end_step"]),
+                str(seg.get("world_size", "?")), str(seg.get("nodes", "?")),
+                seg.get("job_id") or "-",
+                datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")
+                if isinstance(started, int | float) else "?",
+                seg.get("end_state") or "-")
+    return table
+
+
 def render_table(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
     """A rich table of ``rows``."""
     from rich.table import Table
 
     table = Table(title=f"{manifest['kind']} · job {manifest['job_id']} · {manifest['cluster']}")
-    for column in ("task", "job", "slurm", "run", "step", "score", "val loss", "overrides"):
+    for column in ("task", "job", "slurm", "run", "step", "world", "score", "val loss",
+                   "overrides"):
         table.add_column(column, justify="right" if column in ("step", "score", "val loss")
                          else "left")
     for row in rows:
@@ -93,6 +128,7 @@ def render_table(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> Any:
         loss = metrics.get("val_loss")
         table.add_row(
             row["name"], row["job_id"], row["scheduler_state"] or "-", row["run_state"], step,
+            world_sizes(row["segments"]),
             "" if score is None else f"{score:.4f}", "" if loss is None else f"{loss:.4f}",
             " ".join(row["overrides"]) or "-")
     return table

@@ -64,6 +64,7 @@ class Submission:
     tasks: tuple[PlannedTask, ...]
     sweep: str | None = None
     parallelism: int | None = None
+    notes: tuple[str, ...] = ()  # said before submitting: what a resumed run continues from
 
     @property
     def processes_per_node(self) -> int:
@@ -181,12 +182,55 @@ def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] =
         raise ConfigError([f"output_dir {out} already holds a run: pass --resume to continue "
                            "it (the job resumes from its last checkpoint), or choose another "
                            "output_dir" for out in held])
+    per_node = max(1, launch.gpus_per_node)
+    notes = tuple(resume_note(task, launch.nodes, per_node) for task in tasks
+                  if task.output_dir in held)
     return Submission(
         kind="sweep" if swept else "run", root=root, config=str(Path(config).resolve()),
         overrides=base_overrides, launch=launch, tasks=tuple(tasks),
         sweep=str(Path(sweep).resolve()) if sweep is not None else None,
-        parallelism=parallelism or (swept.parallelism if swept else None),
+        parallelism=parallelism or (swept.parallelism if swept else None), notes=notes,
     )
+
+
+def resume_note(task: PlannedTask, nodes: int, per_node: int) -> str:
+    """What a resubmitted task continues: the run, its checkpoint, and where it ran last
+    against where it runs now (nodes, world size, global batch).
+
+    The run folder keeps one run across submissions: ``--resume`` with other ``--nodes``
+    continues it on the new world size (every backend's checkpoints load on any number of
+    processes; ZeRO's through their ``portable/`` state); each start is a segment of the
+    run (``segments.jsonl``, ``dist-ft jobs``).
+    """
+    run = RunDir(task.output_dir)
+    status = run.read_status() or {}
+    latest = run.latest_checkpoint()
+    world = nodes * per_node
+    where = (f"from {latest.name}" if latest is not None
+             else "at step 0 (no complete checkpoint yet)")
+    note = (f"--resume: {run.root} holds run {status.get('run_id', '?')} "
+            f"({status.get('state', 'not started')} at step {status.get('step', '?')}"
+            f"/{status.get('total_steps', '?')}); the job continues it {where} on {nodes} "
+            f"node(s) x {per_node} = world size {world}")
+    segments = run.read_segments()
+    if not segments:
+        return note
+    last = segments[-1]
+    before = last.get("world_size")
+    if (before, last.get("nodes")) == (world, nodes) or not isinstance(before, int):
+        return note
+    data, trainer = task.recipe["data"], task.recipe["trainer"]
+    note += (f"; it ran last on {last.get('nodes', '?')} node(s), world size {before} "
+             f"(segment {last.get('segment', '?')})")
+    if data.get("global_batch_size") is not None:
+        note += (f": data.global_batch_size={data['global_batch_size']} keeps the global batch "
+                 "(each process takes a different share of it)")
+    else:
+        batch = data["batch_size"] * trainer["grad_accum_steps"]
+        note += (f": data.batch_size is per process, so the global batch goes from "
+                 f"{batch * before} to {batch * world} images per step (set "
+                 "data.global_batch_size to keep it)")
+    return note
 
 
 def time_minutes(slurm_time: str) -> int:
@@ -353,6 +397,7 @@ def dry_run(sub: Submission) -> dict[str, Any]:
                                       f"(job {EXAMPLE_JOB_ID}: "
                                       f"{rendezvous_port(EXAMPLE_JOB_ID)})"},
         "node_layout": node_layout(sub),
+        "notes": list(sub.notes),
     }
     if sub.launch.cluster == "slurm":
         doc["sbatch"] = submitit_sbatch(sub)
@@ -400,6 +445,15 @@ def _submit_aggregation(sub: Submission, after: str) -> Any:
     return executor.submit(aggregation_task(sub))
 
 
+def read_earlier_manifest(root: Path) -> dict[str, Any] | None:
+    """The submission ``root`` already records (a resubmission replaces it), or None."""
+    try:
+        earlier = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) else None
+
+
 def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
     """Submit through submitit; write and return the manifest, with the job objects.
 
@@ -422,6 +476,7 @@ def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
             jobs = [executor.submit(c) for c in callables]
     else:
         jobs = [executor.submit(callables[0])]
+    earlier = read_earlier_manifest(sub.root)
     manifest = {
         "kind": sub.kind, "cluster": sub.launch.cluster, "config": sub.config,
         "overrides": list(sub.overrides), "sweep": sub.sweep, "submitted": time.time(),
@@ -431,6 +486,11 @@ def submit(sub: Submission) -> tuple[dict[str, Any], list[Any]]:
                    "overrides": list(t.overrides), "job_id": str(j.job_id)}
                   for t, j in zip(sub.tasks, jobs, strict=True)],
     }
+    if sub.notes:
+        manifest["notes"] = list(sub.notes)
+    if earlier is not None:  # a resubmission (--resume): keep the chain of submissions
+        manifest["previous"] = [*earlier.get("previous", []), {
+            k: earlier.get(k) for k in ("job_id", "submitted", "launch")}]
     if sub.kind == "sweep":
         manifest["aggregate"] = {"out": str(sub.root / AGGREGATE_DIR),
                                  "group_by": sweep_group_keys(sub), "job_id": None}

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from dist_ft import console
@@ -23,6 +25,26 @@ from dist_ft.train.progress import Progress
 from dist_ft.train.trackers import RunTrackers
 
 log = logging.getLogger("dist_ft.train")
+
+
+def node_count(env: Mapping[str, str], world: int) -> int:
+    """The nodes this run's processes span: Slurm's step (or job) node count under ``srun``,
+    torchrun's node count (``GROUP_WORLD_SIZE``, what ``accelerate launch --num_machines``
+    starts), else 1 (one machine: submitit's local executor, a plain launch)."""
+    if env.get("SUBMITIT_EXECUTOR") != "local":
+        for key in ("SLURM_STEP_NUM_NODES", "GROUP_WORLD_SIZE", "SLURM_JOB_NUM_NODES",
+                    "SLURM_NNODES"):
+            if (env.get(key) or "").isdigit() and int(env[key]) > 0:
+                return min(int(env[key]), max(1, world))
+    return 1
+
+
+def slurm_job_id(env: Mapping[str, str]) -> str | None:
+    """This Slurm job's id as ``dist-ft jobs`` lists it (``ARRAYJOB_TASK`` in an array), or
+    None outside Slurm."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 def setup_logging(run: RunDir, rank: int, main: bool) -> None:
@@ -85,6 +107,8 @@ class Reporter:
         self.bar: Any = None
         self.total_steps: int | None = None
         self.status_extra: dict[str, Any] = {}  # kept in every later status.json
+        self.segment_extra: dict[str, Any] = {}  # added to this segment's start record
+        self.segment: int | None = None  # this segment's number once recorded (main)
 
     def open(self, progress: Progress, total_steps: int, texts: dict[str, str],
              purge_step: int | None, trackers: RunTrackers | None = None) -> None:
@@ -98,6 +122,7 @@ class Reporter:
         self.total_steps = total_steps
         if self.main:
             assert trackers is not None, "the main process writes the run-level scalars"
+            self._start_segment(progress, purge_step)
             self.writer = trackers
             for tag, text in texts.items():
                 self.writer.add_text(tag, text, progress.step)
@@ -108,6 +133,32 @@ class Reporter:
         # log file or pipe, a line per 10 % or per minute (dist_ft.console.progress).
         self.bar = console.progress(total=total_steps, initial=progress.step, desc="train",
                                     unit="step", enabled=self.main, dynamic_ncols=True)
+
+    def _start_segment(self, progress: Progress, purge_step: int | None) -> None:
+        """Append this start's record to ``segments.jsonl`` (main process; advisory)."""
+        try:
+            earlier = [s.get("segment") for s in self.run.read_segments(self.run_id)]
+            self.segment = 1 + max((n for n in earlier if isinstance(n, int)), default=0)
+            nodes = node_count(os.environ, self.world)
+            self.run.append_segment({
+                "event": "start", "run_id": self.run_id, "segment": self.segment,
+                "start_step": progress.step, "resumed": bool(purge_step),
+                "world_size": self.world, "nodes": nodes,
+                "processes_per_node": max(1, self.world // nodes),
+                "job_id": slurm_job_id(os.environ),
+                "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                "host": socket.gethostname(), "time": time.time(), **self.segment_extra})
+        except (OSError, ValueError) as exc:
+            log.warning("cannot record the segment in %s: %s", self.run.segments, exc)
+
+    def _end_segment(self, state: str, progress: Progress) -> None:
+        """Append this segment's end (state and step) to ``segments.jsonl`` (advisory)."""
+        try:
+            self.run.append_segment({"event": "end", "run_id": self.run_id,
+                                     "segment": self.segment, "state": state,
+                                     "step": progress.step, "time": time.time()})
+        except OSError as exc:
+            log.warning("cannot record the segment's end in %s: %s", self.run.segments, exc)
 
     def status(self, state: str, progress: Progress, **extra: Any) -> None:
         """``status.json`` (main process): state, step, total, run id, time; atomic.
@@ -124,6 +175,8 @@ class Reporter:
             self.run.write_status(status)
         except OSError as exc:
             log.warning("cannot write %s: %s", self.run.status, exc)
+        if state != "running" and self.segment is not None:
+            self._end_segment(state, progress)
 
     def step(self, progress: Progress, rank_loss: float, mean_loss: float, rate: float,
              lrs: dict[str, float], grad_norm: float | None) -> None:

@@ -146,6 +146,64 @@ def test_preempted_and_requeued_jobs_resume_and_log_each_step_once(
     assert val == sorted(set(val)) and val[-1] == steps
 
 
+def test_a_two_node_run_preempted_resumes_on_one_node_and_jobs_lists_both_segments(
+        slurm_cluster: dict[str, str], launch_data: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-node job preempted (no requeue left) is resubmitted with ``--nodes 1 --resume
+    auto``: the same run folder and run id finish the run on world size 1, with the global
+    batch held (``data.global_batch_size``), and ``dist-ft jobs`` shows both segments."""
+    from submitit.slurm.slurm import SlurmJob
+
+    out = tmp_path / "run"
+    steps = 40
+    run = ["--gpus-per-node", "0", "trainer.backend=ddp", "data.global_batch_size=8",
+           "trainer.checkpoint_every_steps=2", *small_run(launch_data, out, steps)]
+    first = dist_ft(["submit", str(SMOKE), "--nodes", "2", "--max-requeues", "0", *run],
+                    slurm_cluster)
+    assert first.returncode == 0, first.stderr[-3000:]
+    first_job = json.loads((out / "submission.json").read_text())["job_id"]
+    wait_until(lambda: read_status(out).get("step", 0) >= 4, 180, "step 4 on 2 nodes")
+    for key in ("SLURM_CONF", "PATH"):  # submitit's scancel talks to the dev cluster
+        monkeypatch.setenv(key, slurm_cluster[key])
+    SlurmJob(folder=out / "submitit", job_id=first_job)._interrupt()  # preemption
+    wait_until(lambda: read_status(out).get("state") == "stopped", 60, "the stop")
+    stopped = read_status(out)
+    assert stopped["note"].startswith("requeue limit reached"), stopped
+    assert 4 <= stopped["step"] < steps
+
+    def first_job_over() -> bool:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", first_job], env=slurm_cluster,
+                               capture_output=True, text=True).stdout
+        return "JobState=RUNNING" not in shown and "JobState=COMPLETING" not in shown
+
+    wait_until(first_job_over, 60, f"job {first_job} to end")
+    second = dist_ft(["submit", str(SMOKE), "--nodes", "1", "--resume", "auto", "--wait",
+                      "--json", *run], slurm_cluster)
+    assert second.returncode == 0, second.stderr[-3000:]
+    # The resubmission says what it continues, where it ran before, and what holds the batch.
+    assert f"holds run {stopped['run_id']}" in second.stderr
+    assert "ran last on 2 node(s), world size 2" in second.stderr
+    assert "data.global_batch_size=8 keeps the global batch" in second.stderr
+    manifest = json.loads(second.stdout)
+    assert manifest["outcomes"][0]["result"]["step"] == steps
+    assert [p["job_id"] for p in manifest["previous"]] == [first_job]
+    log = (out / "logs" / "rank0.log").read_text()
+    assert f"resumed from {out}/checkpoints/step_{stopped['step']:08d}" in log
+    listed = dist_ft(["jobs", str(out), "--json"], slurm_cluster)
+    assert listed.returncode == 0, listed.stderr
+    (task,) = json.loads(listed.stdout)["tasks"]
+    assert task["run_state"] == "finished" and task["step"] == steps
+    segments = task["segments"]
+    assert [(s["world_size"], s["nodes"]) for s in segments] == [(2, 2), (1, 1)]
+    assert [s["start_step"] for s in segments] == [0, stopped["step"]]
+    assert [(s["end_state"], s["end_step"]) for s in segments] == [
+        ("stopped", stopped["step"]), ("finished", steps)]
+    assert [s["job_id"] for s in segments] == [first_job, manifest["job_id"]]
+    assert {s["run_id"] for s in segments} == {stopped["run_id"]}
+    table = dist_ft(["jobs", str(out)], slurm_cluster).stdout
+    assert "2→1" in table and "segments" in table
+
+
 def test_the_plain_sbatch_template_trains_with_hostile_arguments_inert(
         slurm_cluster: dict[str, str], launch_data: Path, tmp_path: Path) -> None:
     # Were any of it run by a shell, it would create PWNED files in the job's folder.
