@@ -219,6 +219,9 @@ def measure(acc: Any, recipe: Recipe, checkpoint: Path | None = None) -> dict[st
     state = [t for s in inner.state.values() for t in _flatten(s)]
     measured["optimizer"] = storage_bytes(state + _attrs(zero_opt, _MASTERS))
     measured["params"] = storage_bytes(_param_tensors(module, zero_opt))
+    # The formulas' "mixed precision" is 16-bit weights and gradients over fp32 masters;
+    # dist-ft's bf16 is autocast over fp32 weights (engine and formula alike fp32).
+    mixed = any(p.element_size() == 2 for p in module.parameters())
     elements = engine.optimizer_state_elements(acc, model, ("exp_avg", "exp_avg_sq"))
     if checkpoint is not None:
         measured["checkpoint"] = checkpoint_bytes(acc, checkpoint, plan.stages[0].adapters
@@ -229,7 +232,7 @@ def measure(acc: Any, recipe: Recipe, checkpoint: Path | None = None) -> dict[st
     seconds = dict(zip(("build", "prepare", "forward_backward", "step"),
                        (b - a for a, b in itertools.pairwise(clock)), strict=True))
     return {**measured, "trainable_params": trainable, "state_elements": elements,
-            "mixed": acc.mixed_precision != "no", "seconds": seconds}
+            "mixed": mixed, "seconds": seconds}
 
 
 def worker(argv: list[str] | None = None) -> int:

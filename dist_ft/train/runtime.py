@@ -22,6 +22,7 @@ import torch
 
 from dist_ft.cluster import slurm_process_group_env
 from dist_ft.config.schema import Recipe
+from dist_ft.train.lifecycle import RunUsageError
 from dist_ft.train.trackers import accelerate_log_with
 
 log = logging.getLogger("dist_ft.train")
@@ -177,6 +178,40 @@ def apply_timeout_to_new_groups(timeout: timedelta) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
 
 
+def check_precision_supported(recipe: Recipe, cuda: bool) -> None:
+    """Refuse ``trainer.precision: fp16`` without CUDA (bf16 and fp32 run everywhere).
+
+    Accelerate's fp16 (autocast + ``GradScaler`` loss scaling) engages on GPUs only: on CPU
+    it would silently train in fp32; DeepSpeed's CPU accelerator has no fp16 either. bf16
+    needs no loss scaling and runs on CPU (autocast under DDP and DeepSpeed).
+
+    Raises:
+        RunUsageError: fp16 asked for on a machine without CUDA (``dist-ft train`` exits 2).
+    """
+    if recipe.trainer.precision == "fp16" and not cuda:
+        raise RunUsageError(
+            "trainer.precision=fp16 needs CUDA (fp16 autocast with loss scaling is GPU-only "
+            "in Accelerate and DeepSpeed) and this machine has none: use "
+            "trainer.precision=bf16 (no loss scaling needed) or trainer.precision=no")
+
+
+def deepspeed_bf16_config() -> dict[str, Any]:
+    """The DeepSpeed config entries of ``trainer.precision: bf16``: torch autocast, not
+    DeepSpeed's bf16 mode.
+
+    DeepSpeed's ``bf16`` mode casts the module to bf16: BatchNorm's fp32 running statistics
+    then meet bf16 weights, which CPU batch norm refuses ("expected scalar type BFloat16 but
+    found Float"), fp32 images meet bf16 convolutions, and frozen weights are rounded to
+    bf16. Its ``torch_autocast`` mode keeps every parameter, buffer and ZeRO master partition
+    fp32 and runs the engine's forward under ``torch.autocast(dtype=bfloat16)``: matmuls and
+    convolutions compute (and their gradients are reduced) in bf16, BatchNorm normalizes with
+    its fp32 weights and statistics; the same on CPU and GPU. (Accelerate's own ``bf16``
+    would set ``bf16.enabled``.)
+    """
+    return {"bf16": {"enabled": False}, "fp16": {"enabled": False},
+            "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+
+
 def build_accelerator(recipe: Recipe) -> Any:
     """The Accelerator for a recipe: DDP, DeepSpeed ZeRO-N or FSDP2 (which it only launches
     and synchronises: dist-ft shards), gloo on CPU, NCCL on CUDA.
@@ -189,6 +224,7 @@ def build_accelerator(recipe: Recipe) -> Any:
         LauncherConflict: the launcher's DeepSpeed or FSDP settings contradict the recipe.
     """
     check_launcher_agrees(recipe, os.environ)
+    check_precision_supported(recipe, has_cuda())
     # dist-ft applies FSDP2 itself (dist_ft.train.fsdp); Accelerate's plugin, engaged by
     # launch/fsdp.yaml on GPUs only, would wrap and checkpoint differently on CPU and GPU.
     os.environ.pop("ACCELERATE_USE_FSDP", None)
@@ -221,10 +257,12 @@ def build_accelerator(recipe: Recipe) -> Any:
         # clips at 1.0, so trainer.grad_clip_norm=null would still clip.
         plugin.deepspeed_config["gradient_clipping"] = cfg.grad_clip_norm or 0.0
         plugin.deepspeed_config.setdefault("steps_per_print", 10**9)
+        if cfg.precision == "bf16":
+            plugin.deepspeed_config.update(deepspeed_bf16_config())
     if plugin is not None and not cuda and os.environ.get("RANK", "0") == "0" \
             and deepspeed_cpu_op_pending():  # else ~1 min of silence on a first run
         log.info("building DeepSpeed's CPU communication op (once, ~1 min)")
-    precision = cfg.precision if cuda else "no"
+    precision = cfg.precision
     # Without CUDA, Accelerate treats a multi-process run as distributed (MULTI_CPU, gloo)
     # only when told cpu=True; otherwise it silently trains each rank alone (no DDP).
     # DeepSpeed prints "DeepSpeed ... built successfully" on stdout from every rank on every
