@@ -646,7 +646,8 @@ class TrainerConfig(Section):
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
     """FSDP2's sharding settings (with ``backend: fsdp``)."""
     precision: Literal["no", "fp16", "bf16"] = "no"
-    """Mixed precision: ``no`` (fp32), ``fp16`` or ``bf16``."""
+    """Mixed precision: ``no`` (fp32), ``bf16`` (CPU or GPU: bf16 autocast over fp32 weights,
+    masters and moments, under DDP and DeepSpeed) or ``fp16`` (CUDA only: refused without)."""
     grad_accum_steps: PositiveInt = 1
     """Micro-batches accumulated into one optimizer step."""
     grad_clip_norm: PositiveFloat | None = 1.0
@@ -662,6 +663,10 @@ class TrainerConfig(Section):
     """Also checkpoint every this many steps (default: at epoch ends only)."""
     keep_last: PositiveInt = 3
     """Checkpoints kept; older ones are deleted (best/ is kept apart)."""
+    portable_checkpoints: bool = True
+    """Under ZeRO, also write ``portable/`` in each checkpoint (full fp32 weights and Adam
+    moments by parameter name), so it resumes on any number of processes; false halves a ZeRO
+    checkpoint's size, which then resumes on the same number only."""
     # The validation metric that selects OUTPUT_DIR/best/ and drives the plateau schedule and
     # early stopping, named as logged: val/loss, val/auroc_mean, val/accuracy, val/f1_macro,
     # val_auroc/<finding>; auto = val/auroc_mean (multi-label) or val/accuracy (single-label).

@@ -4,7 +4,11 @@
 under ZeRO —, RNG states; under FSDP2 the model and optimizer shards are in ``sharded/``,
 written by ``torch.distributed.checkpoint``), ``trainer_state.json`` (counters, stage, data
 position, schedule, the run id and the run's contract, see :mod:`dist_ft.train.resume`) and
-one ``rank{r}.pt`` per rank (the augmentation generator). A ``COMPLETE`` marker written last
+one ``rank{r}.pt`` per rank (the augmentation generator). Under ZeRO, ``portable/`` also holds
+the full fp32 weights and the optimizer moments keyed by parameter name (the form a stage
+change carries them in), which a resume on another number of processes loads where
+DeepSpeed's partitioned files cannot (DDP's files are whole, FSDP2's DCP shards reshard).
+A ``COMPLETE`` marker written last
 makes it eligible for ``--resume auto``; a crash mid-write leaves only a ``.partial`` folder
 that is never picked and is replaced on the next save. Names and layout come from
 :class:`dist_ft.rundir.RunDir`.
@@ -19,6 +23,7 @@ import os
 import shutil
 import struct
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +35,68 @@ from dist_ft.train.fsdp import SHARDED
 log = logging.getLogger("dist_ft.train")
 
 
+PORTABLE = "portable"  # a ZeRO checkpoint's name-keyed state (see PortableState)
+
+
+@dataclass(frozen=True)
+class PortableState:
+    """A model and its optimizer state keyed by parameter name, independent of how many
+    processes held it: full fp32 weights and buffers, and each trainable parameter's
+    per-element optimizer state (``{name: {"exp_avg": ..., "exp_avg_sq": ...}}``, as
+    :func:`dist_ft.train.engine.snapshot_moments` reads it). Step counts are not stored: they
+    follow from the run's progress, as at a stage change."""
+
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, dict[str, torch.Tensor]]
+
+
+def moments_to_tensors(moments: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Name-keyed moments as flat ``KEY/NAME`` tensors (one safetensors file)."""
+    return {f"{k}/{n}": v.contiguous() for n, kv in moments.items() for k, v in kv.items()}
+
+
+def moments_from_tensors(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of :func:`moments_to_tensors`."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        kind, _, name = key.partition("/")
+        out.setdefault(name, {})[kind] = value
+    return out
+
+
+def save_portable(folder: Path, portable: PortableState) -> None:
+    """Write ``portable`` into the new folder ``folder`` (two safetensors files)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in portable.weights.items()},
+              str(folder / "model.safetensors"))
+    save_file(moments_to_tensors(portable.moments), str(folder / "optimizer.safetensors"))
+
+
+def read_portable(path: str | Path) -> PortableState:
+    """A checkpoint's :class:`PortableState`.
+
+    Raises:
+        CheckpointDamaged: the checkpoint has none (written before it existed, or not by ZeRO).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path) / PORTABLE
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointDamaged(folder, "missing: this ZeRO checkpoint holds only DeepSpeed's "
+                                "partitioned state, which loads on the number of processes "
+                                "that wrote it")
+    moments = load_file(str(folder / "optimizer.safetensors"))
+    return PortableState(load_file(str(folder / "model.safetensors")),
+                         moments_from_tensors(moments))
+
+
 def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dict[str, Any],
                     rank_state: dict[str, Any], keep_last: int,
                     changed_frozen: dict[str, torch.Tensor] | None = None,
-                    sharded: tuple[Any, Any] | None = None) -> Path:
+                    sharded: tuple[Any, Any] | None = None,
+                    portable: PortableState | None = None) -> Path:
     """Write a checkpoint from every rank, atomically; prune this run's to the last ``keep_last``.
 
     Only checkpoints carrying the same ``run_id`` as ``trainer_state`` are ever pruned.
@@ -45,6 +108,7 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
             from the recipe's ``model`` section on resume (see :func:`load_checkpoint`).
         sharded: an FSDP2 model and its optimizer: their shards go to ``sharded/`` through
             DCP (Accelerate, which did not prepare them, then writes the RNG states only).
+        portable: the name-keyed state (ZeRO), written to ``portable/`` by the main process.
     """
     final, partial = run.checkpoint(step), run.partial(step)
     if accelerator.is_main_process:
@@ -66,6 +130,8 @@ def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dic
 
         save_file({k: v.contiguous() for k, v in changed_frozen.items()},
                   str(partial / CHANGED_FROZEN))
+    if portable is not None and accelerator.is_main_process:
+        save_portable(partial / PORTABLE, portable)
     torch.save(rank_state, partial / f"rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

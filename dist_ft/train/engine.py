@@ -262,9 +262,32 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
         if carried is None or not param.requires_grad:
             continue
         for k in keys:
-            safe_set_full_optimizer_state(param, carried[k], k)
+            if hasattr(param, "ds_id"):  # ZeRO-3
+                set_zero3_partition(param, carried[k], k)
+            else:
+                safe_set_full_optimizer_state(param, carried[k], k)
         seeded += 1
     return seeded
+
+
+def set_zero3_partition(param: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """Set this rank's part of a ZeRO-3 parameter's fp32 master (``key`` None) or optimizer
+    state ``key`` from the full ``value``.
+
+    DeepSpeed's ``safe_set_full_*`` cut the full value into partitions without the padding
+    of the last one, so they fail wherever the number of processes does not divide a
+    tensor's size (3 processes, 32768 elements); the padded cut is made here.
+    """
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    part, group = param.partition_numel(), param.ds_process_group
+    rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    flat = torch.nn.functional.pad(value.detach().flatten(), (0, part * world - value.numel()))
+    local = flat.narrow(0, part * rank, part)
+    if key is None:
+        safe_set_local_fp32_param(param, local)
+    else:
+        safe_set_local_optimizer_state(param, local, key)
 
 
 class StepBackend:

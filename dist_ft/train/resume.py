@@ -1,12 +1,17 @@
 """What makes an exact resume: the run's contract, saved in each checkpoint and checked.
 
 A checkpoint stores the resolved recipe and the facts derived from it (plan digest, a digest
-of the split's image lists, world size). Resuming compares them with the run as it is now and
+of the split's image lists, the global batch). Resuming compares them with the run as it is now and
 names every difference. Keys that only change how a run is operated (logging, checkpoint
 cadence, timeouts, loader workers, ``output_dir``) are not compared. Differences in
 :data:`FIXED` keys make the saved state unusable and are always refused; any other difference
 is refused unless the user accepts it by name (``--accept-change KEY``, or a whole section
 such as ``schedule``), and accepted changes are recorded.
+
+The number of processes is not part of the contract: every backend's checkpoint resumes on
+any number (see :mod:`dist_ft.train.checkpoint`). What a resume on another number must keep
+is the global batch (``data.global_batch``: per-process batch x processes x accumulation
+steps); hold it with ``data.global_batch_size``, or accept the change by name.
 """
 
 from __future__ import annotations
@@ -18,13 +23,19 @@ from typing import Any
 # Operational keys: a resume may change them freely.
 IGNORED_PREFIXES = ("output_dir", "model.pretrained", "logging.", "launch.", "data.num_workers",
                     "data.verify_cache", "data.on_bad_image", "trainer.checkpoint_every_steps",
-                    "trainer.keep_last", "trainer.collective_timeout_min", "trainer.nonfinite_loss",
+                    "trainer.keep_last", "trainer.portable_checkpoints",
+                    "trainer.collective_timeout_min", "trainer.nonfinite_loss",
                     "trainer.nonfinite_max_in_row", "trainer.save_stage_weights",
                     "trainer.fsdp.reshard_after_forward", "trainer.fsdp.cpu_offload",
                     "trainer.fsdp.wrap")
 # The saved weights, optimizer state or engine cannot be loaded into a run that changed these.
 FIXED_PREFIXES = ("model.name", "model.num_classes", "plan.", "optim.name",
-                  "trainer.backend", "trainer.zero_stage", "world_size")
+                  "trainer.backend", "trainer.zero_stage")
+# Derived facts that older checkpoints did not record: compared only where recorded.
+RECORDED_LATER = ("data.global_batch",)
+# Derived facts that older checkpoints recorded and that no longer constrain a resume
+# (ZeRO checkpoints pinned the world size before their name-keyed state).
+NO_LONGER_COMPARED = ("world_size",)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,25 +72,30 @@ def _without_later_defaults(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
-                 world_size: int, zero_stage: int) -> dict[str, Any]:
-    """The flat key -> value map a checkpoint records and a resume compares."""
+                 global_batch: int) -> dict[str, Any]:
+    """The flat key -> value map a checkpoint records and a resume compares.
+
+    Args:
+        recipe: the resolved recipe (``data.batch_size`` already derived for this world).
+        plan_digest: the plan as resolved on this model.
+        split_digest: the images and labels of the split.
+        global_batch: samples per optimizer step over all processes.
+    """
     contract = {k: v for k, v in _flatten(_without_later_defaults(recipe)).items()
                 if not _matches(k, IGNORED_PREFIXES)}
-    # Derived facts: the plan as resolved on this model, the images and labels of the split.
-    contract.update({"plan.digest": plan_digest, "data.split": split_digest})
-    # DDP and FSDP2 (DCP reshards) checkpoints load on any number of processes; ZeRO's
-    # optimizer shards do not.
-    contract["world_size"] = world_size if zero_stage else None
+    contract.update({"plan.digest": plan_digest, "data.split": split_digest,
+                     "data.global_batch": global_batch})
     return _without_derived(contract)
 
 
 def _without_derived(contract: dict[str, Any]) -> dict[str, Any]:
     """The contract without ``data.batch_size`` where ``data.global_batch_size`` derives it
-    from the world size: the global batch is what a resume must keep (older checkpoints
-    recorded both)."""
-    if contract.get("data.global_batch_size") is None:
-        return contract
-    return {k: v for k, v in contract.items() if k != "data.batch_size"}
+    from the world size (the global batch is what a resume must keep; older checkpoints
+    recorded both), and without :data:`NO_LONGER_COMPARED` keys."""
+    drop = set(NO_LONGER_COMPARED)
+    if contract.get("data.global_batch_size") is not None:
+        drop.add("data.batch_size")
+    return {k: v for k, v in contract.items() if k not in drop}
 
 
 @dataclass(frozen=True)
@@ -95,9 +111,10 @@ class Change:
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[Change]:
-    """Every key whose value differs (a key missing on one side counts as None)."""
+    """Every key whose value differs (a key missing on one side counts as None, except a
+    :data:`RECORDED_LATER` key the checkpoint predates)."""
     saved, now = _without_derived(saved), _without_derived(now)
-    keys = sorted(set(saved) | set(now))
+    keys = sorted((set(saved) | set(now)) - {k for k in RECORDED_LATER if k not in saved})
     return [Change(k, saved.get(k), now.get(k)) for k in keys
             if saved.get(k) != now.get(k) and not _matches(k, IGNORED_PREFIXES)]
 
@@ -130,6 +147,9 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], accepted: Iterable[
                   for c in fixed]
         lines += [f"  - {c}" for c in refused]
         fixes = []
+        if any(c.key == "data.global_batch" for c in refused):
+            fixes.append(f"to keep the global batch on this number of processes, set "
+                         f"data.global_batch_size={saved.get('data.global_batch')}")
         if refused:
             keys = " ".join(f"--accept-change {c.key}" for c in refused)
             fixes.append(f"to continue with the new values deliberately, add {keys}")

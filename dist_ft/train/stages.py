@@ -23,6 +23,7 @@ from dist_ft.config.schema import OptimConfig, Recipe
 from dist_ft.models.adapters import adapt
 from dist_ft.plan import ResolvedPlan, ResolvedStage
 from dist_ft.plan.adapters import ResolvedAdapters
+from dist_ft.train.checkpoint import PortableState, moments_to_tensors
 from dist_ft.train.progress import Progress
 
 log = logging.getLogger("dist_ft.train")
@@ -92,6 +93,22 @@ def apply_trainable(model: nn.Module, stage: ResolvedStage) -> None:
         raise ValueError(f"plan names parameters the model lacks: {sorted(unknown)[:3]}")
 
 
+def _load_start_weights(module: nn.Module, weights: dict[str, torch.Tensor],
+                        stage: ResolvedStage) -> None:
+    """Load a resume's name-keyed weights; a lean (adapter) stage's hold only what is not
+    frozen, the module already holds the rest (rebuilt from the recipe).
+
+    Raises:
+        ValueError: names the module lacks, or a trainable parameter missing.
+    """
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    needed = set(stage.trainable) if stage.adapters is not None else set(module.state_dict())
+    lacking = sorted(set(missing) & needed)
+    if unexpected or lacking:
+        raise ValueError(f"the checkpoint's weights do not fit the model: unexpected "
+                         f"{unexpected[:3]}, missing {lacking[:3]}")
+
+
 def set_bn_modes(model: nn.Module, stage: ResolvedStage) -> None:
     """Put the stage's frozen BatchNorm layers in eval mode (call after ``model.train()``)."""
     frozen = set(stage.bn_eval)
@@ -155,8 +172,14 @@ class StageSwitcher:
         self.entries: list[dict[str, Any]] = []
 
     def enter(self, index: int, model: Any, optimizer: Any, progress: Progress,
-              carry: bool, snapshot: bool = True) -> tuple[Any, Any]:
+              carry: bool, snapshot: bool = True,
+              start: PortableState | None = None) -> tuple[Any, Any]:
         """Enter stage ``index``; ``model`` is the base module before the first stage.
+
+        Args:
+            start: with no ``optimizer`` yet (a resume), the weights to give the module
+                (after its adapters are injected) and the moments to seed, as a stage change
+                carries them: how a ZeRO checkpoint resumes on another number of processes.
 
         Returns:
             The prepared model and optimizer.
@@ -166,7 +189,7 @@ class StageSwitcher:
 
         acc, save = self.accelerator, self.recipe.trainer.save_stage_weights
         started, rebuilt = time.perf_counter(), optimizer is not None
-        moments: dict[str, dict[str, torch.Tensor]] = {}
+        moments: dict[str, dict[str, torch.Tensor]] = start.moments if start else {}
         # The adapters ``model`` carries: none on the plain module a run (or resume) starts from.
         current = None if optimizer is None else self.plan.stages[progress.stage].adapters
         if optimizer is None:
@@ -186,6 +209,8 @@ class StageSwitcher:
             module = adapt(module, current, stage.adapters, self.adapter_seed(index))
             log.info("stage %d '%s': %s", index, stage.name, adapter_change(current,
                                                                           stage.adapters))
+        if start is not None:
+            _load_start_weights(module, start.weights, stage)
         apply_trainable(module, stage)
         groups = optimizer_groups(self.plan, index)
         model, optimizer = engine.prepare(
@@ -231,8 +256,8 @@ class StageSwitcher:
         state = engine.full_state_dict(self.accelerator, model)
         carried = {}
         if moments:
-            found = engine.snapshot_moments(self.accelerator, model, optimizer, self.keys)
-            carried = {f"{k}/{n}": v for n, kv in found.items() for k, v in kv.items()}
+            carried = moments_to_tensors(
+                engine.snapshot_moments(self.accelerator, model, optimizer, self.keys))
         if self.accelerator.is_main_process:
             self.stage_weights.mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in state.items()},

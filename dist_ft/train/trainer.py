@@ -49,10 +49,13 @@ from dist_ft.rundir import WEIGHTS, RunDir, write_json_atomic
 from dist_ft.runlock import RunLock
 from dist_ft.train import engine
 from dist_ft.train.checkpoint import (
+    CheckpointDamaged,
+    PortableState,
     checkpoint_bytes,
     load_checkpoint,
     load_rank_state,
     read_changed_frozen,
+    read_portable,
     read_trainer_state,
     save_checkpoint,
 )
@@ -251,8 +254,9 @@ class Trainer:
             raise TrainingError(str(exc)) from None
         self.monitor = Monitor(name, mode, recipe.schedule.plateau_threshold,
                                recipe.schedule.plateau_threshold_mode)
-        self.contract = run_contract(recipe_to_dict(recipe), self.plan.digest,
-                                     inputs.split_digest(), self.world, engine.zero_stage(self.acc))
+        self.contract = run_contract(
+            recipe_to_dict(recipe), self.plan.digest, inputs.split_digest(),
+            global_batch=data.batch_size * self.world * recipe.trainer.grad_accum_steps)
 
     def _setup_schedule(self) -> None:
         trainer = self.recipe.trainer
@@ -276,6 +280,7 @@ class Trainer:
         texts = {"recipe": "```yaml\n" + yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
                  + "\n```", "plan": plan_to_text(self.plan), "run": f"run id {self.run_id}"}
         assert self.reporter is not None
+        self.reporter.segment_extra["backend"] = engine.backend_name(self.acc, self.model)
         if self.main:
             self.trackers = RunTrackers(self.acc, self.run, recipe.logging.trackers)
             self.trackers.start(self.run_id, recipe_to_dict(recipe), purge)
@@ -325,11 +330,12 @@ class Trainer:
             log.info("activation checkpointing on %d blocks", len(blocks))
         return module
 
-    def _enter_stage(self, index: int, carry: bool, snapshot: bool = True) -> None:
+    def _enter_stage(self, index: int, carry: bool, snapshot: bool = True,
+                     start: PortableState | None = None) -> None:
         """Make stage ``index`` current (see :class:`StageSwitcher`)."""
         model = self.base_module if self.model is None else self.model
         self.model, self.optimizer = self.stages.enter(index, model, self.optimizer,
-                                                       self.progress, carry, snapshot)
+                                                       self.progress, carry, snapshot, start)
         if self.reporter is not None:  # every stage entry's cost (an engine rebuild)
             self.reporter.status_extra["stage_entries"] = self.stages.entries
         self.backend = engine.step_backend(self.acc, self.model, self.optimizer)
@@ -594,7 +600,8 @@ class Trainer:
         state = {"run_id": self.run_id, "progress": self.progress.state_dict(),
                  "schedule": self.schedule.state_dict(), "monitor": self.monitor.state_dict(),
                  "contract": self.contract,
-                 "accepted_changes": self.accepted_changes, "world_size": self.world}
+                 "accepted_changes": self.accepted_changes, "world_size": self.world,
+                 "steps_per_epoch": self.steps_per_epoch}
         rank_state = {"generator": self.inputs.generator.get_state()}
         changed = None
         stage = self.plan.stages[self.progress.stage]
@@ -603,8 +610,19 @@ class Trainer:
             state["base"] = {"model": self.recipe.model.name,
                              "pretrained": self.recipe.model.pretrained,
                              "digest": self.base_digest, "changed_frozen": sorted(changed)}
+        portable = None
+        if engine.is_deepspeed(self.acc) and self.recipe.trainer.portable_checkpoints:
+            # For a resume on another number of processes (DeepSpeed's files fit only theirs).
+            weights = engine.full_state_dict(self.acc, self.model)
+            if changed is not None:  # lean, as DeepSpeed's files: the frozen weights are rebuilt
+                frozen = {n for n, q in engine.unwrap(self.acc, self.model).named_parameters()
+                          if not q.requires_grad}
+                weights = {n: v for n, v in weights.items() if n not in frozen}
+            portable = PortableState(weights, engine.snapshot_moments(
+                self.acc, self.model, self.optimizer, self.stages.keys))
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
-                               self.recipe.trainer.keep_last, changed, self._sharded())
+                               self.recipe.trainer.keep_last, changed, self._sharded(),
+                               portable if self.main else None)
         self.last_saved = path
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
@@ -678,14 +696,48 @@ class Trainer:
             self.reporter.status_extra["best"] = self.monitor.selected()
         stage = self.plan.stages[p.stage]
         lean = stage.adapters is not None  # the checkpoint holds what trains: see save()
+        saved_world = state.get("world_size", self.world)
+        portable = None
+        if saved_world != self.world:
+            self._note_world_change(path, state)
+            if engine.is_deepspeed(self.acc):  # DeepSpeed's partitions fit only their world
+                try:
+                    portable = read_portable(path)
+                except CheckpointDamaged as exc:
+                    raise RunUsageError(f"{exc} (trainer.portable_checkpoints was false, or "
+                                        f"an older dist-ft wrote it): resume it on "
+                                        f"{saved_world} processes") from None
         if lean:
             self._load_base(path, state)
-        self._enter_stage(p.stage, carry=False, snapshot=False)
-        load_checkpoint(self.acc, path, stage.trainable if lean else None, self._sharded())
+        self._enter_stage(p.stage, carry=False, snapshot=False, start=portable)
+        if portable is None:
+            load_checkpoint(self.acc, path, stage.trainable if lean else None, self._sharded())
         if (path / f"rank{self.rank}.pt").is_file():
             self.inputs.generator.set_state(load_rank_state(path, self.rank)["generator"])
-        log.info("resumed from %s at step %d (epoch %d, stage %d)", path, p.step, p.epoch,
-                 p.stage)
+        log.info("resumed from %s at step %d (epoch %d, stage %d)%s", path, p.step, p.epoch,
+                 p.stage, f" on {self.world} processes, saved on {saved_world}: name-keyed "
+                 "weights and moments" if portable is not None else "")
+
+    def _note_world_change(self, path: Path, state: dict[str, Any]) -> None:
+        """Say what a resume on another number of processes keeps: the global batch (checked
+        by the contract), the data position (in samples of the global order), the steps."""
+        p, saved = self.progress, state.get("world_size")
+        batch, was = self.contract["data.global_batch"], state["contract"].get("data.global_batch")
+        kept = f"the global batch stays {batch}" if was in (None, batch) else (
+            f"the global batch changes from {was} to {batch} (accepted): steps count on from "
+            f"{p.step} and the schedule's step counts now mean batches of {batch}")
+        log.warning(
+            "resume: %s was written by %s processes, this run has %d; %s (%d per process), "
+            "the epoch continues at its sample %d (step %d)%s", path, saved, self.world, kept,
+            self.recipe.data.batch_size, p.samples_in_epoch, p.step,
+            f"; ranks {saved}..{self.world - 1} start their augmentation streams anew"
+            if isinstance(saved, int) and self.world > saved else "")
+        before = state.get("steps_per_epoch")
+        if before is not None and before != self.steps_per_epoch:
+            # The last batch of an epoch is padded per process: its size depends on the world.
+            log.warning("resume: an epoch is %d steps on %d processes, %d on %s: epoch "
+                        "boundaries and trainer.epochs' step count follow this run",
+                        self.steps_per_epoch, self.world, before, saved)
 
     def _sharded(self) -> tuple[Any, Any] | None:
         """The FSDP2 model and optimizer, whose checkpoints go through DCP; None otherwise."""
@@ -813,9 +865,11 @@ def run_training(recipe: Recipe, resume: str | None = None, overwrite: bool = Fa
         raise
     except BaseException as exc:
         error = trainer.explain(exc)
-        # The rank's log file keeps it; the console has the command's own error line.
-        log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error,
-                  extra={"file_only": True})
+        # The rank's log file keeps it (once it exists); the console has the command's own
+        # error line.
+        if trainer.reporter is not None:
+            log.error("rank %s stopped: %s", getattr(trainer, "rank", "?"), error,
+                      extra={"file_only": True})
         # Only a folder this run claimed gets its failure (never another run's status.json),
         # and a refused resume leaves the run's own status as it was.
         if trainer.reporter is not None and not isinstance(error, RunUsageError):

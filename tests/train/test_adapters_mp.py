@@ -121,6 +121,28 @@ def test_lean_lora_checkpoint_resumes_bitwise(
     assert_same_final(first, tmp_path)
 
 
+def test_lean_zero3_checkpoint_resumes_on_one_process_with_the_batch_change_accepted(
+    runs: dict[str, Path], smoke_data: Path, tmp_path: Path
+) -> None:
+    """The lean ``portable/`` state (adapters, head, buffers and their moments; the frozen
+    base rebuilt from the recipe) loads on another number of processes; per-process batch 8
+    on 1 process halves the global batch, accepted by name and said."""
+    checkpoint = runs["zero3"] / "checkpoints" / "step_00000006"
+    held = load_file(checkpoint / "portable" / "model.safetensors")
+    assert any(".lora_A." in n for n in held) and "layer1.0.conv1.weight" not in held
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
+         *COMMON, *BACKENDS["zero3"], "trainer.save_stage_weights=false",
+         f"output_dir={tmp_path}", "--resume", str(checkpoint),
+         "--accept-change", "data.global_batch"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "the global batch changes from 16 to 8 (accepted)" in log
+    assert "name-keyed weights and moments" in log
+    assert "done: 12 steps" in result.stdout
+
+
 def test_lean_checkpoint_refuses_other_initial_weights(
     runs: dict[str, Path], smoke_data: Path, tmp_path: Path
 ) -> None:

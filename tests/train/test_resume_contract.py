@@ -14,12 +14,12 @@ RECIPE = {"output_dir": "/runs/a", "model": {"name": "resnet18", "num_classes": 
           "schedule": {"warmup_steps": 10}, "logging": {"every_steps": 10}}
 
 
-def contract(world: int = 2, zero: int = 2, split: str = "sha256:a", **changes: object) -> dict:
+def contract(world: int = 2, split: str = "sha256:a", **changes: object) -> dict:
     recipe = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPE.items()}
     for key, value in changes.items():
         section, name = key.split("__")
         recipe[section][name] = value
-    return run_contract(recipe, "sha256:plan", split, world, zero)
+    return run_contract(recipe, "sha256:plan", split, recipe["data"]["batch_size"] * world)
 
 
 def test_operational_keys_are_not_compared() -> None:
@@ -32,16 +32,35 @@ def test_operational_keys_are_not_compared() -> None:
 
 def test_fixed_keys_are_refused_even_when_accepted() -> None:
     with pytest.raises(ResumeMismatch) as info:
-        check_resume(contract(), contract(optim__name="sgd", world=4), ["optim", "world_size"],
-                     "ckpt")
+        check_resume(contract(), contract(optim__name="sgd", trainer__zero_stage=3),
+                     ["optim", "trainer"], "ckpt")
     text = str(info.value)
     assert "optim.name: checkpoint 'adamw', now 'sgd' (cannot change on resume" in text
-    assert "world_size: checkpoint 2, now 4 (cannot change" in text
+    assert "trainer.zero_stage: checkpoint 2, now 3 (cannot change" in text
     assert "--accept-change" not in text
 
 
-def test_ddp_checkpoints_do_not_record_the_world_size() -> None:
-    assert check_resume(contract(world=2, zero=0), contract(world=1, zero=0), [], "c") == []
+def test_another_world_size_resumes_when_the_global_batch_is_kept() -> None:
+    """Every backend resumes on any number of processes; the global batch is what must stay
+    (``data.global_batch_size`` derives the per-process batch from it)."""
+    held = {"data__global_batch_size": 16}
+    assert check_resume(contract(world=2, data__batch_size=8, **held),
+                        contract(world=1, data__batch_size=16, **held), [], "c") == []
+    with pytest.raises(ResumeMismatch) as info:  # per-process batch kept: the global changes
+        check_resume(contract(world=2), contract(world=4), [], "ckpt")
+    text = str(info.value)
+    assert "  - data.global_batch: checkpoint 16, now 32" in text
+    assert "set data.global_batch_size=16" in text
+    assert "--accept-change data.global_batch" in text
+    accepted = check_resume(contract(world=2), contract(world=4), ["data.global_batch"], "c")
+    assert [(c.key, c.saved, c.now) for c in accepted] == [("data.global_batch", 16, 32)]
+
+
+def test_contracts_written_before_the_global_batch_still_match() -> None:
+    """Older checkpoints recorded the ZeRO world size and no global batch."""
+    old = {k: v for k, v in contract().items() if k != "data.global_batch"}
+    old["world_size"] = 2
+    assert check_resume(old, contract(world=3), [], "ckpt") == []
 
 
 def test_other_differences_need_an_explicit_acceptance_by_key_or_section() -> None:
@@ -67,11 +86,11 @@ def test_checkpoints_from_before_adapters_and_timm_still_match() -> None:
     old = {**RECIPE, "plan": {"bn_policy": "freeze", "stages": stages}}
     new = {**RECIPE, "model": {**RECIPE["model"], "source": "torchvision"},
            "plan": {"bn_policy": "freeze", "stages": [{**stages[0], "adapters": None}]}}
-    saved = run_contract(old, "sha256:plan", "sha256:a", 2, 2)
-    assert check_resume(saved, run_contract(new, "sha256:plan", "sha256:a", 2, 2), [],
+    saved = run_contract(old, "sha256:plan", "sha256:a", 16)
+    assert check_resume(saved, run_contract(new, "sha256:plan", "sha256:a", 16), [],
                         "ckpt") == []
     lora = {**stages[0], "adapters": {"kind": "lora", "r": 8}}
     with pytest.raises(ResumeMismatch, match=r"plan\.stages"):
         check_resume(saved, run_contract({**new, "plan": {"bn_policy": "freeze",
                                                           "stages": [lora]}},
-                                         "sha256:plan", "sha256:a", 2, 2), [], "ckpt")
+                                         "sha256:plan", "sha256:a", 16), [], "ckpt")
