@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +29,22 @@ def json_safe(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`json_safe` ``(obj)``; refuses any NaN left (``allow_nan=False``)."""
     return json.dumps(json_safe(obj), allow_nan=False, **{"indent": 2, "default": str, **kwargs})
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a one-object-a-line file, in order: a line cut by a crash (or
+    otherwise unreadable, or not an object) is skipped, the others still count; an empty
+    list when the file is missing."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out

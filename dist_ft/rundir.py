@@ -274,19 +274,9 @@ class RunDir:
     def segment_records(self) -> list[dict[str, Any]]:
         """Every readable record of ``segments.jsonl``, in order (torn or damaged lines
         skipped; an empty list when the file is missing)."""
-        try:
-            lines = self.segments.read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError:
-            return []
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash: the others still count
-            if isinstance(record, dict) and record.get("event") in ("start", "end"):
-                records.append(record)
-        return records
+        from dist_ft.jsonio import read_jsonl
+
+        return [r for r in read_jsonl(self.segments) if r.get("event") in ("start", "end")]
 
     def read_segments(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """The segments (starts and resumes) of one run, oldest first.

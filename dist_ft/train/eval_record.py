@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dist_ft.jsonio import read_jsonl
+
 
 def sha256_file(path: str | Path) -> str:
     """``sha256:<hex>`` of a file's bytes."""
@@ -27,21 +29,7 @@ def sha256_file(path: str | Path) -> str:
 
 def read_evaluations(path: str | Path) -> list[dict[str, Any]]:
     """The entries of an evaluation record (one JSON object a line; damaged lines skipped)."""
-    import json
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    entries = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash: the others still count
-        if isinstance(entry, dict):
-            entries.append(entry)
-    return entries
+    return read_jsonl(path)
 
 
 def append_evaluation(path: str | Path, entry: dict[str, Any]) -> None:
