@@ -28,20 +28,6 @@ LAUNCH_FLAGS = ("nodes", "gpus_per_node", "cpus_per_task", "partition", "time", 
                 "constraint", "mem", "cluster", "max_requeues")
 
 
-class _ResumeAction(argparse.Action):
-    """``--resume`` or ``--resume auto`` (as ``dist-ft train`` spells it). A KEY=VALUE that
-    argparse hands it (``--resume optim.lr=1e-3``) is an override, kept for ``run``."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, "auto")
-        if values not in (None, "auto"):
-            if "=" not in str(values):
-                parser.error(f"--resume takes no value but 'auto' (got {values!r}): every job "
-                             "resumes from its run folder's newest checkpoint")
-            namespace.resume_overrides = [*getattr(namespace, "resume_overrides", []), values]
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``submit``."""
     p = sub.add_parser(
@@ -72,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", metavar="SWEEP", help="a sweep file or a shipped sweep's name: "
                    "a grid and/or runs of overrides; one job array, one run directory per task")
     p.add_argument("--parallelism", type=int, help="at most this many array tasks at once")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="auto", action=_ResumeAction,
+    p.add_argument("--resume", action="store_true",
                    help="continue the runs already in the task folders (`--resume` or "
                    "`--resume auto`: each job resumes from its last checkpoint, also on "
                    "other --nodes); without it a folder holding a run is refused")
@@ -118,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in LAUNCH_FLAGS}
     # Shipped names become their files here: the jobs run `dist-ft train PATH` elsewhere.
     sweep = resolve_sweep(args.sweep) if args.sweep is not None else None
-    overrides = [*args.overrides, *getattr(args, "resume_overrides", [])]
+    # `--resume auto`, as `dist-ft train` spells it: the word lands among the overrides.
+    overrides = [o for o in args.overrides if not (args.resume and o == "auto")]
     sub = plan_submission(resolve_recipe(args.config), overrides, flags, sweep,
-                          args.parallelism, resume=args.resume is not None)
+                          args.parallelism, resume=args.resume)
     if args.dry_run:
         doc = dry_run(sub)
         if args.json:

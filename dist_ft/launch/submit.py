@@ -115,7 +115,8 @@ def check_output_room(recipe: Recipe) -> None:
     from dist_ft.train.checkpoint import check_output_dir, checkpoint_bytes
 
     spec = fast_model_spec(recipe.model)
-    check_output_dir(recipe.output_dir, checkpoint_bytes(spec.num_params), create=False)
+    check_output_dir(recipe.output_dir, checkpoint_bytes(spec.num_params, recipe.trainer),
+                     create=False)
 
 
 def plan_submission(config: str | Path, overrides: list[str] | tuple[str, ...] = (),
@@ -197,6 +198,10 @@ def resume_note(task: PlannedTask, nodes: int, per_node: int) -> str:
     """What a resubmitted task continues: the run, its checkpoint, and where it ran last
     against where it runs now (nodes, world size, global batch).
 
+    Raises:
+        ConfigError: the world size changes and the recipe's per-process batch would change
+            the global batch (the job's resume would refuse it): names the fix.
+
     The run folder keeps one run across submissions: ``--resume`` with other ``--nodes``
     continues it on the new world size (every backend's checkpoints load on any number of
     processes; ZeRO's through their ``portable/`` state); each start is a segment of the
@@ -223,14 +228,14 @@ def resume_note(task: PlannedTask, nodes: int, per_node: int) -> str:
     note += (f"; it ran last on {last.get('nodes', '?')} node(s), world size {before} "
              f"(segment {last.get('segment', '?')})")
     if data.get("global_batch_size") is not None:
-        note += (f": data.global_batch_size={data['global_batch_size']} keeps the global batch "
-                 "(each process takes a different share of it)")
-    else:
-        batch = data["batch_size"] * trainer["grad_accum_steps"]
-        note += (f": data.batch_size is per process, so the global batch goes from "
-                 f"{batch * before} to {batch * world} images per step (set "
-                 "data.global_batch_size to keep it)")
-    return note
+        return note + (f": data.global_batch_size={data['global_batch_size']} keeps the global "
+                       "batch (each process takes a different share of it)")
+    batch = data["batch_size"] * trainer["grad_accum_steps"]
+    # The job's resume would refuse it (the run's contract holds the global batch): say so
+    # now, not after the queue.
+    raise ConfigError([f"{note}, where data.batch_size={data['batch_size']} per process made "
+                       f"{batch * before} images per step and would make {batch * world}: add "
+                       f"data.global_batch_size={batch * before} to keep the run's global batch"])
 
 
 def time_minutes(slurm_time: str) -> int:

@@ -43,11 +43,12 @@ class PortableState:
     """A model and its optimizer state keyed by parameter name, independent of how many
     processes held it: full fp32 weights and buffers, and each trainable parameter's
     per-element optimizer state (``{name: {"exp_avg": ..., "exp_avg_sq": ...}}``, as
-    :func:`dist_ft.train.engine.snapshot_moments` reads it). Step counts are not stored: they
-    follow from the run's progress, as at a stage change."""
+    :func:`dist_ft.train.engine.snapshot_moments` reads it), and each optimizer group's step
+    count (None where the optimizer keeps none; the groups are the stage's, in order)."""
 
     weights: dict[str, torch.Tensor]
     moments: dict[str, dict[str, torch.Tensor]]
+    steps: list[int | None] | None = None
 
 
 def moments_to_tensors(moments: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -71,7 +72,8 @@ def save_portable(folder: Path, portable: PortableState) -> None:
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in portable.weights.items()},
               str(folder / "model.safetensors"))
-    save_file(moments_to_tensors(portable.moments), str(folder / "optimizer.safetensors"))
+    save_file(moments_to_tensors(portable.moments), str(folder / "optimizer.safetensors"),
+              metadata={"group_steps": json.dumps(portable.steps)})
 
 
 def read_portable(path: str | Path) -> PortableState:
@@ -87,9 +89,13 @@ def read_portable(path: str | Path) -> PortableState:
         raise CheckpointDamaged(folder, "missing: this ZeRO checkpoint holds only DeepSpeed's "
                                 "partitioned state, which loads on the number of processes "
                                 "that wrote it")
-    moments = load_file(str(folder / "optimizer.safetensors"))
+    from safetensors import safe_open
+
+    file = folder / "optimizer.safetensors"
+    with safe_open(str(file), "pt") as fh:
+        steps = json.loads((fh.metadata() or {}).get("group_steps", "null"))
     return PortableState(load_file(str(folder / "model.safetensors")),
-                         moments_from_tensors(moments))
+                         moments_from_tensors(load_file(str(file))), steps)
 
 
 def save_checkpoint(accelerator: Any, run: RunDir, step: int, trainer_state: dict[str, Any],
@@ -390,9 +396,12 @@ class OutputDirError(RuntimeError):
     """``output_dir`` cannot take the run's files; the message says why."""
 
 
-def checkpoint_bytes(num_params: int) -> int:
-    """A lower bound on one checkpoint's size: fp32 weights and two Adam moments."""
-    return 3 * 4 * num_params
+def checkpoint_bytes(num_params: int, trainer: Any = None) -> int:
+    """A lower bound on one checkpoint's size: fp32 weights and two Adam moments, twice under
+    ZeRO with ``trainer.portable_checkpoints`` (``trainer``: the recipe's section)."""
+    copies = 2 if trainer is not None and trainer.backend == "deepspeed" \
+        and trainer.portable_checkpoints else 1
+    return copies * 3 * 4 * num_params
 
 
 def check_output_dir(output_dir: str | Path, bytes_needed: int, create: bool = True) -> None:

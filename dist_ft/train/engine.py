@@ -212,6 +212,32 @@ def carry_moments(accelerator: Any, model: nn.Module, optimizer: Any,
     return _optimizer_state(unwrap(accelerator, model), optimizer, keys, torch.Tensor.clone)
 
 
+def group_steps(accelerator: Any, optimizer: Any) -> list[int | None]:
+    """Each optimizer group's step count as the optimizer keeps it (None where it keeps
+    none: SGD, or a group not stepped yet); under ZeRO the count of the group's flat fp32
+    partition. Steps dropped for a non-finite loss do not count, unlike the run's steps."""
+    if is_deepspeed(accelerator):
+        zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
+        base = zero_opt.optimizer
+        if zero_stage(accelerator) == 3:
+            flats = zero_opt.fp32_partitioned_groups_flat
+            group_of = [zero_opt.sub_group_to_group_id[i] for i in range(len(flats))]
+        else:
+            flats = zero_opt.single_partition_of_fp32_groups
+            group_of = list(range(len(flats)))
+        first = {g: flat for flat, g in reversed(list(zip(flats, group_of, strict=True)))}
+        pairs = [(first.get(g), base) for g in range(len(base.param_groups))]
+    else:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        pairs = [(group["params"][0] if group["params"] else None, inner)
+                 for group in inner.param_groups]
+    steps: list[int | None] = []
+    for key, opt in pairs:
+        step = opt.state.get(key, {}).get("step") if key is not None else None
+        steps.append(None if step is None else int(float(step)))
+    return steps
+
+
 def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple[str, ...],
                  moments: dict[str, dict[str, torch.Tensor]], steps_by_group: list[int]) -> int:
     """Put carried moments into a freshly built optimizer; returns how many params got them.

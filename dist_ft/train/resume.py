@@ -85,17 +85,35 @@ def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
                 if not _matches(k, IGNORED_PREFIXES)}
     contract.update({"plan.digest": plan_digest, "data.split": split_digest,
                      "data.global_batch": global_batch})
-    return _without_derived(contract)
+    return contract
 
 
-def _without_derived(contract: dict[str, Any]) -> dict[str, Any]:
-    """The contract without ``data.batch_size`` where ``data.global_batch_size`` derives it
-    from the world size (the global batch is what a resume must keep; older checkpoints
-    recorded both), and without :data:`NO_LONGER_COMPARED` keys."""
+def _without_derived(contract: dict[str, Any], by_global_batch: bool) -> dict[str, Any]:
+    """The contract without :data:`NO_LONGER_COMPARED` keys, and with ``by_global_batch``
+    (both sides record the global batch: the fact a resume must keep, however it is spelled,
+    a per-process batch of 8 on 2 processes or a global batch of 16 on 1) without
+    ``data.batch_size`` and ``data.global_batch_size``; otherwise without ``data.batch_size``
+    where ``data.global_batch_size`` derives it."""
     drop = set(NO_LONGER_COMPARED)
-    if contract.get("data.global_batch_size") is not None:
+    if by_global_batch:
+        drop |= {"data.batch_size", "data.global_batch_size"}
+    elif contract.get("data.global_batch_size") is not None:
         drop.add("data.batch_size")
     return {k: v for k, v in contract.items() if k not in drop}
+
+
+def with_recorded_global_batch(contract: dict[str, Any], world_size: Any) -> dict[str, Any]:
+    """An older checkpoint's contract with the global batch it trained with, derived from
+    its per-process batch, accumulation and the world size that wrote it (as far as it
+    recorded them); newer contracts unchanged."""
+    if "data.global_batch" in contract:
+        return contract
+    batch, accum = contract.get("data.batch_size"), contract.get("trainer.grad_accum_steps", 1)
+    if contract.get("data.global_batch_size") is not None:
+        return {**contract, "data.global_batch": contract["data.global_batch_size"]}
+    if isinstance(batch, int) and isinstance(accum, int) and isinstance(world_size, int):
+        return {**contract, "data.global_batch": batch * accum * world_size}
+    return contract
 
 
 @dataclass(frozen=True)
@@ -113,7 +131,8 @@ class Change:
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[Change]:
     """Every key whose value differs (a key missing on one side counts as None, except a
     :data:`RECORDED_LATER` key the checkpoint predates)."""
-    saved, now = _without_derived(saved), _without_derived(now)
+    both = all(c.get("data.global_batch") is not None for c in (saved, now))
+    saved, now = _without_derived(saved, both), _without_derived(now, both)
     keys = sorted((set(saved) | set(now)) - {k for k in RECORDED_LATER if k not in saved})
     return [Change(k, saved.get(k), now.get(k)) for k in keys
             if saved.get(k) != now.get(k) and not _matches(k, IGNORED_PREFIXES)]

@@ -219,6 +219,8 @@ class StageSwitcher:
         progress.stage = index
         progress.stage_start.setdefault(str(index), progress.step)
         steps = [progress.step - progress.stage_start[str(g.since)] for g in groups]
+        if start is not None and start.steps is not None:  # as the optimizer counted them
+            steps = [s if s is not None else k for s, k in zip(start.steps, steps, strict=True)]
         seeded = engine.seed_moments(acc, model, optimizer, self.keys, moments, steps) \
             if moments else 0
         check_plan_consistency(acc, self.plan, f"entering stage {index} ({stage.name})")

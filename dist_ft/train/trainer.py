@@ -74,7 +74,12 @@ from dist_ft.train.nonfinite import NonFinitePolicy
 from dist_ft.train.preemption import Preempted, StopSignals, requeue_job
 from dist_ft.train.progress import Progress
 from dist_ft.train.reporting import Reporter, setup_logging
-from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
+from dist_ft.train.resume import (
+    ResumeMismatch,
+    check_resume,
+    run_contract,
+    with_recorded_global_batch,
+)
 from dist_ft.train.runtime import (
     BatchSizeError,
     build_accelerator,
@@ -208,7 +213,8 @@ class Trainer:
         if self.main:
             try:
                 # The room for a checkpoint, from the model's shipped spec: no build needed.
-                room = checkpoint_bytes(fast_model_spec(self.recipe.model).num_params)
+                room = checkpoint_bytes(fast_model_spec(self.recipe.model).num_params,
+                                        self.recipe.trainer)
                 claim, self.lock = claim_run_folder(self.run, self.resume, self.overwrite,
                                                     recipe_to_dict(self.recipe), room)
             except Exception as exc:  # every rank waits below: tell them, then raise
@@ -619,10 +625,12 @@ class Trainer:
                           if not q.requires_grad}
                 weights = {n: v for n, v in weights.items() if n not in frozen}
             portable = PortableState(weights, engine.snapshot_moments(
-                self.acc, self.model, self.optimizer, self.stages.keys))
+                self.acc, self.model, self.optimizer, self.stages.keys),
+                engine.group_steps(self.acc, self.optimizer))
+            portable = portable if self.main else None  # every rank gathered; main writes
         path = save_checkpoint(self.acc, self.run, self.progress.step, state, rank_state,
                                self.recipe.trainer.keep_last, changed, self._sharded(),
-                               portable if self.main else None)
+                               portable)
         self.last_saved = path
         usage = process_resources()  # a soak's evidence: no growth from one to the next
         log.info("checkpoint %s (rank %d: %s open files, RSS %.0f MiB)", path, self.rank,
@@ -671,8 +679,11 @@ class Trainer:
         if "progress" not in state:
             raise RunUsageError(f"{path} was written by an older dist-ft, before run ids and "
                                 "exact-resume checks: start a new run from its weights instead")
+        # Checkpoints written before the contract held the global batch: derived here.
+        state["contract"] = with_recorded_global_batch(state.get("contract", {}),
+                                                       state.get("world_size"))
         try:
-            changes = check_resume(state.get("contract", {}), self.contract,
+            changes = check_resume(state["contract"], self.contract,
                                    self.accept_changes, str(path))
         except ResumeMismatch as exc:
             raise RunUsageError(str(exc)) from None
@@ -730,8 +741,11 @@ class Trainer:
             "resume: %s was written by %s processes, this run has %d; %s (%d per process), "
             "the epoch continues at its sample %d (step %d)%s", path, saved, self.world, kept,
             self.recipe.data.batch_size, p.samples_in_epoch, p.step,
-            f"; ranks {saved}..{self.world - 1} start their augmentation streams anew"
-            if isinstance(saved, int) and self.world > saved else "")
+            (f"; ranks {saved}..{self.world - 1} start their augmentation streams anew"
+             if isinstance(saved, int) and self.world > saved else "")
+            + (f"; {p.samples_in_epoch % self.world} samples before it are read again (the "
+               f"position rounds down to a multiple of {self.world})"
+               if p.samples_in_epoch % self.world else ""))
         before = state.get("steps_per_epoch")
         if before is not None and before != self.steps_per_epoch:
             # The last batch of an epoch is padded per process: its size depends on the world.

@@ -130,9 +130,13 @@ def test_resume_auto_on_other_nodes_says_what_it_continues(run_cli, tmp_path: Pa
                            "continues it at step 0 (no complete checkpoint yet) on 1 node(s) "
                            "x 1 = world size 1; it ran last on 2 node(s), world size 2")
     assert "data.global_batch_size=8 keeps the global batch" in note
+    # Per-process batches on another world size: the job's resume would refuse the global
+    # batch it changes, so the submission does, naming the fix; nothing is queued.
     per_process = run_cli(*base, "--resume", "data.batch_size=4")  # --resume then an override
-    assert per_process.code == 0, per_process.err
-    (note,) = json.loads(per_process.out)["notes"]
-    assert "the global batch goes from 8 to 4 images per step" in note
-    bad = run_cli(*base, "--resume", "latest")
-    assert bad.code == 2 and "--resume takes no value but 'auto'" in bad.err
+    assert per_process.code == 2, per_process.err
+    assert "data.batch_size=4 per process made 8 images per step and would make 4: add " \
+        "data.global_batch_size=8" in per_process.err
+    assert not (out / "submission.json").exists()
+    before = run_cli("submit", "--resume", str(SMOKE), f"output_dir={out}", "--nodes", "1",
+                     "--gpus-per-node", "0", "--dry-run", "--json", "data.global_batch_size=8")
+    assert before.code == 0, before.err  # --resume before the recipe, as with store_true

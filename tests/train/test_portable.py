@@ -27,7 +27,7 @@ def _state() -> PortableState:
     moments = {n: {"exp_avg": torch.randn(v.shape, generator=g),
                    "exp_avg_sq": torch.rand(v.shape, generator=g)}
                for n, v in weights.items() if n.startswith("fc.")}
-    return PortableState(weights, moments)
+    return PortableState(weights, moments, [7, None])
 
 
 def test_portable_state_round_trips_bitwise(tmp_path: Path) -> None:
@@ -37,6 +37,7 @@ def test_portable_state_round_trips_bitwise(tmp_path: Path) -> None:
     assert back.weights.keys() == state.weights.keys()
     assert all(torch.equal(back.weights[n], v) for n, v in state.weights.items())
     assert back.moments.keys() == state.moments.keys() == {"fc.weight", "fc.bias"}
+    assert back.steps == [7, None]  # each group's count, as the optimizer kept it
     assert all(torch.equal(back.moments[n][k], v)
                for n, kv in state.moments.items() for k, v in kv.items())
     # Parameter names hold dots, never the separator of the flat form.

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from dist_ft.train.resume import ResumeMismatch, check_resume, run_contract
+from dist_ft.train.resume import (
+    ResumeMismatch,
+    check_resume,
+    run_contract,
+    with_recorded_global_batch,
+)
 
 RECIPE = {"output_dir": "/runs/a", "model": {"name": "resnet18", "num_classes": 14,
                                              "pretrained": "imagenet"},
@@ -56,11 +61,23 @@ def test_another_world_size_resumes_when_the_global_batch_is_kept() -> None:
     assert [(c.key, c.saved, c.now) for c in accepted] == [("data.global_batch", 16, 32)]
 
 
-def test_contracts_written_before_the_global_batch_still_match() -> None:
-    """Older checkpoints recorded the ZeRO world size and no global batch."""
+def test_following_the_printed_fix_resumes() -> None:
+    """A run of per-process batches continues on another world once the global batch it
+    trained with is set: batch 8 on 2 processes is global batch 16 on 1."""
+    now = contract(world=1, data__batch_size=16, data__global_batch_size=16)
+    assert check_resume(contract(world=2), now, [], "ckpt") == []
+
+
+def test_contracts_written_before_the_global_batch_get_it_from_their_world_size() -> None:
+    """Older checkpoints recorded no global batch (and, under ZeRO, the world size in the
+    contract): it is derived from their per-process batch and the world that wrote them."""
     old = {k: v for k, v in contract().items() if k != "data.global_batch"}
     old["world_size"] = 2
-    assert check_resume(old, contract(world=3), [], "ckpt") == []
+    assert check_resume(with_recorded_global_batch(old, 2), contract(world=2), [], "c") == []
+    with pytest.raises(ResumeMismatch, match=r"data\.global_batch: checkpoint 16, now 24"):
+        check_resume(with_recorded_global_batch(old, 2), contract(world=3), [], "ckpt")
+    # Where the world that wrote it is unknown, the global batch cannot be compared.
+    assert check_resume(with_recorded_global_batch(old, None), contract(world=3), [], "c") == []
 
 
 def test_other_differences_need_an_explicit_acceptance_by_key_or_section() -> None:

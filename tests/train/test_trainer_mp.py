@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dist_ft.config import load_recipe
@@ -312,8 +313,10 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(
     if backend == "fsdp":  # each rank wrote its shards
         assert {p.name for p in (checkpoint / "sharded").glob("*.distcp")} == \
             {"__0_0.distcp", "__1_0.distcp"}
-    if backend.startswith("zero"):
-        assert (checkpoint / "portable" / "optimizer.safetensors").is_file()
+    if backend.startswith("zero"):  # each group's Adam step count, as DeepSpeed kept it
+        with safe_open(str(checkpoint / "portable" / "optimizer.safetensors"), "pt") as fh:
+            steps = json.loads(fh.metadata()["group_steps"])
+        assert steps and all(isinstance(k, int) for k in steps) and max(steps) == 3, steps
     _, _, variant = key.partition("-")
     args = ["train", str(SMOKE), f"data.root={smoke_data}", *COMMON, *TWO_PROCESS_EQUIVALENCE,
             *BACKENDS[backend], *VARIANTS[variant], f"output_dir={tmp_path}",
@@ -337,17 +340,25 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(
 def test_another_global_batch_on_resume_is_refused_with_the_fix(
     runs: dict[str, Path], smoke_data: Path, tmp_path: Path
 ) -> None:
-    """Batch 8 per process on 2 processes, resumed on 1: the global batch would halve."""
+    """Batch 8 per process on 2 processes, resumed on 1: the global batch would halve. The
+    fix it names (the global batch of 16, 16 per process on 1) resumes."""
     checkpoint = runs["ddp"] / "checkpoints" / "step_00000006"
-    result = subprocess.run(
-        [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
-         *COMMON, *BACKENDS["ddp"], "trainer.save_stage_weights=false",
-         f"output_dir={tmp_path}", "--resume", str(checkpoint)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())
+    args = [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
+            *COMMON, *BACKENDS["ddp"], "trainer.save_stage_weights=false",
+            "--resume", str(checkpoint)]
+    result = subprocess.run([*args, f"output_dir={tmp_path / 'refused'}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=plain_env())
     assert result.returncode == 2, result.stderr[-3000:]
     assert "data.global_batch: checkpoint 16, now 8" in result.stderr
     assert "set data.global_batch_size=16" in result.stderr
     assert "--accept-change data.global_batch" in result.stderr
+    result = subprocess.run([*args, f"output_dir={tmp_path / 'fixed'}",
+                             "data.global_batch_size=16"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=plain_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the global batch stays 16 (16 per process)" in \
+        (tmp_path / "fixed" / "logs" / "rank0.log").read_text()
+    assert "done: 12 steps" in result.stdout
 
 
 SGD_STEP = [
