@@ -88,18 +88,25 @@ def run_contract(recipe: dict[str, Any], plan_digest: str, split_digest: str,
     return contract
 
 
-def _without_derived(contract: dict[str, Any], by_global_batch: bool) -> dict[str, Any]:
-    """The contract without :data:`NO_LONGER_COMPARED` keys, and with ``by_global_batch``
-    (both sides record the global batch: the fact a resume must keep, however it is spelled,
-    a per-process batch of 8 on 2 processes or a global batch of 16 on 1) without
-    ``data.batch_size`` and ``data.global_batch_size``; otherwise without ``data.batch_size``
-    where ``data.global_batch_size`` derives it."""
-    drop = set(NO_LONGER_COMPARED)
-    if by_global_batch:
-        drop |= {"data.batch_size", "data.global_batch_size"}
-    elif contract.get("data.global_batch_size") is not None:
-        drop.add("data.batch_size")
-    return {k: v for k, v in contract.items() if k not in drop}
+def _comparable(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Both contracts without :data:`NO_LONGER_COMPARED` keys and without the batch keys
+    that the global batch already compares: where both record it (``data.global_batch``,
+    the fact a resume must keep), ``data.global_batch_size`` is only how it was spelled, and
+    ``data.batch_size`` too where either side derived it from the global batch (8 per
+    process on 2 processes is the global batch 16 on 1). Without it (older checkpoints), a
+    side's derived ``data.batch_size`` is left out."""
+    both = all(c.get("data.global_batch") is not None for c in (saved, now))
+    derived = any(c.get("data.global_batch_size") is not None for c in (saved, now))
+    out = []
+    for contract in (saved, now):
+        drop = set(NO_LONGER_COMPARED)
+        if both:
+            drop.add("data.global_batch_size")
+        if (both and derived) or (not both and contract.get("data.global_batch_size")
+                                  is not None):
+            drop.add("data.batch_size")
+        out.append({k: v for k, v in contract.items() if k not in drop})
+    return tuple(out)
 
 
 def with_recorded_global_batch(contract: dict[str, Any], world_size: Any) -> dict[str, Any]:
@@ -131,8 +138,7 @@ class Change:
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[Change]:
     """Every key whose value differs (a key missing on one side counts as None, except a
     :data:`RECORDED_LATER` key the checkpoint predates)."""
-    both = all(c.get("data.global_batch") is not None for c in (saved, now))
-    saved, now = _without_derived(saved, both), _without_derived(now, both)
+    saved, now = _comparable(saved, now)
     keys = sorted((set(saved) | set(now)) - {k for k in RECORDED_LATER if k not in saved})
     return [Change(k, saved.get(k), now.get(k)) for k in keys
             if saved.get(k) != now.get(k) and not _matches(k, IGNORED_PREFIXES)]

@@ -152,6 +152,7 @@ def test_lean_checkpoint_refuses_other_initial_weights(
     result = subprocess.run(
         [sys.executable, "-m", "dist_ft", "train", str(SMOKE), f"data.root={smoke_data}",
          *COMMON, *BACKENDS["ddp"], f"output_dir={tmp_path / 'run'}",
+         "data.global_batch_size=16",  # the 2-process run's, on 1 process
          f"model.pretrained={other}", "--accept-change", "model.pretrained",
          "--resume", str(runs["ddp"] / "checkpoints" / "step_00000006")],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=plain_env())

@@ -111,3 +111,11 @@ def test_checkpoints_from_before_adapters_and_timm_still_match() -> None:
         check_resume(saved, run_contract({**new, "plan": {"bn_policy": "freeze",
                                                           "stages": [lora]}},
                                          "sha256:plan", "sha256:a", 16), [], "ckpt")
+
+
+def test_a_per_process_batch_change_names_the_key_and_the_global_batch() -> None:
+    with pytest.raises(ResumeMismatch) as info:
+        check_resume(contract(), contract(data__batch_size=4), [], "ckpt")
+    listed = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    assert listed == ["  - data.batch_size: checkpoint 8, now 4",
+                      "  - data.global_batch: checkpoint 16, now 8"]

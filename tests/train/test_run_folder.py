@@ -180,8 +180,12 @@ def test_a_resume_names_each_difference_from_its_checkpoint(
     assert f"cannot resume from {run_copy}/checkpoints/step_00000004" in text
     for name in ("  - optim.name: checkpoint 'adamw', now 'sgd' (cannot change on resume",
                  "  - data.batch_size: checkpoint 8, now 4",
+                 "  - data.global_batch: checkpoint 8, now 4",
                  "  - trainer.max_steps: checkpoint 6, now 8",
-                 "add --accept-change data.batch_size --accept-change trainer.max_steps"):
+                 "to keep the global batch on this number of processes, set "
+                 "data.global_batch_size=8",
+                 "add --accept-change data.batch_size --accept-change data.global_batch "
+                 "--accept-change trainer.max_steps"):
         assert name in text, text
     # Nothing the run wrote changes (status.json still says finished); the log only grows.
     assert {k: v for k, v in snapshot(run_copy).items() if not k.startswith("logs/")} == before
