@@ -134,10 +134,7 @@ def optimizer_state_elements(accelerator: Any, model: nn.Module, keys: tuple[str
     trainable parameters; under DDP every trainable element.
     """
     if is_deepspeed(accelerator):
-        zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
-        flats = (zero_opt.fp32_partitioned_groups_flat if zero_stage(accelerator) == 3
-                 else zero_opt.single_partition_of_fp32_groups)
-        covered = sum(f.numel() for f in flats)
+        covered = sum(f.numel() for f, _ in _zero_partitions(accelerator)[1])
     else:
         covered = sum(fsdp.local_numel(p) for p in unwrap(accelerator, model).parameters()
                       if p.requires_grad)
@@ -212,20 +209,24 @@ def carry_moments(accelerator: Any, model: nn.Module, optimizer: Any,
     return _optimizer_state(unwrap(accelerator, model), optimizer, keys, torch.Tensor.clone)
 
 
+def _zero_partitions(accelerator: Any) -> tuple[Any, list[tuple[torch.Tensor, int]]]:
+    """DeepSpeed's ZeRO optimizer and its flat fp32 partitions, each with the index of the
+    param group it belongs to (ZeRO-3 may split a group into several sub-groups)."""
+    zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
+    if zero_stage(accelerator) == 3:
+        flats = zero_opt.fp32_partitioned_groups_flat
+        return zero_opt, [(f, zero_opt.sub_group_to_group_id[i]) for i, f in enumerate(flats)]
+    return zero_opt, [(f, g) for g, f in enumerate(zero_opt.single_partition_of_fp32_groups)]
+
+
 def group_steps(accelerator: Any, optimizer: Any) -> list[int | None]:
     """Each optimizer group's step count as the optimizer keeps it (None where it keeps
     none: SGD, or a group not stepped yet); under ZeRO the count of the group's flat fp32
     partition. Steps dropped for a non-finite loss do not count, unlike the run's steps."""
     if is_deepspeed(accelerator):
-        zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
+        zero_opt, partitions = _zero_partitions(accelerator)
         base = zero_opt.optimizer
-        if zero_stage(accelerator) == 3:
-            flats = zero_opt.fp32_partitioned_groups_flat
-            group_of = [zero_opt.sub_group_to_group_id[i] for i in range(len(flats))]
-        else:
-            flats = zero_opt.single_partition_of_fp32_groups
-            group_of = list(range(len(flats)))
-        first = {g: flat for flat, g in reversed(list(zip(flats, group_of, strict=True)))}
+        first = {g: flat for flat, g in reversed(partitions)}
         pairs = [(first.get(g), base) for g in range(len(base.param_groups))]
     else:
         inner = getattr(optimizer, "optimizer", optimizer)
@@ -268,15 +269,9 @@ def seed_moments(accelerator: Any, model: nn.Module, optimizer: Any, keys: tuple
 
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    zero_opt = accelerator.deepspeed_engine_wrapped.engine.optimizer
+    zero_opt, partitions = _zero_partitions(accelerator)
     base = zero_opt.optimizer
-    if zero_stage(accelerator) == 3:
-        flats = zero_opt.fp32_partitioned_groups_flat
-        group_of = [zero_opt.sub_group_to_group_id[i] for i in range(len(flats))]
-    else:
-        flats = zero_opt.single_partition_of_fp32_groups
-        group_of = list(range(len(flats)))
-    for flat, g in zip(flats, group_of, strict=True):
+    for flat, g in partitions:
         state: dict[str, torch.Tensor] = {k: torch.zeros_like(flat) for k in keys}
         if "exp_avg" in keys:
             state["step"] = step_tensor(steps_by_group[g], base.param_groups[g], flat)
